@@ -1,0 +1,15 @@
+//! gpo-core: the pure logic of Group Preference Optimization.
+//!
+//! Everything here is deterministic and free of I/O except the [`io`] module, which is the
+//! one edge that touches files (dataset folders, the embedding store, checkpoint files).
+//! The GPO module itself lives in [`model`]; episodes come from [`sampler`]; alignment
+//! scores from [`metrics`].
+
+pub mod data;
+pub mod io;
+pub mod model;
+pub mod optim;
+pub mod prompt;
+pub mod rng;
+pub mod store;
+pub mod synth;

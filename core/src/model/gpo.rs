@@ -1,0 +1,198 @@
+//! The GPO module's forward pass: point embedder, context-only attention encoder, and the
+//! (mean, log std) predictor, following the official TNP-D/GPO implementation exactly.
+//!
+//! Exact savings over the official code (same result, less work):
+//! - nothing attends to targets, so keys and values are projected from context points only
+//!   and the scores are `N × N_context`;
+//! - the last layer's context rows are never read, so it runs on target rows only;
+//! - when all groups share x (OpinionQA-style steps), the x-part of the embedder's first
+//!   layer runs once, and since targets carry y = 0, their whole embedder output is shared.
+
+use super::batch::ModelBatch;
+use super::composite;
+use super::ops;
+use super::params::{GpoConfig, Params};
+use candle_core::{Device, Result, Tensor};
+use std::sync::Arc;
+
+/// Which implementation of layer norm, attention softmax and the loss head to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpPath {
+    /// Fused CPU custom ops with hand-written backward (fast; CPU only).
+    Fused,
+    /// Composite candle ops (reference; any device).
+    Composite,
+}
+
+/// The GPO module: configuration plus parameters.
+#[derive(Debug, Clone)]
+pub struct Gpo {
+    /// Sizes.
+    pub cfg: GpoConfig,
+    /// Trainable parameters under official names.
+    pub params: Params,
+    /// Op implementation.
+    pub path: OpPath,
+}
+
+/// `x W^T + b` over the last dimension of a 3-D tensor.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (g, n, i) = x.dims3()?;
+    let y = x.reshape((g * n, i))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape((g, n, w.dims()[0]))
+}
+
+impl Gpo {
+    /// A freshly initialized module (PyTorch's default init, from `seed`).
+    pub fn new(cfg: GpoConfig, seed: u64, device: &Device) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            candle_core::bail!("invalid GPO config: {e}");
+        }
+        let params = Params::init(&cfg, seed, device)?;
+        Ok(Gpo { cfg, params, path: default_path(device) })
+    }
+
+    /// A module over given parameters.
+    pub fn from_params(cfg: GpoConfig, params: Params) -> Self {
+        let path = default_path(params.entries()[0].1.device());
+        Gpo { cfg, params, path }
+    }
+
+    fn p(&self, name: &str) -> Tensor {
+        self.params.get(name).as_tensor().clone()
+    }
+
+    fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let (g, b) = (self.p(&format!("{prefix}.weight")), self.p(&format!("{prefix}.bias")));
+        match self.path {
+            OpPath::Fused => x.contiguous()?.apply_op3_arc(
+                &g,
+                &b,
+                Arc::new(Box::new(ops::LayerNorm { eps: self.cfg.layer_norm_eps as f32 })),
+            ),
+            OpPath::Composite => composite::layer_norm(x, &g, &b, self.cfg.layer_norm_eps),
+        }
+    }
+
+    /// The embedder MLP after its first layer's pre-activation `h0` (`[., N, d]`).
+    fn embedder_tail(&self, h0: Tensor) -> Result<Tensor> {
+        let mut h = h0;
+        for k in 1..self.cfg.emb_depth {
+            h = h.relu()?;
+            let n = format!("embedder.{}", 2 * k);
+            h = linear(&h, &self.p(&format!("{n}.weight")), Some(&self.p(&format!("{n}.bias"))))?;
+        }
+        Ok(h)
+    }
+
+    /// Embeds context and target points: `[G, Nc + Nt, d_model]`.
+    fn embed(&self, b: &ModelBatch) -> Result<Tensor> {
+        let dx = self.cfg.dim_x;
+        let w0 = self.p("embedder.0.weight");
+        let b0 = self.p("embedder.0.bias");
+        let wx = w0.narrow(1, 0, dx)?;
+        let wy = w0.narrow(1, dx, 1)?.reshape((1, 1, self.cfg.d_model))?;
+        let d = self.cfg.d_model;
+        // Context: x-part once per distinct x, y-part per group.
+        let hc = linear(&b.xc, &wx, Some(&b0))?.broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
+        let hc = self.embedder_tail(hc)?;
+        // Targets: y = 0, so the whole embedder output depends on x alone.
+        let ht = self.embedder_tail(linear(&b.xt, &wx, Some(&b0))?)?;
+        let ht = if ht.dims()[0] == b.groups { ht } else { ht.broadcast_as((b.groups, b.nt, d))?.contiguous()? };
+        Tensor::cat(&[&hc, &ht], 1)
+    }
+
+    /// Multi-head attention of `hq`'s rows over the context rows `hc`.
+    fn attention(&self, l: usize, hq: &Tensor, hc: &Tensor, mask: Option<&Tensor>, b: &ModelBatch) -> Result<Tensor> {
+        let pre = format!("encoder.layers.{l}.self_attn");
+        let (d, h) = (self.cfg.d_model, self.cfg.nhead);
+        let dh = d / h;
+        let w = self.p(&format!("{pre}.in_proj_weight"));
+        let bias = self.p(&format!("{pre}.in_proj_bias"));
+        let (g, nq, _) = hq.dims3()?;
+        let nc = hc.dims()[1];
+        let q = linear(hq, &w.narrow(0, 0, d)?, Some(&bias.narrow(0, 0, d)?))?;
+        let kv = linear(hc, &w.narrow(0, d, 2 * d)?, Some(&bias.narrow(0, d, 2 * d)?))?;
+        let heads = |t: Tensor, n: usize| t.reshape((g, n, h, dh))?.transpose(1, 2)?.contiguous();
+        let q = heads(q, nq)?;
+        let k = heads(kv.narrow(2, 0, d)?, nc)?;
+        let v = heads(kv.narrow(2, d, d)?, nc)?;
+        let scores = q.matmul(&k.t()?)?; // [G, H, Nq, Nc]
+        let scale = 1.0 / (dh as f64).sqrt();
+        let p = match self.path {
+            OpPath::Fused => scores.apply_op1_arc(Arc::new(Box::new(ops::MaskedSoftmax {
+                scale: scale as f32,
+                key_mask: b.ctx_mask.clone(),
+                groups: b.groups,
+            })))?,
+            OpPath::Composite => composite::masked_softmax(&scores, scale, mask)?,
+        };
+        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((g, nq, d))?;
+        linear(&o, &self.p(&format!("{pre}.out_proj.weight")), Some(&self.p(&format!("{pre}.out_proj.bias"))))
+    }
+
+    /// One post-LN encoder layer applied to the rows `hq` (all points, or the targets only).
+    fn layer(&self, l: usize, hq: &Tensor, hc: &Tensor, mask: Option<&Tensor>, b: &ModelBatch) -> Result<Tensor> {
+        let pre = format!("encoder.layers.{l}");
+        let a = self.attention(l, hq, hc, mask, b)?;
+        let x = self.layer_norm(&(hq + a)?, &format!("{pre}.norm1"))?;
+        let f = linear(&x, &self.p(&format!("{pre}.linear1.weight")), Some(&self.p(&format!("{pre}.linear1.bias"))))?
+            .relu()?;
+        let f = linear(&f, &self.p(&format!("{pre}.linear2.weight")), Some(&self.p(&format!("{pre}.linear2.bias"))))?;
+        self.layer_norm(&(x + f)?, &format!("{pre}.norm2"))
+    }
+
+    /// The predictor output for every target point: `[G, Nt, 2]` = (mean, raw std).
+    pub fn forward(&self, b: &ModelBatch) -> Result<Tensor> {
+        let mask = match (&b.ctx_mask, self.path) {
+            (Some(m), OpPath::Composite) => {
+                Some(Tensor::from_slice(m.as_slice(), (b.groups, 1, 1, b.nc), b.device())?.to_dtype(b.xc.dtype())?)
+            }
+            _ => None,
+        };
+        let mut h = self.embed(b)?;
+        let last = self.cfg.num_layers - 1;
+        for l in 0..last {
+            let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
+            h = self.layer(l, &h, &hc, mask.as_ref(), b)?;
+        }
+        let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
+        let ht = h.narrow(1, b.nc, b.nt)?.contiguous()?;
+        let z = self.layer(last, &ht, &hc, mask.as_ref(), b)?;
+        let f = linear(&z, &self.p("predictor.0.weight"), Some(&self.p("predictor.0.bias")))?.relu()?;
+        linear(&f, &self.p("predictor.2.weight"), Some(&self.p("predictor.2.bias")))
+    }
+
+    /// The GPO loss of a batch (a scalar tensor that backpropagates to the parameters).
+    pub fn loss(&self, b: &ModelBatch) -> Result<Tensor> {
+        let out = self.forward(b)?;
+        match self.path {
+            OpPath::Fused => out.contiguous()?.apply_op1_arc(Arc::new(Box::new(ops::SegmentNll {
+                y: b.yt.clone(),
+                segments: b.segments.clone(),
+            }))),
+            OpPath::Composite => composite::segment_nll(&out, b),
+        }
+    }
+
+    /// Predicted distribution of every target point (softmaxed means; 0 on padding),
+    /// `G * Nt` values.
+    pub fn predict(&self, b: &ModelBatch) -> Result<Vec<f32>> {
+        let out = self.forward(b)?.detach();
+        let mean = out.narrow(2, 0, 1)?.squeeze(2)?;
+        let (p, valid) = composite::segment_softmax(&mean, b)?;
+        (p * valid)?.flatten_all()?.to_vec1()
+    }
+}
+
+fn default_path(device: &Device) -> OpPath {
+    if device.is_cpu() {
+        OpPath::Fused
+    } else {
+        OpPath::Composite
+    }
+}

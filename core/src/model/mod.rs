@@ -1,0 +1,17 @@
+//! The GPO module (a Transformer Neural Process over preference points) in candle:
+//! configuration and official parameter names ([`params`]), its input ([`batch`]), the
+//! forward pass and loss ([`gpo`]), and the fused ops with their backward ([`ops`]) next
+//! to their composite references ([`composite`]).
+
+pub mod batch;
+pub mod composite;
+pub mod gpo;
+pub mod ops;
+pub mod params;
+
+pub use batch::{build_batch, ModelBatch};
+pub use gpo::{Gpo, OpPath};
+pub use params::{GpoConfig, Params};
+
+#[cfg(test)]
+mod tests;

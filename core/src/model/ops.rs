@@ -1,0 +1,254 @@
+//! Fused CPU ops for training, each with its own backward.
+//!
+//! candle-nn 0.11's fused `layer_norm` and `softmax_last_dim` have no backward (gradients
+//! silently go missing), and the composite versions cost many allocations per step. These
+//! custom ops do one pass forward and one pass backward and register with candle's autograd
+//! through `CustomOp*::bwd`. Each has a composite twin in [`super::composite`]; tests check
+//! that both paths agree on values and gradients.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Borrows a contiguous f32 slice of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op expects a contiguous input, got {:?}", l.shape()),
+    }
+}
+
+/// Copies a tensor's values out as a contiguous f32 vector.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Layer normalization over the last dimension: `(x − μ)/√(σ² + ε) · γ + β`.
+pub struct LayerNorm {
+    /// ε added to the variance (PyTorch's default is 1e-5).
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "gpo-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = g.len();
+        let mut out = vec![0f32; x.len()];
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let (mu, rstd) = moments(xr, self.eps);
+            for i in 0..d {
+                or[i] = (xr[i] - mu) * rstd * g[i] + b[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xv, gv, dy) = (values(x)?, values(gamma)?, values(grad)?);
+        let d = gv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let mut dg = vec![0f32; d];
+        let mut db = vec![0f32; d];
+        let inv_d = 1.0 / d as f32;
+        for ((xr, dyr), dxr) in xv.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let (mu, rstd) = moments(xr, self.eps);
+            // xhat = (x − μ)·rstd; dxhat = dy·γ;
+            // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for i in 0..d {
+                let xh = (xr[i] - mu) * rstd;
+                let dxh = dyr[i] * gv[i];
+                s1 += dxh;
+                s2 += dxh * xh;
+                dg[i] += dyr[i] * xh;
+                db[i] += dyr[i];
+            }
+            let (m1, m2) = (s1 * inv_d, s2 * inv_d);
+            for i in 0..d {
+                let xh = (xr[i] - mu) * rstd;
+                dxr[i] = rstd * (dyr[i] * gv[i] - m1 - xh * m2);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dg, gamma.shape(), dev)?),
+            Some(Tensor::from_vec(db, gamma.shape(), dev)?),
+        ))
+    }
+}
+
+/// Mean and 1/√(var + ε) of one row (biased variance, as PyTorch).
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mu = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+/// Attention softmax over the last dimension of `scores` [G, H, Nq, Nk], after scaling by
+/// `scale` and adding a per-(group, key) additive mask (0 or −∞ for padding).
+pub struct MaskedSoftmax {
+    /// Multiplier applied to the scores first (1/√d_head).
+    pub scale: f32,
+    /// Additive key mask, `[G * Nk]`, or `None` when no key is padding.
+    pub key_mask: Option<std::sync::Arc<Vec<f32>>>,
+    /// Number of groups G (the mask's rows).
+    pub groups: usize,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "gpo-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let dims = l.shape().dims();
+        let nk = *dims.last().unwrap_or(&1);
+        let rows_per_group = x.len() / nk / self.groups.max(1);
+        let mut out = vec![0f32; x.len()];
+        for (r, (xr, or)) in x.chunks_exact(nk).zip(out.chunks_exact_mut(nk)).enumerate() {
+            let mask = self.key_mask.as_ref().map(|m| {
+                let g = r / rows_per_group;
+                &m[g * nk..(g + 1) * nk]
+            });
+            let mut mx = f32::NEG_INFINITY;
+            for i in 0..nk {
+                let v = xr[i] * self.scale + mask.map_or(0.0, |m| m[i]);
+                or[i] = v;
+                mx = mx.max(v);
+            }
+            let mut sum = 0f32;
+            for v in or.iter_mut() {
+                *v = (*v - mx).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in or.iter_mut() {
+                *v *= inv;
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (y, dy) = (values(res)?, values(grad)?);
+        let nk = arg.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        for ((yr, dyr), dxr) in y.chunks_exact(nk).zip(dy.chunks_exact(nk)).zip(dx.chunks_exact_mut(nk)) {
+            let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+            for i in 0..nk {
+                dxr[i] = self.scale * yr[i] * (dyr[i] - dot);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// GPO's loss head in one op: per-question softmax of the predicted means, then the
+/// Gaussian negative log-likelihood of the true option probabilities, summed over real
+/// target points and averaged over groups. Input: the predictor output `[G, Nt, 2]`
+/// (mean, raw std with σ = exp(raw)). Output: the scalar loss.
+pub struct SegmentNll {
+    /// True option probabilities, `[G * Nt]`.
+    pub y: std::sync::Arc<Vec<f32>>,
+    /// Question segments per group: `(start, len)` over target points; padding is in none.
+    pub segments: std::sync::Arc<Vec<Vec<(usize, usize)>>>,
+}
+
+const HALF_LN_2PI: f32 = 0.918_938_5;
+
+impl SegmentNll {
+    /// Softmaxed means for every target point (0 on padding).
+    fn probs(&self, out: &[f32], nt: usize) -> Vec<f32> {
+        let mut p = vec![0f32; out.len() / 2];
+        for (g, segs) in self.segments.iter().enumerate() {
+            for &(s, n) in segs {
+                let base = g * nt + s;
+                let mx = (0..n).map(|i| out[2 * (base + i)]).fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for i in 0..n {
+                    let e = (out[2 * (base + i)] - mx).exp();
+                    p[base + i] = e;
+                    sum += e;
+                }
+                for i in 0..n {
+                    p[base + i] /= sum;
+                }
+            }
+        }
+        p
+    }
+}
+
+impl CustomOp1 for SegmentNll {
+    fn name(&self) -> &'static str {
+        "gpo-segment-nll"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = slice(s, l)?;
+        let nt = l.shape().dims()[1];
+        let p = self.probs(out, nt);
+        let mut total = 0f64;
+        for (g, segs) in self.segments.iter().enumerate() {
+            for &(s, n) in segs {
+                for i in g * nt + s..g * nt + s + n {
+                    let raw = out[2 * i + 1];
+                    let z = (self.y[i] - p[i]) * (-raw).exp();
+                    total += (0.5 * z * z + raw + HALF_LN_2PI) as f64;
+                }
+            }
+        }
+        let loss = (total / self.segments.len().max(1) as f64) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = values(arg)?;
+        let scale = grad.to_scalar::<f32>()? / self.segments.len().max(1) as f32;
+        let nt = arg.dims()[1];
+        let p = self.probs(&out, nt);
+        let mut d = vec![0f32; out.len()];
+        for (g, segs) in self.segments.iter().enumerate() {
+            for &(s, n) in segs {
+                let range = g * nt + s..g * nt + s + n;
+                // dL/dp_i = (p_i − y_i)/σ_i²; dL/draw_i = 1 − z_i²
+                let mut dot = 0f32;
+                for i in range.clone() {
+                    let raw = out[2 * i + 1];
+                    let inv_var = (-2.0 * raw).exp();
+                    let dp = (p[i] - self.y[i]) * inv_var;
+                    d[2 * i] = dp;
+                    dot += dp * p[i];
+                    let z2 = (self.y[i] - p[i]) * (self.y[i] - p[i]) * inv_var;
+                    d[2 * i + 1] = scale * (1.0 - z2);
+                }
+                // Softmax Jacobian: dL/dm_i = p_i (dL/dp_i − Σ_j p_j dL/dp_j)
+                for i in range {
+                    d[2 * i] = scale * p[i] * (d[2 * i] - dot);
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(d, arg.shape(), arg.device())?))
+    }
+}

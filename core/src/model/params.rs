@@ -1,0 +1,296 @@
+//! The GPO module's configuration and parameters, named and shaped exactly as the official
+//! PyTorch `state_dict` (`embedder.0.weight`, `encoder.layers.0.self_attn.in_proj_weight`,
+//! …), so checkpoints move between the two implementations.
+
+use crate::rng::Rng;
+use candle_core::{Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// Sizes of the GPO module. Defaults are the paper's (TNP-D) except `dim_x`, which is the
+/// embedder's width and must be given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpoConfig {
+    /// Width of x, the LLM embedding.
+    pub dim_x: usize,
+    /// Width of y (1: one probability per option point).
+    pub dim_y: usize,
+    /// Transformer width.
+    pub d_model: usize,
+    /// Layers of the point embedder MLP (≥ 2).
+    pub emb_depth: usize,
+    /// Feed-forward width of each encoder layer and of the predictor's hidden layer.
+    pub dim_feedforward: usize,
+    /// Attention heads (must divide `d_model`).
+    pub nhead: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// LayerNorm ε.
+    pub layer_norm_eps: f64,
+}
+
+impl Default for GpoConfig {
+    fn default() -> Self {
+        GpoConfig {
+            dim_x: 4096,
+            dim_y: 1,
+            d_model: 128,
+            emb_depth: 4,
+            dim_feedforward: 128,
+            nhead: 4,
+            num_layers: 6,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl GpoConfig {
+    /// The official configuration for an embedder of width `dim_x`.
+    pub fn official(dim_x: usize) -> Self {
+        GpoConfig { dim_x, ..Default::default() }
+    }
+
+    /// Rejects sizes the module cannot be built with.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.dim_x == 0 || self.d_model == 0 || self.dim_feedforward == 0 {
+            return Err("dim_x, d_model and dim_feedforward must be positive".into());
+        }
+        if self.dim_y != 1 {
+            return Err(format!("dim_y must be 1 (one probability per option), got {}", self.dim_y));
+        }
+        if self.emb_depth < 2 {
+            return Err(format!("emb_depth must be at least 2, got {}", self.emb_depth));
+        }
+        if self.nhead == 0 || self.d_model % self.nhead != 0 {
+            return Err(format!("nhead {} must divide d_model {}", self.nhead, self.d_model));
+        }
+        if self.num_layers == 0 {
+            return Err("num_layers must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Every parameter's official name and shape, in `state_dict` order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, f) = (self.d_model, self.dim_feedforward);
+        let mut v = Vec::new();
+        let lin = |v: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize| {
+            v.push((format!("{name}.weight"), vec![o, i]));
+            v.push((format!("{name}.bias"), vec![o]));
+        };
+        lin(&mut v, "embedder.0".into(), d, self.dim_x + self.dim_y);
+        for k in 1..self.emb_depth {
+            lin(&mut v, format!("embedder.{}", 2 * k), d, d);
+        }
+        for l in 0..self.num_layers {
+            let p = format!("encoder.layers.{l}");
+            v.push((format!("{p}.self_attn.in_proj_weight"), vec![3 * d, d]));
+            v.push((format!("{p}.self_attn.in_proj_bias"), vec![3 * d]));
+            lin(&mut v, format!("{p}.self_attn.out_proj"), d, d);
+            lin(&mut v, format!("{p}.linear1"), f, d);
+            lin(&mut v, format!("{p}.linear2"), d, f);
+            for n in ["norm1", "norm2"] {
+                v.push((format!("{p}.{n}.weight"), vec![d]));
+                v.push((format!("{p}.{n}.bias"), vec![d]));
+            }
+        }
+        lin(&mut v, "predictor.0".into(), f, d);
+        lin(&mut v, "predictor.2".into(), 2 * self.dim_y, f);
+        v
+    }
+
+    /// Total number of scalar parameters.
+    pub fn param_count(&self) -> usize {
+        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+/// The module's parameters as trainable candle variables, in `state_dict` order.
+#[derive(Debug, Clone)]
+pub struct Params {
+    entries: Vec<(String, Var)>,
+}
+
+impl Params {
+    /// PyTorch's default initialization, drawn from `seed`: Linear weights and biases
+    /// U(±1/√fan_in); attention in_proj Xavier-uniform with zero bias; out_proj bias zero;
+    /// LayerNorm γ = 1, β = 0.
+    pub fn init(cfg: &GpoConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = Rng::keyed(&[seed, 0x1417]);
+        let mut entries = Vec::new();
+        let mut fan_in = 1usize;
+        for (name, shape) in cfg.param_shapes() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("in_proj_weight") {
+                let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+                (0..n).map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32).collect()
+            } else if name.ends_with("in_proj_bias") || name.ends_with("out_proj.bias") {
+                vec![0.0; n]
+            } else if name.contains(".norm") {
+                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+            } else {
+                if name.ends_with("weight") {
+                    fan_in = shape[1];
+                }
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..n).map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32).collect()
+            };
+            let t = Tensor::from_vec(data, shape.as_slice(), device)?;
+            entries.push((name, Var::from_tensor(&t)?));
+        }
+        Ok(Params { entries })
+    }
+
+    /// Parameters from named tensors (a checkpoint or an official state_dict export).
+    /// Every expected name must be present with its exact shape; extra names are an error.
+    pub fn from_named(
+        cfg: &GpoConfig,
+        mut named: std::collections::HashMap<String, Tensor>,
+    ) -> std::result::Result<Self, String> {
+        let mut entries = Vec::new();
+        for (name, shape) in cfg.param_shapes() {
+            let t = named
+                .remove(&name)
+                .ok_or_else(|| format!("missing parameter `{name}` (expected shape {shape:?})"))?;
+            if t.dims() != shape.as_slice() {
+                return Err(format!(
+                    "parameter `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ));
+            }
+            let t = t.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+            entries.push((name, Var::from_tensor(&t).map_err(|e| e.to_string())?));
+        }
+        if let Some(extra) = named.keys().min() {
+            return Err(format!("unexpected parameter `{extra}` for this configuration"));
+        }
+        Ok(Params { entries })
+    }
+
+    /// Infers a configuration from an official state_dict's shapes. The head count cannot
+    /// be read off shapes, so it is passed in.
+    pub fn infer_config(
+        named: &std::collections::HashMap<String, Tensor>,
+        nhead: usize,
+    ) -> std::result::Result<GpoConfig, String> {
+        let dims = |n: &str| {
+            named
+                .get(n)
+                .map(|t| t.dims().to_vec())
+                .ok_or_else(|| format!("missing parameter `{n}`"))
+        };
+        let e0 = dims("embedder.0.weight")?;
+        let l1 = dims("encoder.layers.0.linear1.weight")?;
+        let p2 = dims("predictor.2.weight")?;
+        let emb_depth = (0..).take_while(|k| named.contains_key(&format!("embedder.{}.weight", 2 * k))).count();
+        let num_layers = (0..)
+            .take_while(|l| named.contains_key(&format!("encoder.layers.{l}.linear1.weight")))
+            .count();
+        let dim_y = p2[0] / 2;
+        Ok(GpoConfig {
+            dim_x: e0[1] - dim_y,
+            dim_y,
+            d_model: e0[0],
+            emb_depth,
+            dim_feedforward: l1[0],
+            nhead,
+            num_layers,
+            layer_norm_eps: 1e-5,
+        })
+    }
+
+    /// The variable of a parameter by official name.
+    pub fn get(&self, name: &str) -> &Var {
+        // Names are produced from the same config that built the module; a miss is a bug.
+        match self.entries.iter().find(|(n, _)| n == name) {
+            Some((_, v)) => v,
+            None => panic!("GPO module has no parameter `{name}`"),
+        }
+    }
+
+    /// All (name, variable) pairs in `state_dict` order.
+    pub fn entries(&self) -> &[(String, Var)] {
+        &self.entries
+    }
+
+    /// Total scalar count.
+    pub fn count(&self) -> usize {
+        self.entries.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// All parameters flattened into one vector, in `state_dict` order.
+    pub fn flat(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.count());
+        for (_, v) in &self.entries {
+            out.extend(v.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// Overwrites all parameters from one flat vector in `state_dict` order.
+    pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.count() {
+            candle_core::bail!("flat parameter buffer has {} values, expected {}", flat.len(), self.count());
+        }
+        let mut off = 0;
+        for (_, v) in &self.entries {
+            let n = v.elem_count();
+            v.set(&Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// A copy with every parameter converted to `dtype` (f64 for finite-difference checks).
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
+        let entries = self
+            .entries
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?)))
+            .collect::<Result<_>>()?;
+        Ok(Params { entries })
+    }
+
+    /// Named tensors (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.entries.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_parameter_count() {
+        assert_eq!(GpoConfig::official(4096).param_count(), 1_188_354);
+        let p = Params::init(&GpoConfig::official(384), 0, &Device::Cpu).unwrap();
+        assert_eq!(p.count(), GpoConfig::official(384).param_count());
+        assert_eq!(p.entries()[0].0, "embedder.0.weight");
+        assert_eq!(p.get("encoder.layers.0.self_attn.in_proj_weight").dims(), &[384, 128]);
+        assert_eq!(p.get("predictor.2.weight").dims(), &[2, 128]);
+    }
+
+    #[test]
+    fn config_round_trips_through_shapes() {
+        let cfg = GpoConfig { dim_x: 12, d_model: 16, dim_feedforward: 24, num_layers: 2, emb_depth: 3, ..Default::default() };
+        let p = Params::init(&cfg, 1, &Device::Cpu).unwrap();
+        let named = p.named_tensors().into_iter().collect();
+        assert_eq!(Params::infer_config(&named, cfg.nhead).unwrap(), cfg);
+        let q = Params::from_named(&cfg, named).unwrap();
+        assert_eq!(q.flat().unwrap(), p.flat().unwrap());
+    }
+
+    #[test]
+    fn bad_state_dicts_are_rejected_by_name() {
+        let cfg = GpoConfig { dim_x: 4, d_model: 8, dim_feedforward: 8, num_layers: 1, ..Default::default() };
+        let p = Params::init(&cfg, 1, &Device::Cpu).unwrap();
+        let mut named: std::collections::HashMap<_, _> = p.named_tensors().into_iter().collect();
+        named.insert("predictor.0.bias".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
+        let e = Params::from_named(&cfg, named.clone()).unwrap_err();
+        assert!(e.contains("predictor.0.bias") && e.contains("[8]"), "{e}");
+        named.remove("predictor.0.bias");
+        assert!(Params::from_named(&cfg, named).unwrap_err().contains("missing parameter `predictor.0.bias`"));
+        assert!(GpoConfig { nhead: 3, ..cfg }.validate().is_err());
+    }
+}
