@@ -5,11 +5,17 @@
 //! The GPO module itself lives in [`model`]; episodes come from [`sampler`]; alignment
 //! scores from [`metrics`].
 
+pub mod checkpoint;
 pub mod data;
+pub mod eval;
+pub mod features;
+pub mod grad;
 pub mod io;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod prompt;
 pub mod rng;
+pub mod sampler;
 pub mod store;
 pub mod synth;

@@ -61,7 +61,7 @@ impl GpoConfig {
         if self.emb_depth < 2 {
             return Err(format!("emb_depth must be at least 2, got {}", self.emb_depth));
         }
-        if self.nhead == 0 || self.d_model % self.nhead != 0 {
+        if self.nhead == 0 || !self.d_model.is_multiple_of(self.nhead) {
             return Err(format!("nhead {} must divide d_model {}", self.nhead, self.d_model));
         }
         if self.num_layers == 0 {

@@ -1,0 +1,72 @@
+//! The configuration of one training run, as read from TOML, flags and the environment.
+
+use gpo_core::model::GpoConfig;
+use gpo_core::optim::AdamConfig;
+use gpo_core::sampler::SamplerConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything that determines a run (together with the data and embeddings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run seed: group split, initialization, every episode.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Fraction of groups used for meta-training (the rest are held out).
+    pub group_split: f64,
+    /// Evaluate (and maybe checkpoint) every this many steps; the last step always evaluates.
+    pub eval_every: u64,
+    /// Context questions given to each held-out group at evaluation.
+    pub eval_context: usize,
+    /// Episode sizes and meta-batch size.
+    pub sampler: SamplerConfig,
+    /// Module sizes (`dim_x` is taken from the embeddings).
+    pub model: GpoConfig,
+    /// Optimizer.
+    pub adam: AdamConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            seed: 0,
+            steps: 1000,
+            group_split: 0.6,
+            eval_every: 100,
+            eval_context: 20,
+            sampler: SamplerConfig::default(),
+            model: GpoConfig::default(),
+            adam: AdamConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Rejects settings no run can use, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.steps == 0 {
+            return Err("`steps` must be at least 1".into());
+        }
+        if self.eval_every == 0 {
+            return Err("`eval_every` must be at least 1".into());
+        }
+        if !(self.group_split > 0.0 && self.group_split < 1.0) {
+            return Err(format!("`group_split` must be in (0, 1), got {}", self.group_split));
+        }
+        if !(self.adam.lr > 0.0 && self.adam.lr.is_finite()) {
+            return Err(format!("`adam.lr` must be positive, got {}", self.adam.lr));
+        }
+        let s = &self.sampler;
+        if s.min_ctx == 0 || s.min_tgt == 0 || s.min_ctx > s.max_ctx || s.min_tgt > s.max_tgt {
+            return Err(format!(
+                "`sampler` sizes must satisfy 1 ≤ min ≤ max (context {}..{}, target {}..{})",
+                s.min_ctx, s.max_ctx, s.min_tgt, s.max_tgt
+            ));
+        }
+        if s.batch_groups == Some(0) {
+            return Err("`sampler.batch_groups` must be at least 1".into());
+        }
+        self.model.validate().map_err(|e| format!("`model`: {e}"))
+    }
+}

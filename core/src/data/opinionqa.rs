@@ -1,0 +1,981 @@
+//! OpinionQA's *counts layout* (the `human_resp/American_Trends_Panel_W*` folders), because
+//! that is the form in which the OpinionQA benchmark GPO's paper uses is distributed: per
+//! wave an `info.csv` describing the questions and one `<ATTR>_data.json` per demographic
+//! attribute holding unweighted answer counts per group. This module turns that text into a
+//! [`Survey`] (metric [`MetricKind::Wasserstein`]); reading the files is left to
+//! [`crate::io::dataset`].
+//!
+//! # Rules
+//!
+//! * **Questions** come from `info.csv` (`key`, `question`, `references`, `option_mapping`,
+//!   `option_ordinal`; other columns are ignored). Only questions that have counts in at least
+//!   one of the attribute files given are kept (an `info.csv` lists many more questions than
+//!   have counts), in `info.csv` order.
+//! * **Options** are `references`, in order. The *points* (non-refusal options) are the first
+//!   `len(option_ordinal)` references, each with its ordinal value; every later option is a
+//!   refusal. This is OpinionQA's own rule (`ordinal_refs = references[:len(ordinal)]`), and
+//!   it matters: besides the option mapped from code `99.0` (`Refused`), options such as
+//!   `Not sure` or `Other view` have no ordinal and are dropped from the distribution. The
+//!   code-99 option (or, without one, an option named `Refused`) must come after the points,
+//!   otherwise the ordinal list does not match the options and that is an error.
+//!   `MC_options` in the JSON files is ignored: it was produced by splitting on commas and is
+//!   wrong for every option text that contains one.
+//! * **Groups** are `ATTR:value`, in first-seen order; the values in
+//!   [`EXCLUDED_GROUP_VALUES`] are not demographic groups and are left out.
+//! * **Distributions**: a group's counts over the points, normalized to sum to 1; an option
+//!   without a count counts 0. A group with an empty count object, or with counts on refusal
+//!   options only, has no answer for that question (`None`). A count object whose counts are
+//!   all zero is an error. Count keys are matched to `references` exactly, or else
+//!   case-insensitively when that match is unique (the real data spells one option
+//!   `neither better noR worse` in the counts).
+//!
+//! Errors name the file, the line (CSV line; for JSON the line of the syntax error, or of the
+//! offending key found by search) and the field (a CSV column, or a JSON path starting with
+//! the question key, such as `SAFECRIME_W26["Female"]["Very safe"]`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+use super::pylit::{self, PyValue};
+use super::{AnswerOption, DataError, DataResult, Group, MetricKind, Question, Survey};
+
+/// The attributes whose files cover every question with counts in every wave:
+/// 34 groups once [`EXCLUDED_GROUP_VALUES`] are left out.
+pub const DEFAULT_ATTRIBUTES: [&str; 8] = [
+    "AGE",
+    "CREGION",
+    "EDUCATION",
+    "INCOME",
+    "POLIDEOLOGY",
+    "POLPARTY",
+    "RACE",
+    "SEX",
+];
+
+/// Attribute values that are not demographic groups.
+pub const EXCLUDED_GROUP_VALUES: [&str; 4] = ["nan", "Refused", "marginals", "Other"];
+
+/// The survey code of the refusal option in `option_mapping`.
+pub const REFUSAL_CODE: f64 = 99.0;
+
+/// Keys of a question entry in `<ATTR>_data.json` that are not groups.
+const NON_GROUP_KEYS: [&str; 2] = ["MC_options", "question_text"];
+
+/// One attribute's counts file for a wave.
+#[derive(Debug, Clone, Copy)]
+pub struct AttributeFile<'a> {
+    /// The attribute, e.g. `SEX`: group names become `SEX:<value>`.
+    pub attribute: &'a str,
+    /// The file's name, for error messages.
+    pub file: &'a str,
+    /// The file's JSON text.
+    pub json: &'a str,
+}
+
+/// One row of `info.csv`, literal columns still unparsed (see [`Info::question`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfoRow {
+    /// Question id (`key` column).
+    pub key: String,
+    /// Question text (`question` column).
+    pub text: String,
+    /// `references` column: Python list of option texts.
+    pub references: String,
+    /// `option_mapping` column: Python dict from survey code to option text.
+    pub option_mapping: String,
+    /// `option_ordinal` column: Python list of ordinal values.
+    pub option_ordinal: String,
+    /// 1-based line of the row in the file.
+    pub line: usize,
+}
+
+/// A parsed `info.csv`: its rows, looked up by key.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The file name, for error messages.
+    pub file: String,
+    /// The rows, in file order.
+    pub rows: Vec<InfoRow>,
+    by_key: HashMap<String, Vec<usize>>,
+}
+
+impl Info {
+    /// Parses `info.csv` text: CSV structure and required columns. The Python literals of a
+    /// row are parsed when the row's question is asked for ([`Info::question`]), so rows of
+    /// questions without counts cannot break a load.
+    pub fn parse(text: &str, file: &str) -> DataResult<Info> {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(text.as_bytes());
+        let headers = rdr
+            .headers()
+            .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
+            .clone();
+        let col = |name: &str| -> DataResult<usize> {
+            headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
+                DataError::at(
+                    file,
+                    Some(1),
+                    Some(name),
+                    format!("missing column `{name}` (an OpinionQA info.csv has key, question, references, option_mapping, option_ordinal)"),
+                )
+            })
+        };
+        let (ck, cq, cr, cm, co) = (
+            col("key")?,
+            col("question")?,
+            col("references")?,
+            col("option_mapping")?,
+            col("option_ordinal")?,
+        );
+        let mut rows = Vec::new();
+        let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+        for rec in rdr.records() {
+            let rec = rec.map_err(|e| csv_error(file, &e))?;
+            let line = rec.position().map_or(0, |p| p.line() as usize);
+            let get = |i: usize| rec.get(i).unwrap_or("").to_string();
+            let key = get(ck).trim().to_string();
+            if key.is_empty() {
+                return Err(DataError::at(
+                    file,
+                    Some(line),
+                    Some("key"),
+                    "empty question key",
+                ));
+            }
+            by_key.entry(key.clone()).or_default().push(rows.len());
+            rows.push(InfoRow {
+                key,
+                text: get(cq),
+                references: get(cr),
+                option_mapping: get(cm),
+                option_ordinal: get(co),
+                line,
+            });
+        }
+        Ok(Info {
+            file: file.to_string(),
+            rows,
+            by_key,
+        })
+    }
+
+    /// Index in [`Info::rows`] of the question with this key, or an error when the key is on
+    /// several rows; `None` when the key is unknown.
+    pub fn row_index(&self, key: &str) -> Option<DataResult<usize>> {
+        let idx = self.by_key.get(key)?;
+        if idx.len() > 1 {
+            let lines: Vec<String> = idx.iter().map(|&i| self.rows[i].line.to_string()).collect();
+            return Some(Err(DataError::at(
+                &self.file,
+                Some(self.rows[idx[1]].line),
+                Some("key"),
+                format!(
+                    "question key `{key}` is on several rows (lines {}); expected one",
+                    lines.join(", ")
+                ),
+            )));
+        }
+        Some(Ok(idx[0]))
+    }
+
+    /// The [`Question`] of a key (see the module's rules), or `None` for an unknown key.
+    pub fn question(&self, key: &str) -> Option<DataResult<Question>> {
+        Some(
+            self.row_index(key)?
+                .and_then(|i| row_question(&self.rows[i], &self.file)),
+        )
+    }
+}
+
+/// Parses an `info.csv` (see [`Info::parse`]).
+pub fn parse_info(text: &str, file: &str) -> DataResult<Info> {
+    Info::parse(text, file)
+}
+
+/// Turns a CSV error into a located [`DataError`].
+pub(crate) fn csv_error(file: &str, e: &csv::Error) -> DataError {
+    let line = e.position().map(|p| p.line() as usize);
+    DataError::at(file, line, None, format!("malformed CSV row: {e}"))
+}
+
+fn lit(text: &str, file: &str, line: usize, field: &str, what: &str) -> DataResult<PyValue> {
+    pylit::parse(text).map_err(|e| {
+        DataError::at(
+            file,
+            Some(line),
+            Some(field),
+            format!("{e}; expected {what}"),
+        )
+    })
+}
+
+/// Builds the question of one `info.csv` row.
+pub fn row_question(row: &InfoRow, file: &str) -> DataResult<Question> {
+    let at = |field: &str, msg: String| DataError::at(file, Some(row.line), Some(field), msg);
+    let refs = lit(
+        &row.references,
+        file,
+        row.line,
+        "references",
+        "a Python list of option texts",
+    )?
+    .to_str_list()
+    .map_err(|m| at("references", m))?;
+    if refs.is_empty() {
+        return Err(at(
+            "references",
+            "no options; expected a non-empty list of option texts".into(),
+        ));
+    }
+    for (i, r) in refs.iter().enumerate() {
+        if refs[..i].contains(r) {
+            return Err(at("references", format!("option `{r}` is listed twice")));
+        }
+    }
+    let mapping = lit(
+        &row.option_mapping,
+        file,
+        row.line,
+        "option_mapping",
+        "a Python dict from code to option text",
+    )?;
+    let entries = mapping.as_dict().ok_or_else(|| {
+        at(
+            "option_mapping",
+            format!(
+                "expected a dict from code to option text, found a {}",
+                mapping.type_name()
+            ),
+        )
+    })?;
+    let mut refusal_text: Option<String> = None;
+    for (k, v) in entries {
+        let code = k.as_f64().ok_or_else(|| {
+            at(
+                "option_mapping",
+                format!(
+                    "key {k:?} is a {}, expected a numeric survey code",
+                    k.type_name()
+                ),
+            )
+        })?;
+        if code == REFUSAL_CODE {
+            let t = v.as_str().ok_or_else(|| {
+                at(
+                    "option_mapping",
+                    format!(
+                        "code 99.0 maps to a {}, expected an option text",
+                        v.type_name()
+                    ),
+                )
+            })?;
+            if !refs.iter().any(|r| r == t) {
+                return Err(at(
+                    "option_mapping",
+                    format!("code 99.0 maps to `{t}`, which is not one of the references {refs:?}"),
+                ));
+            }
+            refusal_text = Some(t.to_string());
+        }
+    }
+    let refusal_text = refusal_text.or_else(|| refs.iter().find(|r| *r == "Refused").cloned());
+    let ordinal = lit(
+        &row.option_ordinal,
+        file,
+        row.line,
+        "option_ordinal",
+        "a Python list of numbers",
+    )?
+    .to_f64_list()
+    .map_err(|m| at("option_ordinal", m))?;
+    if let Some(i) = ordinal.iter().position(|x| !x.is_finite()) {
+        return Err(at(
+            "option_ordinal",
+            format!("value {i} is {}, expected a finite number", ordinal[i]),
+        ));
+    }
+    let refusal_pos = refusal_text
+        .as_ref()
+        .and_then(|t| refs.iter().position(|r| r == t));
+    let n_points = ordinal.len();
+    let max_points = refusal_pos.unwrap_or(refs.len());
+    if n_points == 0 || n_points > max_points {
+        let what = match &refusal_text {
+            Some(t) => format!("{max_points} options before the refusal option `{t}`"),
+            None => format!("{max_points} options"),
+        };
+        return Err(at(
+            "option_ordinal",
+            format!(
+                "ordinal list length mismatch: {n_points} ordinal values, but references has {what}; expected one value per non-refusal option (1 to {max_points})"
+            ),
+        ));
+    }
+    let options = refs
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| AnswerOption {
+            text,
+            ordinal: ordinal.get(i).copied(),
+            refusal: i >= n_points,
+        })
+        .collect();
+    Ok(Question {
+        id: row.key.clone(),
+        text: row.text.clone(),
+        options,
+    })
+}
+
+/// A JSON object read with its keys in file order (serde_json's map sorts them).
+struct Ordered<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Vis<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Vis<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Ordered<V>, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, x)) = m.next_entry::<String, V>()? {
+                    v.push((k, x));
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(Vis(PhantomData))
+    }
+}
+
+/// A located error for a serde_json failure, with a clearer message for the non-JSON
+/// `NaN`/`Infinity` tokens Python's `json.dump` writes.
+pub(crate) fn json_error(file: &str, text: &str, e: &serde_json::Error) -> DataError {
+    let line = e.line();
+    let mut msg = format!("invalid JSON: {e}");
+    if line > 0 {
+        if let Some(l) = text.lines().nth(line - 1) {
+            let col = e.column().saturating_sub(1);
+            let lo = col.saturating_sub(2);
+            let window = l.get(lo..(col + 10).min(l.len())).unwrap_or("");
+            if window.contains("NaN") || window.contains("Infinity") {
+                msg = format!(
+                    "a count is NaN or infinite (written as a bare `NaN`/`Infinity`, which is not JSON); expected a non-negative number ({e})"
+                );
+            }
+        }
+    }
+    DataError::at(file, (line > 0).then_some(line), None, msg)
+}
+
+/// Best-effort line of a JSON path: searches for each key (as a JSON string followed by `:`)
+/// after the previous one. `None` when the first key is not found.
+pub(crate) fn locate_line(text: &str, path: &[&str]) -> Option<usize> {
+    let mut pos = 0;
+    let mut found = None;
+    for key in path {
+        let needle = serde_json::to_string(key).ok()?;
+        let mut from = pos;
+        let hit = loop {
+            let Some(i) = text.get(from..).and_then(|t| t.find(&needle)) else {
+                break None;
+            };
+            let at = from + i;
+            let after = text[at + needle.len()..].trim_start();
+            if after.starts_with(':') {
+                break Some(at);
+            }
+            from = at + needle.len();
+        };
+        match hit {
+            Some(at) => {
+                pos = at + needle.len();
+                found = Some(at);
+            }
+            None => break,
+        }
+    }
+    found.map(|at| text[..at].matches('\n').count() + 1)
+}
+
+/// A JSON path for error messages: `QKEY["group"]["option"]`.
+fn json_path(qkey: &str, rest: &[&str]) -> String {
+    let mut s = qkey.to_string();
+    for k in rest {
+        s.push_str(&format!(
+            "[{}]",
+            serde_json::to_string(k).unwrap_or_else(|_| format!("\"{k}\""))
+        ));
+    }
+    s
+}
+
+/// Index of the option a count key names: exact match, else a unique case-insensitive one.
+fn match_option(q: &Question, key: &str) -> Option<usize> {
+    if let Some(i) = q.options.iter().position(|o| o.text == key) {
+        return Some(i);
+    }
+    let lower = key.to_lowercase();
+    let mut hits = q
+        .options
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.text.to_lowercase() == lower);
+    match (hits.next(), hits.next()) {
+        (Some((i, _)), None) => Some(i),
+        _ => None,
+    }
+}
+
+/// Parses one wave: `info.csv` plus the given attribute files. `name` becomes the survey's
+/// name (and names the wave in merge errors).
+pub fn parse_wave(
+    name: &str,
+    info_csv: &str,
+    info_file: &str,
+    attributes: &[AttributeFile],
+) -> DataResult<Survey> {
+    let info = Info::parse(info_csv, info_file)?;
+    // Questions by info row, built on first use.
+    let mut slot_of_row: HashMap<usize, usize> = HashMap::new();
+    let mut slots: Vec<(usize, Question)> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut group_idx: HashMap<String, usize> = HashMap::new();
+    // (group, slot) -> distribution.
+    let mut answers: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
+
+    for af in attributes {
+        let file = af.file;
+        let text = af.json;
+        let data: Ordered<Ordered<serde_json::Value>> =
+            serde_json::from_str(text).map_err(|e| json_error(file, text, &e))?;
+        let mut seen_keys: HashSet<&str> = HashSet::new();
+        for (qkey, entry) in &data.0 {
+            let loc = |path: &[&str]| {
+                let mut p = vec![qkey.as_str()];
+                p.extend_from_slice(path);
+                locate_line(text, &p)
+            };
+            if !seen_keys.insert(qkey.as_str()) {
+                return Err(DataError::at(
+                    file,
+                    loc(&[]),
+                    Some(qkey),
+                    format!("question key `{qkey}` appears twice"),
+                ));
+            }
+            let row = match info.row_index(qkey) {
+                None => {
+                    return Err(DataError::at(
+                        file,
+                        loc(&[]),
+                        Some(qkey),
+                        format!("question key `{qkey}` is not in {}", info.file),
+                    ))
+                }
+                Some(r) => r?,
+            };
+            let slot = match slot_of_row.get(&row) {
+                Some(&s) => s,
+                None => {
+                    let q = row_question(&info.rows[row], &info.file)?;
+                    slots.push((row, q));
+                    slot_of_row.insert(row, slots.len() - 1);
+                    slots.len() - 1
+                }
+            };
+            let q = &slots[slot].1;
+            for (gval, counts) in &entry.0 {
+                if NON_GROUP_KEYS.contains(&gval.as_str())
+                    || EXCLUDED_GROUP_VALUES.contains(&gval.as_str())
+                {
+                    continue;
+                }
+                let gfield = json_path(qkey, &[gval]);
+                let obj = counts.as_object().ok_or_else(|| {
+                    DataError::at(
+                        file,
+                        loc(&[gval]),
+                        Some(&gfield),
+                        format!("expected an object mapping option text to count, found {counts}"),
+                    )
+                })?;
+                if obj.is_empty() {
+                    continue;
+                }
+                let mut c = vec![0f64; q.options.len()];
+                let mut has = vec![false; q.options.len()];
+                for (opt, n) in obj {
+                    let ofield = json_path(qkey, &[gval, opt]);
+                    let oloc = || loc(&[gval, opt]);
+                    let i = match_option(q, opt).ok_or_else(|| {
+                        let known: Vec<&str> = q.options.iter().map(|o| o.text.as_str()).collect();
+                        DataError::at(
+                            file,
+                            oloc(),
+                            Some(&ofield),
+                            format!("unknown option `{opt}`; expected one of the question's references {known:?}"),
+                        )
+                    })?;
+                    if has[i] {
+                        return Err(DataError::at(
+                            file,
+                            oloc(),
+                            Some(&ofield),
+                            format!(
+                                "option `{}` has two counts (keys differ only in case)",
+                                q.options[i].text
+                            ),
+                        ));
+                    }
+                    has[i] = true;
+                    let v = match n {
+                        serde_json::Value::Number(x) => x.as_f64().unwrap_or(f64::NAN),
+                        serde_json::Value::Null => f64::NAN,
+                        other => {
+                            return Err(DataError::at(
+                                file,
+                                oloc(),
+                                Some(&ofield),
+                                format!("count is {other}, expected a non-negative number"),
+                            ))
+                        }
+                    };
+                    if !v.is_finite() || v < 0.0 {
+                        return Err(DataError::at(
+                            file,
+                            oloc(),
+                            Some(&ofield),
+                            format!(
+                                "count is {}, expected a non-negative number",
+                                if n.is_null() {
+                                    "null (NaN)".to_string()
+                                } else {
+                                    v.to_string()
+                                }
+                            ),
+                        ));
+                    }
+                    c[i] = v;
+                }
+                let total: f64 = c.iter().sum();
+                if total <= 0.0 {
+                    return Err(DataError::at(
+                        file,
+                        loc(&[gval]),
+                        Some(&gfield),
+                        "all counts are zero; expected at least one positive count (or an empty object for no answer)",
+                    ));
+                }
+                let n_points = q.n_answerable();
+                let point_sum: f64 = c[..n_points].iter().sum();
+                if point_sum <= 0.0 {
+                    // Only refusals: the group gave no substantive answer.
+                    continue;
+                }
+                let dist: Vec<f32> = c[..n_points]
+                    .iter()
+                    .map(|&x| (x / point_sum) as f32)
+                    .collect();
+                let gname = format!("{}:{gval}", af.attribute);
+                let g = match group_idx.get(&gname) {
+                    Some(&g) => g,
+                    None => {
+                        groups.push(Group {
+                            name: gname.clone(),
+                        });
+                        group_idx.insert(gname.clone(), groups.len() - 1);
+                        groups.len() - 1
+                    }
+                };
+                if answers.insert((g, slot), dist).is_some() {
+                    return Err(DataError::at(
+                        file,
+                        loc(&[gval]),
+                        Some(&gfield),
+                        format!("group `{gname}` already has counts for question `{qkey}` (attribute given twice?)"),
+                    ));
+                }
+            }
+        }
+    }
+
+    // Keep answered questions only, in info.csv order.
+    let mut answered = vec![false; slots.len()];
+    for &(_, s) in answers.keys() {
+        answered[s] = true;
+    }
+    let mut order: Vec<usize> = (0..slots.len()).filter(|&s| answered[s]).collect();
+    order.sort_by_key(|&s| slots[s].0);
+    let mut new_index = vec![usize::MAX; slots.len()];
+    for (k, &s) in order.iter().enumerate() {
+        new_index[s] = k;
+    }
+    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; order.len()]; groups.len()];
+    for ((g, s), d) in answers {
+        matrix[g][new_index[s]] = Some(d);
+    }
+    let mut slot_opts: Vec<Option<Question>> = slots.into_iter().map(|(_, q)| Some(q)).collect();
+    let questions = order.iter().filter_map(|&s| slot_opts[s].take()).collect();
+    Ok(Survey {
+        name: name.to_string(),
+        metric: MetricKind::Wasserstein,
+        questions,
+        groups,
+        answers: matrix,
+    })
+}
+
+/// Merges waves into one survey named `name`: questions concatenated in the order given,
+/// groups united in first-seen order, `None` where a group has no answers in a wave. Errors
+/// when a question id is in two waves or the metrics differ (the error's file is the later
+/// wave's survey name).
+pub fn merge_waves(name: &str, waves: Vec<Survey>) -> DataResult<Survey> {
+    let mut out = Survey {
+        name: name.to_string(),
+        metric: waves.first().map_or(MetricKind::Wasserstein, |w| w.metric),
+        questions: Vec::new(),
+        groups: Vec::new(),
+        answers: Vec::new(),
+    };
+    let mut qwave: HashMap<String, String> = HashMap::new();
+    let mut gidx: HashMap<String, usize> = HashMap::new();
+    for w in waves {
+        if w.metric != out.metric {
+            return Err(DataError::file(
+                &w.name,
+                format!(
+                    "metric {:?} differs from the first wave's {:?}",
+                    w.metric, out.metric
+                ),
+            ));
+        }
+        for q in &w.questions {
+            if let Some(prev) = qwave.insert(q.id.clone(), w.name.clone()) {
+                return Err(DataError::at(
+                    &w.name,
+                    None,
+                    Some("key"),
+                    format!(
+                        "question id `{}` is also in wave {prev}; expected ids unique across waves",
+                        q.id
+                    ),
+                ));
+            }
+        }
+        let base = out.questions.len();
+        let nq = w.questions.len();
+        for row in &mut out.answers {
+            row.resize(base + nq, None);
+        }
+        for (g, row) in w.groups.iter().zip(w.answers) {
+            let gi = match gidx.get(&g.name) {
+                Some(&i) => i,
+                None => {
+                    out.groups.push(g.clone());
+                    out.answers.push(vec![None; base + nq]);
+                    gidx.insert(g.name.clone(), out.groups.len() - 1);
+                    out.groups.len() - 1
+                }
+            };
+            for (k, a) in row.into_iter().enumerate() {
+                out.answers[gi][base + k] = a;
+            }
+        }
+        out.questions.extend(w.questions);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = r#",Unnamed: 0,key,option_mapping,question,references,option_ordinal
+0,0,SAFE_W1,"{1.0: 'Very safe', 2.0: 'Not safe', 99.0: 'Refused'}","How safe is it?","['Very safe', 'Not safe', 'Refused']","[1.0, 2.0]"
+1,1,GUN_W1,"{1.0: 'Yes, I own a gun', 2.0: ""No, I don't own any guns"", 99.0: 'Refused'}","Do you own a gun?","['Yes, I own a gun', ""No, I don't own any guns"", 'Refused']","[1.0, 2.0]"
+2,2,MOVE_W1,"{1.0: 'Would move', 2.0: 'Would not', 3.0: 'Not sure', 99.0: 'Refused'}","Move?","['Would move', 'Would not', 'Not sure', 'Refused']","[1.0, 2.0]"
+3,3,UNUSED_W1,"{1.0: 'A'}","Unused","['A', broken","[1.0]"
+"#;
+
+    const SEX: &str = r#"{"SAFE_W1": {"MC_options": ["Very safe", "Not safe", "Refused"], "question_text": "How safe is it?",
+ "Female": {"Very safe": 3.0, "Not safe": 1.0, "Refused": 5.0},
+ "Male": {"Very safe": 1.0},
+ "Refused": {"Very safe": 1.0}},
+"GUN_W1": {"MC_options": ["Yes", "I own a gun", "\"No", "I don't own any guns\"", "Refused"],
+ "Female": {"No, I don't own any guns": 3.0, "yes, i own a gun": 1.0},
+ "Male": {},
+ "nan": {}},
+"MOVE_W1": {"Female": {"Would move": 1.0, "Not sure": 7.0}, "Male": {"Not sure": 2.0, "Refused": 1.0}}
+}"#;
+
+    const AGE: &str = r#"{"SAFE_W1": {"18-29": {"Very safe": 1.0, "Not safe": 1.0}, "Other": {"Very safe": 1.0}}}"#;
+
+    fn wave(attrs: &[AttributeFile]) -> DataResult<Survey> {
+        parse_wave("W1", INFO, "info.csv", attrs)
+    }
+
+    fn ok_wave() -> Survey {
+        wave(&[
+            AttributeFile {
+                attribute: "SEX",
+                file: "SEX_data.json",
+                json: SEX,
+            },
+            AttributeFile {
+                attribute: "AGE",
+                file: "AGE_data.json",
+                json: AGE,
+            },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_a_wave() {
+        let s = ok_wave();
+        s.validate().unwrap();
+        assert_eq!(s.metric, MetricKind::Wasserstein);
+        let ids: Vec<&str> = s.questions.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["SAFE_W1", "GUN_W1", "MOVE_W1"]);
+        let names: Vec<&str> = s.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["SEX:Female", "SEX:Male", "AGE:18-29"]);
+        // Refusal dropped and normalized over points.
+        assert_eq!(s.answers[0][0], Some(vec![0.75, 0.25]));
+        // Missing option counts 0.
+        assert_eq!(s.answers[1][0], Some(vec![1.0, 0.0]));
+        // Apostrophes, commas; case-insensitive match of "yes, i own a gun".
+        let gun = &s.questions[1];
+        assert_eq!(gun.options[1].text, "No, I don't own any guns");
+        assert_eq!(s.answers[0][1], Some(vec![0.25, 0.75]));
+        // Empty counts: no answer.
+        assert_eq!(s.answers[1][1], None);
+        // "Not sure" beyond the ordinal list is a refusal; Male answered only refusals.
+        let mv = &s.questions[2];
+        assert_eq!(mv.n_answerable(), 2);
+        assert!(mv.options[2].refusal && mv.options[3].refusal);
+        assert_eq!(mv.options[1].ordinal, Some(2.0));
+        assert_eq!(mv.options[2].ordinal, None);
+        assert_eq!(s.answers[0][2], Some(vec![1.0, 0.0]));
+        assert_eq!(s.answers[1][2], None);
+        assert_eq!(s.answers[2][0], Some(vec![0.5, 0.5]));
+        assert_eq!(s.answers[2][1], None);
+        assert_eq!(s.questions[0].ordinals(), Some(vec![1.0, 2.0]));
+    }
+
+    #[test]
+    fn merges_waves() {
+        let a = ok_wave();
+        let info2 = "key,question,references,option_mapping,option_ordinal\nX_W2,Q?,\"['a', 'b']\",\"{1: 'a', 2: 'b'}\",\"[1, 2]\"\n";
+        let j = r#"{"X_W2": {"Female": {"a": 1.0}, "Other": {"a": 2.0}}}"#;
+        let b = parse_wave(
+            "W2",
+            info2,
+            "w2/info.csv",
+            &[AttributeFile {
+                attribute: "SEX",
+                file: "w2/SEX_data.json",
+                json: j,
+            }],
+        )
+        .unwrap();
+        let m = merge_waves("all", vec![a.clone(), b.clone()]).unwrap();
+        m.validate().unwrap();
+        assert_eq!(m.questions.len(), 4);
+        assert_eq!(m.groups.len(), 3);
+        assert_eq!(m.answers[0][3], Some(vec![1.0, 0.0]));
+        assert_eq!(m.answers[1][3], None);
+        assert_eq!(m.answers[2][3], None);
+        let e = merge_waves("all", vec![a.clone(), a]).unwrap_err();
+        assert_eq!(e.file, "W1");
+        assert_eq!(e.field.as_deref(), Some("key"));
+        assert!(e.message.contains("SAFE_W1"));
+    }
+
+    fn one(json: &str) -> DataError {
+        wave(&[AttributeFile {
+            attribute: "SEX",
+            file: "SEX_data.json",
+            json,
+        }])
+        .unwrap_err()
+    }
+
+    #[test]
+    fn unknown_option_is_located() {
+        let e =
+            one("{\"SAFE_W1\": {\n \"Female\": {\n  \"Very safe\": 1.0,\n  \"Kinda safe\": 2.0}}}");
+        assert_eq!(e.file, "SEX_data.json");
+        assert_eq!(e.line, Some(4));
+        assert_eq!(
+            e.field.as_deref(),
+            Some(r#"SAFE_W1["Female"]["Kinda safe"]"#)
+        );
+        assert!(e.message.contains("unknown option `Kinda safe`"), "{e}");
+    }
+
+    #[test]
+    fn bad_counts_are_located() {
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": -1.0}}}");
+        assert_eq!((e.file.as_str(), e.line), ("SEX_data.json", Some(1)));
+        assert_eq!(
+            e.field.as_deref(),
+            Some(r#"SAFE_W1["Female"]["Very safe"]"#)
+        );
+        assert!(e.message.contains("-1"), "{e}");
+
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": null}}}");
+        assert!(e.message.contains("NaN"), "{e}");
+        assert_eq!(
+            e.field.as_deref(),
+            Some(r#"SAFE_W1["Female"]["Very safe"]"#)
+        );
+
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": \"3\"}}}");
+        assert!(e.message.contains("expected a non-negative number"), "{e}");
+
+        // Python's json.dump writes NaN, which is not JSON: a syntax error with a clear message.
+        let e = one("{\"SAFE_W1\":\n {\"Female\": {\"Very safe\": NaN}}}");
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("NaN"), "{e}");
+
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": 0.0, \"Refused\": 0}}}");
+        assert_eq!(e.field.as_deref(), Some(r#"SAFE_W1["Female"]"#));
+        assert!(e.message.contains("all counts are zero"), "{e}");
+
+        let e = one("{\"SAFE_W1\": {\"Female\": [1, 2]}}");
+        assert_eq!(e.field.as_deref(), Some(r#"SAFE_W1["Female"]"#));
+    }
+
+    #[test]
+    fn bad_json_and_keys() {
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": 1.0}\n,}");
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.starts_with("invalid JSON"), "{e}");
+        let e = one("{\"NOPE_W1\": {}}");
+        assert_eq!(e.field.as_deref(), Some("NOPE_W1"));
+        assert_eq!(e.line, Some(1));
+        assert!(e.message.contains("not in info.csv"));
+        let e = one("{\"SAFE_W1\": 3}");
+        assert!(e.message.contains("JSON object"), "{e}");
+        let e = one("{\"SAFE_W1\": {}, \"SAFE_W1\": {}}");
+        assert!(e.message.contains("twice"), "{e}");
+        // The unused row's broken literal is only an error once the question is used.
+        let e = one("{\"UNUSED_W1\": {\"Female\": {\"A\": 1}}}");
+        assert_eq!((e.file.as_str(), e.line), ("info.csv", Some(5)));
+        assert_eq!(e.field.as_deref(), Some("references"));
+        assert!(e.message.contains("character"), "{e}");
+    }
+
+    fn info_err(info: &str) -> DataError {
+        let j = r#"{"Q": {"Female": {"a": 1.0}}}"#;
+        parse_wave(
+            "W",
+            info,
+            "info.csv",
+            &[AttributeFile {
+                attribute: "SEX",
+                file: "SEX_data.json",
+                json: j,
+            }],
+        )
+        .unwrap_err()
+    }
+
+    fn csv_field(s: &str) -> String {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+
+    const HDR: &str = "key,question,references,option_mapping,option_ordinal\n";
+
+    #[test]
+    fn info_errors_are_located() {
+        // Malformed CSV row (wrong number of fields).
+        let e = info_err(&format!("{HDR}Q,text,\"['a']\",\"{{}}\"\n"));
+        assert_eq!((e.file.as_str(), e.line), ("info.csv", Some(2)));
+        assert!(e.message.contains("malformed CSV row"), "{e}");
+        // Missing column.
+        let e = info_err("key,question,references,option_mapping\nQ,t,x,y\n");
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(1), Some("option_ordinal"))
+        );
+        // Ordinal list too long.
+        let e = info_err(&format!(
+            "{HDR}Q,t,\"['a', 'Refused']\",\"{{1.0: 'a', 99.0: 'Refused'}}\",\"[1.0, 2.0]\"\n"
+        ));
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(2), Some("option_ordinal"))
+        );
+        assert!(e.message.contains("length mismatch"), "{e}");
+        // Empty ordinal list.
+        let e = info_err(&format!("{HDR}Q,t,\"['a']\",\"{{}}\",\"[]\"\n"));
+        assert!(e.message.contains("length mismatch"), "{e}");
+        // Refusal code naming an unknown option.
+        let e = info_err(&format!(
+            "{HDR}Q,t,\"['a', 'b']\",\"{{99.0: 'Refused'}}\",\"[1.0]\"\n"
+        ));
+        assert_eq!(e.field.as_deref(), Some("option_mapping"));
+        // Bad ordinal values.
+        let e = info_err(&format!(
+            "{HDR}Q,t,\"['a', 'b']\",\"{{}}\",\"[1.0, 'x']\"\n"
+        ));
+        assert_eq!(e.field.as_deref(), Some("option_ordinal"));
+        let e = info_err(&format!(
+            "{HDR}Q,t,\"['a', 'b']\",\"{{}}\",\"[1.0, nan]\"\n"
+        ));
+        assert!(e.message.contains("finite"), "{e}");
+        // Duplicate key used.
+        let e = info_err(&format!(
+            "{HDR}Q,t,\"['a']\",\"{{}}\",\"[1]\"\nQ,t,\"['a']\",\"{{}}\",\"[1]\"\n"
+        ));
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("key")));
+        // Duplicate option texts.
+        let e = info_err(&format!("{HDR}Q,t,\"['a', 'a']\",\"{{}}\",\"[1]\"\n"));
+        assert!(e.message.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn multiline_csv_rows_keep_line_numbers() {
+        let info = format!("{HDR}A,\"two\nlines\",\"['a']\",\"{{}}\",\"[1]\"\nQ,t,\"['a', 'b']\",\"{{}}\",\"[1.0, 'x']\"\n");
+        let e = info_err(&info);
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn no_refusal_option_and_escaped_quotes() {
+        let refs = r#"['Associate\'s degree', "It's \"fine\""]"#;
+        let info = format!("{HDR}Q,t,{},\"{{1: 'x'}}\",\"[1, 2]\"\n", csv_field(refs));
+        let j = r#"{"Q": {"Female": {"Associate's degree": 1.0, "It's \"fine\"": 3.0}}}"#;
+        let s = parse_wave(
+            "W",
+            &info,
+            "info.csv",
+            &[AttributeFile {
+                attribute: "SEX",
+                file: "f",
+                json: j,
+            }],
+        )
+        .unwrap();
+        assert_eq!(s.questions[0].options[0].text, "Associate's degree");
+        assert_eq!(s.questions[0].options[1].text, "It's \"fine\"");
+        assert!(s.questions[0].options.iter().all(|o| !o.refusal));
+        assert_eq!(s.answers[0][0], Some(vec![0.25, 0.75]));
+    }
+
+    #[test]
+    fn locate_line_finds_nested_keys() {
+        let t = "{\"A\": {\"x\": 1},\n \"B\": {\n  \"x\": 2}}";
+        assert_eq!(locate_line(t, &["A", "x"]), Some(1));
+        assert_eq!(locate_line(t, &["B", "x"]), Some(3));
+        assert_eq!(locate_line(t, &["C"]), None);
+    }
+}

@@ -1,0 +1,287 @@
+//! OpinionQA's *weighted layout* (`<wave>_default_human.csv`), because that is what
+//! OpinionQA's own pipeline (and GPO's reference code) produce from the respondent-level
+//! data: survey-weighted distributions per (question, group), which are closer to the
+//! published numbers than the unweighted counts of [`super::opinionqa`].
+//!
+//! Columns (by name, in any order; others such as a pandas index column are ignored):
+//! `qkey`, `attribute`, `group`, `D_H` and optionally `R_H` (the refusal rate, not used).
+//! `D_H` is the group's distribution over the question's non-refusal options, in their
+//! order: either a Python list (`[0.2, 0.8]`) or numpy's array text as pandas writes it
+//! (`[0.2 0.8]`, whitespace-separated, possibly over several lines). The questions and
+//! their options come from the wave's `info.csv`, read by [`super::opinionqa::Info`] with
+//! the same rules (non-refusal options are the first `len(option_ordinal)` references).
+//!
+//! Group names are `attribute:group` (e.g. `SEX:Female`, `Overall:Overall`), in first-seen
+//! order; every row is kept. Questions are those with at least one row, in `info.csv` order.
+//! Errors name the file, the CSV line and the column.
+
+use std::collections::HashMap;
+
+use super::opinionqa::{csv_error, row_question, Info};
+use super::pylit;
+use super::{check_distribution, DataError, DataResult, Group, MetricKind, Question, Survey};
+
+/// Parses a weighted CSV against its wave's `info.csv` text. The survey is named after
+/// `csv_file`.
+pub fn parse(
+    csv_text: &str,
+    csv_file: &str,
+    info_csv: &str,
+    info_file: &str,
+) -> DataResult<Survey> {
+    let info = Info::parse(info_csv, info_file)?;
+    parse_with_info(csv_text, csv_file, &info)
+}
+
+/// Parses a weighted CSV against an already parsed `info.csv`.
+pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResult<Survey> {
+    let file = csv_file;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(csv_text.as_bytes());
+    let headers = rdr
+        .headers()
+        .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
+        .clone();
+    let col = |name: &str| -> DataResult<usize> {
+        headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
+            DataError::at(
+                file,
+                Some(1),
+                Some(name),
+                format!("missing column `{name}` (a weighted OpinionQA CSV has qkey, attribute, group, D_H)"),
+            )
+        })
+    };
+    let (cq, ca, cg, cd) = (col("qkey")?, col("attribute")?, col("group")?, col("D_H")?);
+
+    // Questions by info row.
+    let mut slot_of_row: HashMap<usize, usize> = HashMap::new();
+    let mut slots: Vec<(usize, Question)> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut group_idx: HashMap<String, usize> = HashMap::new();
+    // (group, slot) -> (distribution, line).
+    let mut answers: HashMap<(usize, usize), (Vec<f32>, usize)> = HashMap::new();
+
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| csv_error(file, &e))?;
+        let line = rec.position().map_or(0, |p| p.line() as usize);
+        let at = |field: &str, msg: String| DataError::at(file, Some(line), Some(field), msg);
+        let get = |i: usize| rec.get(i).unwrap_or("").trim();
+        let (qkey, attr, gval, dh) = (get(cq), get(ca), get(cg), get(cd));
+        if attr.is_empty() {
+            return Err(at("attribute", "empty attribute".into()));
+        }
+        if gval.is_empty() {
+            return Err(at("group", "empty group".into()));
+        }
+        let row = match info.row_index(qkey) {
+            None => {
+                return Err(at(
+                    "qkey",
+                    format!("unknown question key `{qkey}`: not in {}", info.file),
+                ))
+            }
+            Some(r) => r?,
+        };
+        let slot = match slot_of_row.get(&row) {
+            Some(&s) => s,
+            None => {
+                let q = row_question(&info.rows[row], &info.file)?;
+                slots.push((row, q));
+                slot_of_row.insert(row, slots.len() - 1);
+                slots.len() - 1
+            }
+        };
+        let q = &slots[slot].1;
+        let d = parse_number_list(dh).map_err(|m| at("D_H", m))?;
+        let n = q.n_answerable();
+        if d.len() != n {
+            let opts: Vec<&str> = q.answerable().map(|o| o.text.as_str()).collect();
+            return Err(at(
+                "D_H",
+                format!(
+                    "D_H has {} values but question `{qkey}` has {n} non-refusal options {opts:?}; expected one value per option",
+                    d.len()
+                ),
+            ));
+        }
+        let d: Vec<f32> = d.iter().map(|&x| x as f32).collect();
+        check_distribution(&d, n).map_err(|m| at("D_H", m))?;
+        let gname = format!("{attr}:{gval}");
+        let g = match group_idx.get(&gname) {
+            Some(&g) => g,
+            None => {
+                groups.push(Group {
+                    name: gname.clone(),
+                });
+                group_idx.insert(gname.clone(), groups.len() - 1);
+                groups.len() - 1
+            }
+        };
+        if let Some((_, prev)) = answers.insert((g, slot), (d, line)) {
+            return Err(at(
+                "group",
+                format!("group `{gname}` already has a row for question `{qkey}` (line {prev})"),
+            ));
+        }
+    }
+
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    order.sort_by_key(|&s| slots[s].0);
+    let mut new_index = vec![0; slots.len()];
+    for (k, &s) in order.iter().enumerate() {
+        new_index[s] = k;
+    }
+    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; slots.len()]; groups.len()];
+    for ((g, s), (d, _)) in answers {
+        matrix[g][new_index[s]] = Some(d);
+    }
+    let mut qs: Vec<Option<Question>> = slots.into_iter().map(|(_, q)| Some(q)).collect();
+    let questions = order.iter().filter_map(|&s| qs[s].take()).collect();
+    Ok(Survey {
+        name: csv_file.to_string(),
+        metric: MetricKind::Wasserstein,
+        questions,
+        groups,
+        answers: matrix,
+    })
+}
+
+/// Parses a list of numbers written either as a Python list (`[0.1, 0.9]`) or as numpy
+/// array text (`[0.1 0.9]`).
+pub fn parse_number_list(text: &str) -> Result<Vec<f64>, String> {
+    let t = text.trim();
+    if t.contains(',') {
+        let v = pylit::parse(t).map_err(|e| format!("{e}; expected a list of numbers"))?;
+        return v.to_f64_list();
+    }
+    let inner = t
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .ok_or_else(|| {
+            format!("`{t}` is not a list; expected `[p1, p2, ...]` or numpy's `[p1 p2 ...]`")
+        })?;
+    inner
+        .split_whitespace()
+        .map(|tok| {
+            tok.parse::<f64>()
+                .map_err(|_| format!("`{tok}` is not a number; expected a list of numbers"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = r#"key,question,references,option_mapping,option_ordinal
+SAFE_W1,How safe?,"['Very safe', 'Not safe', 'Refused']","{1.0: 'Very safe', 2.0: 'Not safe', 99.0: 'Refused'}","[1.0, 2.0]"
+DEG_W1,Degree?,"[""Associate's degree"", 'College', 'Not sure', 'Refused']","{1.0: ""Associate's degree"", 2.0: 'College', 3.0: 'Not sure', 99.0: 'Refused'}","[1.0, 2.0]"
+"#;
+
+    const CSV: &str = r#",qkey,attribute,group,D_H,R_H
+0,DEG_W1,SEX,Female,"[0.25 0.75]",0.01
+1,SAFE_W1,SEX,Female,"[0.5, 0.5]",0.0
+2,SAFE_W1,Overall,Overall,"[0.1
+ 0.9]",0.02
+3,DEG_W1,EDUCATION,Associate's degree,"[1. 0.]",0.0
+"#;
+
+    fn err(csv: &str) -> DataError {
+        parse(csv, "w.csv", INFO, "info.csv").unwrap_err()
+    }
+
+    #[test]
+    fn parses_weighted_csv() {
+        let s = parse(CSV, "w.csv", INFO, "info.csv").unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.metric, MetricKind::Wasserstein);
+        let ids: Vec<&str> = s.questions.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["SAFE_W1", "DEG_W1"]);
+        let names: Vec<&str> = s.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "SEX:Female",
+                "Overall:Overall",
+                "EDUCATION:Associate's degree"
+            ]
+        );
+        assert_eq!(
+            s.answers[0],
+            vec![Some(vec![0.5, 0.5]), Some(vec![0.25, 0.75])]
+        );
+        assert_eq!(s.answers[1], vec![Some(vec![0.1, 0.9]), None]);
+        assert_eq!(s.answers[2][1], Some(vec![1.0, 0.0]));
+        assert_eq!(s.questions[1].options[0].text, "Associate's degree");
+        assert_eq!(s.questions[1].n_answerable(), 2);
+    }
+
+    #[test]
+    fn bad_rows_are_located() {
+        let hdr = "qkey,attribute,group,D_H\n";
+        let e = err(&format!(
+            "{hdr}SAFE_W1,SEX,Male,\"[0.5, 0.5]\"\nSAFE_W1,SEX,Female,\"[0.2, 0.3, 0.5]\"\n"
+        ));
+        assert_eq!(
+            (e.file.as_str(), e.line, e.field.as_deref()),
+            ("w.csv", Some(3), Some("D_H"))
+        );
+        assert!(e.message.contains("3 values"), "{e}");
+
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female,\"[nan, 1.0]\"\n"));
+        assert_eq!((e.line, e.field.as_deref()), (Some(2), Some("D_H")));
+        assert!(e.message.contains("finite"), "{e}");
+
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female,\"[-0.5 1.5]\"\n"));
+        assert!(e.message.contains("negative"), "{e}");
+
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female,\"[0.5, 0.49]\"\n"));
+        assert!(e.message.contains("sums to"), "{e}");
+        // Within 1e-3 is fine.
+        parse(
+            &format!("{hdr}SAFE_W1,SEX,Female,\"[0.5, 0.4995]\"\n"),
+            "w.csv",
+            INFO,
+            "info.csv",
+        )
+        .unwrap();
+
+        let e = err(&format!("{hdr}NOPE_W1,SEX,Female,\"[0.5, 0.5]\"\n"));
+        assert_eq!((e.line, e.field.as_deref()), (Some(2), Some("qkey")));
+        assert!(e.message.contains("NOPE_W1"));
+
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female,\"[0.5, x]\"\n"));
+        assert_eq!(e.field.as_deref(), Some("D_H"));
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female,0.5\n"));
+        assert!(e.message.contains("not a list"), "{e}");
+
+        let e = err(&format!(
+            "{hdr}SAFE_W1,SEX,Female,\"[0.5, 0.5]\"\nSAFE_W1,SEX,Female,\"[0.5, 0.5]\"\n"
+        ));
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("group")));
+        assert!(e.message.contains("line 2"), "{e}");
+
+        let e = err(&format!("{hdr}SAFE_W1,SEX,Female\n"));
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("malformed CSV row"), "{e}");
+
+        let e = err("qkey,attribute,D_H\n");
+        assert_eq!(e.field.as_deref(), Some("group"));
+    }
+
+    #[test]
+    fn number_lists() {
+        assert_eq!(parse_number_list("[0.1, 0.9]").unwrap(), vec![0.1, 0.9]);
+        assert_eq!(parse_number_list(" [0.1 0.9 ] ").unwrap(), vec![0.1, 0.9]);
+        assert_eq!(
+            parse_number_list("[1.5e-01\n 8.5e-01]").unwrap(),
+            vec![0.15, 0.85]
+        );
+        assert_eq!(parse_number_list("[1]").unwrap(), vec![1.0]);
+        assert!(parse_number_list("[nan 1.]").unwrap()[0].is_nan());
+        assert!(parse_number_list("[0.1 zz]").is_err());
+        assert!(parse_number_list("0.1 0.9").is_err());
+    }
+}

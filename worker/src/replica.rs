@@ -1,0 +1,131 @@
+//! A replica: the GPO module, its Adam state, and the data it reads episodes from.
+
+use crate::collective::Collective;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use gpo_core::checkpoint::{Checkpoint, NamedArray};
+use gpo_core::data::Survey;
+use gpo_core::features::PointFeatures;
+use gpo_core::grad::{default_threads, episodes_gradient};
+use gpo_core::model::{Gpo, GpoConfig};
+use gpo_core::optim::{cosine_lr, Adam, AdamConfig};
+use gpo_core::sampler::EpisodeSpec;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one step did on this replica.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// This replica's share of the batch loss (its episodes' summed loss / batch groups).
+    pub loss_share: f64,
+    /// Seconds spent computing the gradient.
+    pub compute_s: f64,
+    /// Seconds spent in the all-reduce.
+    pub reduce_s: f64,
+}
+
+/// One GPO replica.
+pub struct Replica {
+    model: Gpo,
+    adam: Adam,
+    survey: Arc<Survey>,
+    features: Arc<PointFeatures>,
+    device: Device,
+    threads: usize,
+}
+
+impl Replica {
+    /// A fresh replica; every replica built from the same seed and config is identical.
+    pub fn new(
+        cfg: GpoConfig,
+        adam: AdamConfig,
+        seed: u64,
+        survey: Arc<Survey>,
+        features: Arc<PointFeatures>,
+        device: Device,
+    ) -> Result<Self> {
+        if features.dim != cfg.dim_x {
+            anyhow::bail!("embeddings have width {} but the model expects dim_x {}", features.dim, cfg.dim_x);
+        }
+        let model = Gpo::new(cfg, seed, &device)?;
+        let adam = Adam::new(model.params.count(), adam);
+        Ok(Replica { model, adam, survey, features, device, threads: default_threads() })
+    }
+
+    /// Sets the number of CPU threads the gradient is sharded over (results agree to float
+    /// rounding whatever the count; a fixed count is bitwise reproducible).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The module (for evaluation and checkpoints).
+    pub fn model(&self) -> &Gpo {
+        &self.model
+    }
+
+    /// The optimizer state.
+    pub fn adam(&self) -> &Adam {
+        &self.adam
+    }
+
+    /// Computes the gradient of `episodes`, weighted so that summing it over every replica
+    /// of a step whose batch holds `batch_groups` groups gives the full-batch gradient.
+    /// Returns (loss share, gradient).
+    pub fn gradient(&self, episodes: &[EpisodeSpec], batch_groups: usize) -> Result<(f64, Vec<f32>)> {
+        Ok(episodes_gradient(
+            &self.model,
+            &self.survey,
+            &self.features,
+            episodes,
+            batch_groups,
+            self.threads,
+            &self.device,
+        )?)
+    }
+
+    /// Applies an all-reduced gradient with Adam at the cosine-scheduled rate of `step`
+    /// (1-based) out of `total_steps`.
+    pub fn apply(&mut self, grad: &[f32], step: u64, total_steps: u64) -> Result<()> {
+        let lr = cosine_lr(self.adam.cfg.lr, step, total_steps);
+        let mut flat = self.model.params.flat()?;
+        self.adam.step(&mut flat, grad, lr);
+        self.model.params.set_flat(&flat)?;
+        Ok(())
+    }
+
+    /// One data-parallel step: local gradient, all-reduce, optimizer step.
+    pub fn step(
+        &mut self,
+        episodes: &[EpisodeSpec],
+        batch_groups: usize,
+        step: u64,
+        total_steps: u64,
+        comm: &mut dyn Collective,
+    ) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let (loss_share, mut grad) = self.gradient(episodes, batch_groups).context("computing the gradient")?;
+        let t1 = Instant::now();
+        comm.all_reduce_sum(&mut grad).context("all-reducing the gradient")?;
+        let t2 = Instant::now();
+        self.apply(&grad, step, total_steps)?;
+        Ok(StepOutcome {
+            loss_share,
+            compute_s: (t1 - t0).as_secs_f64(),
+            reduce_s: (t2 - t1).as_secs_f64(),
+        })
+    }
+
+    /// A checkpoint of this replica's parameters and optimizer state.
+    pub fn checkpoint(&self, step: u64, config: serde_json::Value) -> Result<Checkpoint> {
+        let params = self
+            .model
+            .params
+            .entries()
+            .iter()
+            .map(|(n, v)| {
+                Ok(NamedArray { name: n.clone(), shape: v.dims().to_vec(), data: v.flatten_all()?.to_vec1::<f32>()? })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Checkpoint { params, adam: Some(self.adam.clone()), step, config })
+    }
+}
