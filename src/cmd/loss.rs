@@ -35,7 +35,9 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let cfg: GpoConfig = match c.config.get("model") {
         Some(m) => serde_json::from_value(m.clone()).context("checkpoint config `model`")?,
-        None => Params::infer_config(&named, a.heads).map_err(anyhow::Error::msg)?,
+        None => Params::infer_config(&named, a.heads)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| a.checkpoint.display().to_string())?,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let params = Params::from_named(&cfg, named)

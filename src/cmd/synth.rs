@@ -23,10 +23,23 @@ pub struct Args {
     /// Embedding width.
     #[arg(long, default_value_t = SynthConfig::default().dim)]
     pub dim: usize,
+    /// Dimensions of the groups' latent stances.
+    #[arg(long, default_value_t = SynthConfig::default().latent)]
+    pub latent: usize,
+    /// Noise added to every embedding coordinate.
+    #[arg(long, default_value_t = SynthConfig::default().noise)]
+    pub noise: f32,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let cfg = SynthConfig { seed: a.seed, n_questions: a.questions, n_groups: a.groups, dim: a.dim, ..Default::default() };
+    let cfg = SynthConfig {
+        seed: a.seed,
+        n_questions: a.questions,
+        n_groups: a.groups,
+        dim: a.dim,
+        latent: a.latent,
+        noise: a.noise,
+    };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let out = generate(&cfg);
     dataset::write_native(&a.out, &out.survey)?;

@@ -182,9 +182,16 @@ impl Params {
         let e0 = dims("embedder.0.weight")?;
         let l1 = dims("encoder.layers.0.linear1.weight")?;
         let p2 = dims("predictor.2.weight")?;
-        let emb_depth = (0..).take_while(|k| named.contains_key(&format!("embedder.{}.weight", 2 * k))).count();
+        // Count layers by any tensor of theirs, so a missing weight is reported as missing
+        // rather than shifting the count.
+        let emb_depth = (0..)
+            .take_while(|k| ["weight", "bias"].iter().any(|s| named.contains_key(&format!("embedder.{}.{s}", 2 * k))))
+            .count();
         let num_layers = (0..)
-            .take_while(|l| named.contains_key(&format!("encoder.layers.{l}.linear1.weight")))
+            .take_while(|l| {
+                let p = format!("encoder.layers.{l}.");
+                named.keys().any(|n| n.starts_with(&p))
+            })
             .count();
         let dim_y = p2[0] / 2;
         Ok(GpoConfig {

@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""PyTorch reference for the GPO module (Group Preference Optimization, Zhao et al.,
+ICLR 2024), a TNP-D-style Transformer Neural Process.
+
+This file was written from a prose description of the official model, not copied from
+any repository. It exists for two jobs:
+
+* ``export``: build the module with PyTorch's default initialization and a random,
+  padded meta-batch, and write fixtures (weights, batch, expected loss) that the Rust
+  test ``tests/reference_loss.rs`` checks ``gpo loss`` against. The expected loss is
+  computed in float64; the float32 loss is recorded alongside it.
+* ``bench``: time the official-style training step (forward with the per-question
+  softmax done as a Python loop over segments, backward, Adam step, zero_grad) on
+  OpinionQA-shaped batches, for a side-by-side comparison with ``gpo bench``.
+
+The model, as described:
+
+* embedder: Linear(D+1, d) ReLU, (emb_depth-2) x [Linear(d, d) ReLU], Linear(d, d);
+* input points: context (x, y), targets (x, 0); context first;
+* encoder: nn.TransformerEncoder of post-LN ReLU layers, dropout 0, where every point
+  attends only to the (non-padding) context points;
+* predictor: Linear(d, ffn) ReLU Linear(ffn, 2) -> (mean, log std) for the targets;
+* mean is softmaxed over the options of each target question (``tarqlen``);
+* loss: minus the Gaussian log-likelihood of the true option probabilities, summed over
+  the real target points of a group and averaged over groups.
+
+A point is padding iff its x sums to exactly 0. CI has no torch: the committed fixtures
+under tests/fixtures/reference/ are what it uses (see tools/reference/README.md).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+OFFICIAL = dict(d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6)
+OFFICIAL_PARAMS_AT_4096 = 1_188_354
+
+
+class GPO(nn.Module):
+    """The GPO / TNP-D module, with parameter names matching the official state_dict."""
+
+    def __init__(self, dim_x, dim_y=1, d_model=128, emb_depth=4, dim_feedforward=128, nhead=4,
+                 num_layers=6):
+        super().__init__()
+        if emb_depth < 2:
+            raise ValueError("emb_depth must be at least 2")
+        layers = [nn.Linear(dim_x + dim_y, d_model), nn.ReLU()]
+        for _ in range(emb_depth - 2):
+            layers += [nn.Linear(d_model, d_model), nn.ReLU()]
+        layers.append(nn.Linear(d_model, d_model))
+        self.embedder = nn.Sequential(*layers)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0,
+                                           activation="relu", layer_norm_eps=1e-5,
+                                           batch_first=True, norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.predictor = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.ReLU(),
+                                       nn.Linear(dim_feedforward, 2 * dim_y))
+
+    def predict(self, xc, yc, xt):
+        """Predictor output for every target point: ``[G, Nt, 2]`` = (mean, raw std)."""
+        nc, nt = xc.shape[1], xt.shape[1]
+        ctx = torch.cat([xc, yc], dim=-1)
+        tgt = torch.cat([xt, torch.zeros(xt.shape[:-1] + (yc.shape[-1],), dtype=xt.dtype)], dim=-1)
+        inp = torch.cat([ctx, tgt], dim=1)
+        n = nc + nt
+        # Every point attends to the context points only.
+        mask = torch.full((n, n), float("-inf"), dtype=xc.dtype)
+        mask[:, :nc] = 0.0
+        pad = torch.cat([xc.sum(-1) == 0, xt.sum(-1) == 0], dim=1)
+        # Float key-padding mask of the same type as `mask` (PyTorch merges the two).
+        pad = torch.zeros(pad.shape, dtype=xc.dtype).masked_fill(pad, float("-inf"))
+        h = self.encoder(self.embedder(inp), mask=mask, src_key_padding_mask=pad)
+        return self.predictor(h[:, -nt:])
+
+
+def segment_softmax(mean, tarqlen):
+    """Softmax of ``mean [G, Nt, 1]`` over the options of each target question, as the
+    official code does it: a Python loop over groups and question segments. Target
+    positions past the last question keep mean 0."""
+    g, nt, _ = mean.shape
+    rows = []
+    for b in range(g):
+        pieces, start = [], 0
+        for n in tarqlen[b].tolist():
+            if n == 0:
+                continue
+            pieces.append(torch.softmax(mean[b, start:start + n], dim=0))
+            start += n
+        if start < nt:
+            pieces.append(torch.zeros_like(mean[b, start:]))
+        rows.append(torch.cat(pieces, dim=0))
+    return torch.stack(rows, dim=0)
+
+
+def gpo_loss(model, xc, yc, xt, yt, tarqlen):
+    out = model.predict(xc, yc, xt)
+    mean, raw = torch.chunk(out, 2, dim=-1)
+    std = torch.exp(raw)
+    mean = segment_softmax(mean, tarqlen)
+    log_probs = torch.distributions.Normal(mean, std).log_prob(yt)
+    real_len = (xt.sum(-1) != 0).sum(-1)  # non-padding target points per group
+    keep = torch.arange(xt.shape[1])[None, :] < real_len[:, None]
+    masked = torch.where(keep[..., None], log_probs, torch.zeros_like(log_probs))
+    return -masked.sum(dim=(1, 2)).mean()
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_official_param_count():
+    n = param_count(GPO(4096, **OFFICIAL))
+    assert n == OFFICIAL_PARAMS_AT_4096, f"official model at D=4096 has {n} parameters"
+
+
+def model_args(a):
+    return dict(d_model=a.d_model, emb_depth=a.emb_depth, dim_feedforward=a.ffn, nhead=a.heads,
+                num_layers=a.layers)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def random_questions(n_questions, dim_x):
+    """x [P, D] (normal) and y [P, 1] (a random distribution per question) for
+    questions of 2-5 options; returns (x, y, option counts)."""
+    counts = torch.randint(2, 6, (n_questions,)).tolist()
+    xs, ys = [], []
+    for n in counts:
+        xs.append(torch.randn(n, dim_x))
+        ys.append(torch.distributions.Dirichlet(torch.ones(n)).sample().unsqueeze(-1))
+    return torch.cat(xs), torch.cat(ys), counts
+
+
+def pad_rows(t, n):
+    return torch.cat([t, torch.zeros((n - t.shape[0],) + t.shape[1:], dtype=t.dtype)])
+
+
+def random_batch(groups, dim_x):
+    """A meta-batch whose groups have different numbers of real context and target
+    points, padded with x = 0, y = 0 to the largest."""
+    while True:
+        ctx_q = torch.randint(1, 6, (groups,)).tolist()
+        tgt_q = torch.randint(1, 6, (groups,)).tolist()
+        ctx = [random_questions(q, dim_x) for q in ctx_q]
+        tgt = [random_questions(q, dim_x) for q in tgt_q]
+        nc_real = [c[0].shape[0] for c in ctx]
+        nt_real = [t[0].shape[0] for t in tgt]
+        if groups == 1 or (len(set(nc_real)) > 1 and len(set(nt_real)) > 1):
+            break
+    nc, nt, q = max(nc_real), max(nt_real), max(tgt_q)
+    xc = torch.stack([pad_rows(c[0], nc) for c in ctx])
+    yc = torch.stack([pad_rows(c[1], nc) for c in ctx])
+    xt = torch.stack([pad_rows(t[0], nt) for t in tgt])
+    yt = torch.stack([pad_rows(t[1], nt) for t in tgt])
+    tarqlen = torch.zeros(groups, q, dtype=torch.int64)
+    for b, t in enumerate(tgt):
+        tarqlen[b, :len(t[2])] = torch.tensor(t[2])
+    return dict(xc=xc.contiguous(), yc=yc.contiguous(), xt=xt.contiguous(), yt=yt.contiguous(),
+                tarqlen=tarqlen), nc_real, nt_real
+
+
+def cmd_export(a):
+    from safetensors.torch import save_file
+
+    check_official_param_count()
+    torch.manual_seed(a.seed)
+    model = GPO(a.dim_x, **model_args(a))
+    if a.perturb > 0:
+        # Optional: break the symmetries of the default init (identical encoder layers,
+        # zero attention biases, unit LayerNorms) so a fixture also catches mix-ups there.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * a.perturb)
+    model.train()  # dropout is 0; train mode keeps PyTorch off its inference fast path
+    batch, nc_real, nt_real = random_batch(a.groups, a.dim_x)
+    names = ["xc", "yc", "xt", "yt", "tarqlen"]
+
+    with torch.no_grad():
+        loss32 = gpo_loss(model, *(batch[n] for n in names)).item()
+        model64 = GPO(a.dim_x, **model_args(a)).double()
+        model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        model64.train()
+        b64 = [batch[n].double() if batch[n].is_floating_point() else batch[n] for n in names]
+        loss64 = gpo_loss(model64, *b64).item()
+
+    os.makedirs(a.out, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(a.out, "weights.safetensors"))
+    save_file(batch, os.path.join(a.out, "batch.safetensors"))
+    config = dict(dim_x=a.dim_x, dim_y=1, layer_norm_eps=1e-5, groups=a.groups, seed=a.seed,
+                  perturb=a.perturb, params=param_count(model), nc=batch["xc"].shape[1],
+                  nt=batch["xt"].shape[1], real_context=nc_real, real_targets=nt_real,
+                  tarqlen=batch["tarqlen"].tolist(), torch=torch.__version__, **model_args(a))
+    with open(os.path.join(a.out, "expected.json"), "w") as f:
+        json.dump(dict(loss=loss64, loss_f32=loss32, config=config), f, indent=2)
+        f.write("\n")
+    print(f"wrote {a.out}: loss={loss64!r} loss_f32={loss32!r} params={config['params']}")
+
+
+# ----------------------------------------------------------------------------- bench
+
+OPTION_COUNTS = {2: 0.2, 3: 0.25, 4: 0.3, 5: 0.25}
+
+
+def cmd_bench(a):
+    check_official_param_count()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    model = GPO(a.dim_x, **model_args(a))
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+
+    # Pool of questions: option counts, x per option point, per-group distributions.
+    ks = torch.tensor(list(OPTION_COUNTS))
+    counts = ks[torch.multinomial(torch.tensor(list(OPTION_COUNTS.values())), a.questions,
+                                  replacement=True)].tolist()
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    x_pool = torch.randn(starts[-1], a.dim_x)
+    y_pool = torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((a.groups,))
+                        for n in counts], dim=1)  # [G, P]
+    g = a.groups
+
+    def points(qs):
+        idx = torch.cat([torch.arange(starts[q], starts[q] + counts[q]) for q in qs])
+        return idx
+
+    def draw():
+        perm = torch.randperm(a.questions).tolist()
+        n_ctx = int(torch.randint(10, min(100, a.questions - 10) + 1, ()).item())
+        n_tgt = int(torch.randint(10, min(100, a.questions - n_ctx) + 1, ()).item())
+        cq, tq = perm[:n_ctx], perm[n_ctx:n_ctx + n_tgt]
+        ci, ti = points(cq), points(tq)
+        xc = x_pool[ci].unsqueeze(0).expand(g, -1, -1).contiguous()
+        xt = x_pool[ti].unsqueeze(0).expand(g, -1, -1).contiguous()
+        yc = y_pool[:, ci].unsqueeze(-1).contiguous()
+        yt = y_pool[:, ti].unsqueeze(-1).contiguous()
+        tarqlen = torch.tensor([counts[q] for q in tq], dtype=torch.int64).expand(g, -1)
+        return xc, yc, xt, yt, tarqlen
+
+    print(f"bench: dim_x={a.dim_x} groups={g} threads={torch.get_num_threads()} "
+          f"params={param_count(model)} questions={a.questions} "
+          f"mean_options={sum(counts) / len(counts):.3f} torch={torch.__version__}")
+    times, pts = [], []
+    for it in range(a.warmup + a.iters):
+        batch = draw()  # batch assembly is not timed: only the training step itself
+        t0 = time.perf_counter()
+        loss = gpo_loss(model, *batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        tag = "warmup" if it < a.warmup else "step"
+        print(f"{tag} {it}: nc={batch[0].shape[1]} nt={batch[2].shape[1]} "
+              f"loss={loss.item():.4f} step_s={dt:.4f}", flush=True)
+        if it >= a.warmup:
+            times.append(dt)
+            pts.append(batch[0].shape[1] + batch[2].shape[1])
+    print(f"mean points/group {sum(pts) / len(pts):.0f} over {len(times)} timed steps")
+    print(f"median_step_s={statistics.median(times):.6f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def sizes(sp):
+        sp.add_argument("--dim-x", type=int, required=True, help="width of x (LLM embedding)")
+        sp.add_argument("--d-model", type=int, default=OFFICIAL["d_model"])
+        sp.add_argument("--layers", type=int, default=OFFICIAL["num_layers"])
+        sp.add_argument("--heads", type=int, default=OFFICIAL["nhead"])
+        sp.add_argument("--ffn", type=int, default=OFFICIAL["dim_feedforward"])
+        sp.add_argument("--emb-depth", type=int, default=OFFICIAL["emb_depth"])
+
+    e = sub.add_parser("export", help="write a fixture: weights, batch and expected loss")
+    e.add_argument("--out", required=True, help="output folder")
+    sizes(e)
+    e.add_argument("--groups", type=int, required=True)
+    e.add_argument("--seed", type=int, required=True)
+    e.add_argument("--perturb", type=float, default=0.0,
+                   help="add N(0, s^2) noise to every parameter after the default init")
+
+    b = sub.add_parser("bench", help="time the official-style training step")
+    sizes(b)
+    b.add_argument("--groups", type=int, default=8)
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--questions", type=int, default=684, help="questions in the pool")
+    b.add_argument("--lr", type=float, default=3e-4)
+    b.add_argument("--seed", type=int, default=0)
+
+    a = p.parse_args(argv)
+    if a.cmd == "export":
+        cmd_export(a)
+    else:
+        cmd_bench(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
