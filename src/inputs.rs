@@ -32,7 +32,10 @@ pub fn parse_format(s: &str) -> Result<Format> {
         .find(|f| f.name() == s)
         .with_context(|| {
             let names: Vec<_> = Format::ALL.iter().map(|f| f.name()).collect();
-            format!("unknown --format `{s}` (expected one of: {})", names.join(", "))
+            format!(
+                "unknown --format `{s}` (expected one of: {})",
+                names.join(", ")
+            )
         })
 }
 
@@ -42,20 +45,35 @@ pub fn features_from_store(s: &Survey, store: &EmbeddingStore) -> Result<PointFe
     let template = Template::parse(&meta.template)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("embedding store {}", store.dir().display()))?;
-    PointFeatures::build(s, store.dim(), |q, k| store.get(&meta.key(&template.render(q, k))))
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("embedding store {} (embedder `{}`)", store.dir().display(), meta.embedder))
+    PointFeatures::build(s, store.dim(), |q, k| {
+        store.get(&meta.key(&template.render(q, k)))
+    })
+    .map_err(anyhow::Error::msg)
+    .with_context(|| {
+        format!(
+            "embedding store {} (embedder `{}`)",
+            store.dir().display(),
+            meta.embedder
+        )
+    })
 }
 
 /// The synthetic survey and its features, in memory.
 pub fn synthetic(cfg: &SynthConfig) -> Result<(Survey, PointFeatures)> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let out = synth::generate(cfg);
-    let table: std::collections::HashMap<&str, &[f32]> =
-        out.embeddings.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let table: std::collections::HashMap<&str, &[f32]> = out
+        .embeddings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
     let meta = out.store_meta();
-    let f = PointFeatures::build(&out.survey, out.dim, |q, k| table.get(meta.key(&out.template.render(q, k)).as_str()).copied())
-        .map_err(anyhow::Error::msg)?;
+    let f = PointFeatures::build(&out.survey, out.dim, |q, k| {
+        table
+            .get(meta.key(&out.template.render(q, k)).as_str())
+            .copied()
+    })
+    .map_err(anyhow::Error::msg)?;
     Ok((out.survey.clone(), f))
 }
 
@@ -65,9 +83,16 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
         if args.embeddings.is_some() {
             bail!("--embeddings needs --data (the built-in synthetic survey brings its own embeddings)");
         }
-        let cfg = SynthConfig { seed: synth_seed, ..Default::default() };
+        let cfg = SynthConfig {
+            seed: synth_seed,
+            ..Default::default()
+        };
         let (s, f) = synthetic(&cfg)?;
-        return Ok((s, f, format!("built-in synthetic survey (seed {synth_seed})")));
+        return Ok((
+            s,
+            f,
+            format!("built-in synthetic survey (seed {synth_seed})"),
+        ));
     };
     let survey = match &args.format {
         Some(f) => dataset::load_as(data, parse_format(f)?)?,
@@ -76,7 +101,11 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
     let store_dir = match &args.embeddings {
         Some(e) => e.clone(),
         None => {
-            let guess = if data.is_dir() { data.join("embeddings") } else { data.with_file_name("embeddings") };
+            let guess = if data.is_dir() {
+                data.join("embeddings")
+            } else {
+                data.with_file_name("embeddings")
+            };
             if !guess.join("index.json").exists() {
                 bail!(
                     "no embeddings for {}: pass --embeddings DIR (an embedding store), or put one at {}",
@@ -89,12 +118,22 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
     };
     let store = EmbeddingStore::open(&store_dir)?;
     let features = features_from_store(&survey, &store)?;
-    let desc = format!("{} ({} groups × {} questions), embeddings `{}`", data.display(), survey.groups.len(), survey.questions.len(), store.meta().embedder);
+    let desc = format!(
+        "{} ({} groups × {} questions), embeddings `{}`",
+        data.display(),
+        survey.groups.len(),
+        survey.questions.len(),
+        store.meta().embedder
+    );
     Ok((survey, features, desc))
 }
 
 /// Prints an alignment table.
-pub fn print_table(metric: gpo_core::data::MetricKind, methods: &std::collections::BTreeMap<String, f64>, note: &str) {
+pub fn print_table(
+    metric: gpo_core::data::MetricKind,
+    methods: &std::collections::BTreeMap<String, f64>,
+    note: &str,
+) {
     let mut rows: Vec<_> = methods.iter().collect();
     rows.sort_by(|a, b| b.1.total_cmp(a.1));
     println!("{:<12} alignment ({:?}{note})", "method", metric);
@@ -105,5 +144,6 @@ pub fn print_table(metric: gpo_core::data::MetricKind, methods: &std::collection
 
 /// Checks that a path is absent or an empty-ish output folder we may write into.
 pub fn output_dir(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).with_context(|| format!("cannot create output folder {}", p.display()))
+    std::fs::create_dir_all(p)
+        .with_context(|| format!("cannot create output folder {}", p.display()))
 }

@@ -8,7 +8,11 @@ mod inputs;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gpo", version, about = "Group Preference Optimization: few-shot alignment of LLMs to groups")]
+#[command(
+    name = "gpo",
+    version,
+    about = "Group Preference Optimization: few-shot alignment of LLMs to groups"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +52,8 @@ fn main() {
     gpo_core::grad::shard_threads_not_kernels();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GPO_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("GPO_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -52,7 +52,10 @@ impl RunConfig {
             return Err("`eval_every` must be at least 1".into());
         }
         if !(self.group_split > 0.0 && self.group_split < 1.0) {
-            return Err(format!("`group_split` must be in (0, 1), got {}", self.group_split));
+            return Err(format!(
+                "`group_split` must be in (0, 1), got {}",
+                self.group_split
+            ));
         }
         if !(self.adam.lr > 0.0 && self.adam.lr.is_finite()) {
             return Err(format!("`adam.lr` must be positive, got {}", self.adam.lr));

@@ -24,7 +24,11 @@ pub trait Dispatch {
     /// The current model (identical on every replica).
     fn model(&self) -> &Gpo;
     /// A checkpoint of the current state.
-    fn checkpoint(&self, step: u64, config: serde_json::Value) -> Result<gpo_core::checkpoint::Checkpoint>;
+    fn checkpoint(
+        &self,
+        step: u64,
+        config: serde_json::Value,
+    ) -> Result<gpo_core::checkpoint::Checkpoint>;
 }
 
 /// One replica in this process: the single-process trainer.
@@ -37,7 +41,10 @@ pub struct InProcess {
 impl InProcess {
     /// Wraps a replica.
     pub fn new(replica: Replica) -> Self {
-        InProcess { replica, comm: Local }
+        InProcess {
+            replica,
+            comm: Local,
+        }
     }
 }
 
@@ -45,12 +52,19 @@ impl Dispatch for InProcess {
     fn step(&mut self, step: u64, total_steps: u64, episodes: &[EpisodeSpec]) -> Result<f64> {
         let n = episodes.len();
         let comm: &mut dyn Collective = &mut self.comm;
-        Ok(self.replica.step(episodes, n, step, total_steps, comm)?.loss_share)
+        Ok(self
+            .replica
+            .step(episodes, n, step, total_steps, comm)?
+            .loss_share)
     }
     fn model(&self) -> &Gpo {
         self.replica.model()
     }
-    fn checkpoint(&self, step: u64, config: serde_json::Value) -> Result<gpo_core::checkpoint::Checkpoint> {
+    fn checkpoint(
+        &self,
+        step: u64,
+        config: serde_json::Value,
+    ) -> Result<gpo_core::checkpoint::Checkpoint> {
         self.replica.checkpoint(step, config)
     }
 }
@@ -61,7 +75,11 @@ pub enum RunEvent {
     /// A step finished.
     Step { step: u64, loss: f64, seconds: f64 },
     /// An evaluation finished.
-    Eval { step: u64, report: EvalReport, best: bool },
+    Eval {
+        step: u64,
+        report: EvalReport,
+        best: bool,
+    },
 }
 
 /// One evaluation in the run's history.
@@ -121,19 +139,33 @@ pub struct RunPlan {
 impl RunPlan {
     /// Plans a run over a survey.
     pub fn new(cfg: &RunConfig, s: &Survey) -> Result<Self> {
-        let (train, test) = group_split(s.groups.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
+        let (train, test) =
+            group_split(s.groups.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
         let shares = s.metric.shares_questions();
         let train_pool = shares.then(|| common_questions(s, &train));
         let test_pool = shares.then(|| common_questions(s, &test));
         let eval = eval_episodes(s, cfg.seed, &test, test_pool.as_deref(), cfg.eval_context)
             .map_err(anyhow::Error::msg)
             .context("planning the evaluation")?;
-        Ok(RunPlan { train, test, train_pool, eval })
+        Ok(RunPlan {
+            train,
+            test,
+            train_pool,
+            eval,
+        })
     }
 
     /// Episodes of one step.
     pub fn episodes(&self, cfg: &RunConfig, s: &Survey, step: u64) -> Result<Vec<EpisodeSpec>> {
-        step_episodes(s, cfg.seed, step, &self.train, self.train_pool.as_deref(), &cfg.sampler).map_err(anyhow::Error::msg)
+        step_episodes(
+            s,
+            cfg.seed,
+            step,
+            &self.train,
+            self.train_pool.as_deref(),
+            &cfg.sampler,
+        )
+        .map_err(anyhow::Error::msg)
     }
 }
 
@@ -150,49 +182,80 @@ pub fn train(
     cfg.validate().map_err(anyhow::Error::msg)?;
     let plan = RunPlan::new(cfg, &survey)?;
     let device = Device::Cpu;
-    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output folder {}", out.display()))?;
     let config_json = serde_json::to_value(cfg)?;
     let best_path = out.join("best.safetensors");
 
     let mut eval_history = Vec::new();
     let mut best: Option<(u64, EvalReport)> = None;
-    let mut evaluate_now = |step: u64, d: &dyn Dispatch, hist: &mut Vec<EvalPoint>| -> Result<(bool, EvalReport)> {
-        let report = evaluate(d.model(), &survey, &features, &plan.train, &plan.eval, &device)?;
-        let gpo = report.methods["gpo"];
-        hist.push(EvalPoint { step, gpo });
-        let improved = best.as_ref().is_none_or(|(_, b)| gpo > b.methods["gpo"]);
-        if improved {
-            checkpoint::save(&best_path, &d.checkpoint(step, config_json.clone())?).map_err(anyhow::Error::msg)?;
-            best = Some((step, report.clone()));
-        }
-        Ok((improved, report))
-    };
+    let mut evaluate_now =
+        |step: u64, d: &dyn Dispatch, hist: &mut Vec<EvalPoint>| -> Result<(bool, EvalReport)> {
+            let report = evaluate(
+                d.model(),
+                &survey,
+                &features,
+                &plan.train,
+                &plan.eval,
+                &device,
+            )?;
+            let gpo = report.methods["gpo"];
+            hist.push(EvalPoint { step, gpo });
+            let improved = best.as_ref().is_none_or(|(_, b)| gpo > b.methods["gpo"]);
+            if improved {
+                checkpoint::save(&best_path, &d.checkpoint(step, config_json.clone())?)
+                    .map_err(anyhow::Error::msg)?;
+                best = Some((step, report.clone()));
+            }
+            Ok((improved, report))
+        };
 
     let (b, report) = evaluate_now(0, dispatch, &mut eval_history)?;
-    on_event(RunEvent::Eval { step: 0, report, best: b });
+    on_event(RunEvent::Eval {
+        step: 0,
+        report,
+        best: b,
+    });
     let mut loss_history = Vec::new();
     let mut times = Vec::with_capacity(cfg.steps as usize);
     for step in 1..=cfg.steps {
         let eps = plan.episodes(cfg, &survey, step)?;
         let t = Instant::now();
-        let loss = dispatch.step(step, cfg.steps, &eps).with_context(|| format!("step {step}"))?;
+        let loss = dispatch
+            .step(step, cfg.steps, &eps)
+            .with_context(|| format!("step {step}"))?;
         if !loss.is_finite() {
             anyhow::bail!("step {step}: the loss is {loss}; lower `adam.lr` or check the embeddings for extreme values");
         }
         let secs = t.elapsed().as_secs_f64();
         times.push(secs);
         loss_history.push((step, loss));
-        on_event(RunEvent::Step { step, loss, seconds: secs });
+        on_event(RunEvent::Step {
+            step,
+            loss,
+            seconds: secs,
+        });
         if step % cfg.eval_every == 0 || step == cfg.steps {
             let (b, report) = evaluate_now(step, dispatch, &mut eval_history)?;
-            on_event(RunEvent::Eval { step, report, best: b });
+            on_event(RunEvent::Eval {
+                step,
+                report,
+                best: b,
+            });
         }
     }
-    checkpoint::save(&out.join("last.safetensors"), &dispatch.checkpoint(cfg.steps, config_json)?)
-        .map_err(anyhow::Error::msg)?;
+    checkpoint::save(
+        &out.join("last.safetensors"),
+        &dispatch.checkpoint(cfg.steps, config_json)?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let (best_step, best_report) = best.context("no evaluation ran")?;
     times.sort_by(f64::total_cmp);
-    let names = |v: &[usize]| v.iter().map(|&g| survey.groups[g].name.clone()).collect::<Vec<_>>();
+    let names = |v: &[usize]| {
+        v.iter()
+            .map(|&g| survey.groups[g].name.clone())
+            .collect::<Vec<_>>()
+    };
     let summary = Summary {
         metric: survey.metric,
         methods: best_report.methods.clone(),

@@ -44,7 +44,10 @@ fn bytes_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn checksum(tensors: &BTreeMap<String, (Vec<usize>, Vec<u8>)>, meta: &BTreeMap<String, String>) -> String {
+fn checksum(
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+    meta: &BTreeMap<String, String>,
+) -> String {
     let mut h = Sha256::new();
     for (name, (shape, data)) in tensors {
         h.update((name.len() as u64).to_le_bytes());
@@ -76,13 +79,23 @@ pub fn encode(c: &Checkpoint) -> Result<Vec<u8>, String> {
         ("version".to_string(), VERSION.to_string()),
         ("step".to_string(), c.step.to_string()),
         ("config".to_string(), c.config.to_string()),
-        ("param_order".to_string(), c.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(",")),
+        (
+            "param_order".to_string(),
+            c.params
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ]);
     if let Some(a) = &c.adam {
         tensors.insert("optim.m".into(), (vec![a.m.len()], bytes_of(&a.m)));
         tensors.insert("optim.v".into(), (vec![a.v.len()], bytes_of(&a.v)));
         meta.insert("adam_t".into(), a.t.to_string());
-        meta.insert("adam".into(), serde_json::to_string(&a.cfg).map_err(|e| e.to_string())?);
+        meta.insert(
+            "adam".into(),
+            serde_json::to_string(&a.cfg).map_err(|e| e.to_string())?,
+        );
     }
     meta.insert("checksum".into(), checksum(&tensors, &meta));
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -90,7 +103,8 @@ pub fn encode(c: &Checkpoint) -> Result<Vec<u8>, String> {
         .map(|(n, (s, d))| TensorView::new(Dtype::F32, s.clone(), d).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    safetensors::serialize(views, Some(meta.into_iter().collect::<HashMap<_, _>>())).map_err(|e| e.to_string())
+    safetensors::serialize(views, Some(meta.into_iter().collect::<HashMap<_, _>>()))
+        .map_err(|e| e.to_string())
 }
 
 /// Parses checkpoint bytes, verifying the checksum when there is one. Errors say what is
@@ -99,7 +113,12 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| format!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
-    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = match view.dtype() {
@@ -107,7 +126,9 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             Dtype::F64 => view
                 .data()
                 .chunks_exact(8)
-                .flat_map(|c| (f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).to_le_bytes())
+                .flat_map(|c| {
+                    (f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).to_le_bytes()
+                })
                 .collect(),
             other => return Err(format!("tensor `{name}` has dtype {other:?}, expected F32")),
         };
@@ -116,23 +137,40 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     let gpo_format = meta.get("format").map(String::as_str) == Some(FORMAT);
     if gpo_format {
         if meta.get("version").map(String::as_str) != Some(VERSION) {
-            return Err(format!("checkpoint version {:?} is not supported (expected {VERSION})", meta.get("version")));
+            return Err(format!(
+                "checkpoint version {:?} is not supported (expected {VERSION})",
+                meta.get("version")
+            ));
         }
         let want = meta.get("checksum").ok_or("checkpoint has no checksum")?;
         let got = checksum(&tensors, &meta);
         if &got != want {
-            return Err(format!("checksum mismatch: the file is corrupt (stored {want}, computed {got})"));
+            return Err(format!(
+                "checksum mismatch: the file is corrupt (stored {want}, computed {got})"
+            ));
         }
     }
-    let floats = |d: &[u8]| d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>();
+    let floats = |d: &[u8]| {
+        d.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
     let adam = match (tensors.remove("optim.m"), tensors.remove("optim.v")) {
         (Some((_, m)), Some((_, v))) => {
-            let t = meta.get("adam_t").and_then(|t| t.parse().ok()).ok_or("checkpoint has optimizer moments but no valid `adam_t`")?;
+            let t = meta
+                .get("adam_t")
+                .and_then(|t| t.parse().ok())
+                .ok_or("checkpoint has optimizer moments but no valid `adam_t`")?;
             let cfg: AdamConfig = match meta.get("adam") {
                 Some(s) => serde_json::from_str(s).map_err(|e| format!("metadata `adam`: {e}"))?,
                 None => AdamConfig::default(),
             };
-            Some(Adam { cfg, m: floats(&m), v: floats(&v), t })
+            Some(Adam {
+                cfg,
+                m: floats(&m),
+                v: floats(&v),
+                t,
+            })
         }
         (None, None) => None,
         _ => return Err("checkpoint has only one of `optim.m` and `optim.v`".into()),
@@ -144,15 +182,28 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     };
     let mut params = Vec::with_capacity(order.len());
     for name in order {
-        let (shape, data) = tensors.remove(&name).ok_or_else(|| format!("parameter `{name}` is listed but missing"))?;
-        params.push(NamedArray { name, shape, data: floats(&data) });
+        let (shape, data) = tensors
+            .remove(&name)
+            .ok_or_else(|| format!("parameter `{name}` is listed but missing"))?;
+        params.push(NamedArray {
+            name,
+            shape,
+            data: floats(&data),
+        });
     }
     let step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
     let config = match meta.get("config") {
-        Some(s) => serde_json::from_str(s).map_err(|e| format!("metadata `config` is not JSON: {e}"))?,
+        Some(s) => {
+            serde_json::from_str(s).map_err(|e| format!("metadata `config` is not JSON: {e}"))?
+        }
         None => serde_json::Value::Null,
     };
-    Ok(Checkpoint { params, adam, step, config })
+    Ok(Checkpoint {
+        params,
+        adam,
+        step,
+        config,
+    })
 }
 
 #[cfg(test)]
@@ -162,10 +213,23 @@ mod tests {
     fn sample() -> Checkpoint {
         Checkpoint {
             params: vec![
-                NamedArray { name: "embedder.0.weight".into(), shape: vec![2, 3], data: vec![1., 2., 3., 4., 5., 6.] },
-                NamedArray { name: "embedder.0.bias".into(), shape: vec![2], data: vec![-1., 0.5] },
+                NamedArray {
+                    name: "embedder.0.weight".into(),
+                    shape: vec![2, 3],
+                    data: vec![1., 2., 3., 4., 5., 6.],
+                },
+                NamedArray {
+                    name: "embedder.0.bias".into(),
+                    shape: vec![2],
+                    data: vec![-1., 0.5],
+                },
             ],
-            adam: Some(Adam { cfg: AdamConfig::default(), m: vec![0.1; 8], v: vec![0.2; 8], t: 7 }),
+            adam: Some(Adam {
+                cfg: AdamConfig::default(),
+                m: vec![0.1; 8],
+                v: vec![0.2; 8],
+                t: 7,
+            }),
             step: 7,
             config: serde_json::json!({"seed": 3, "model": {"dim_x": 2}}),
         }
@@ -185,7 +249,9 @@ mod tests {
         let n = flipped.len();
         flipped[n - 3] ^= 0x40; // inside the tensor data
         assert!(decode(&flipped).unwrap_err().contains("checksum mismatch"));
-        assert!(decode(&bytes[..bytes.len() / 2]).unwrap_err().contains("not a valid safetensors"));
+        assert!(decode(&bytes[..bytes.len() / 2])
+            .unwrap_err()
+            .contains("not a valid safetensors"));
         assert!(decode(b"hello").is_err());
     }
 
@@ -193,7 +259,8 @@ mod tests {
     fn plain_state_dict_files_decode_without_optimizer() {
         let data = bytes_of(&[1.0, 2.0]);
         let view = TensorView::new(Dtype::F32, vec![2], &data).unwrap();
-        let bytes = safetensors::serialize(vec![("predictor.2.bias".to_string(), view)], None).unwrap();
+        let bytes =
+            safetensors::serialize(vec![("predictor.2.bias".to_string(), view)], None).unwrap();
         let c = decode(&bytes).unwrap();
         assert!(c.adam.is_none());
         assert_eq!(c.params[0].data, vec![1.0, 2.0]);

@@ -55,18 +55,26 @@ pub fn baselines(s: &Survey, train: &[usize], eps: &[EpisodeSpec]) -> BTreeMap<S
     let mut mean = ScoreAccumulator::default();
     for e in eps {
         for &q in &e.target {
-            let Some(truth) = &s.answers[e.group][q] else { continue };
+            let Some(truth) = &s.answers[e.group][q] else {
+                continue;
+            };
             let truth: Vec<f64> = truth.iter().map(|&p| p as f64).collect();
             let ord = s.questions[q].ordinals();
             let u = vec![1.0 / truth.len() as f64; truth.len()];
             if let Some(v) = pair_score(s.metric, ord.as_deref(), &u, &truth) {
                 uni.add(e.group, v);
                 let m = tm[q].clone().unwrap_or(u);
-                mean.add(e.group, pair_score(s.metric, ord.as_deref(), &m, &truth).unwrap_or(v));
+                mean.add(
+                    e.group,
+                    pair_score(s.metric, ord.as_deref(), &m, &truth).unwrap_or(v),
+                );
             }
         }
     }
-    BTreeMap::from([("uniform".to_string(), uni.mean()), ("train_mean".to_string(), mean.mean())])
+    BTreeMap::from([
+        ("uniform".to_string(), uni.mean()),
+        ("train_mean".to_string(), mean.mean()),
+    ])
 }
 
 /// Evaluates GPO and the baselines on evaluation episodes (context answers are given,
@@ -80,7 +88,9 @@ pub fn evaluate(
     device: &Device,
 ) -> candle_core::Result<EvalReport> {
     let mut gpo = ScoreAccumulator::default();
-    let shared = eps.iter().all(|e| e.context == eps[0].context && e.target == eps[0].target);
+    let shared = eps
+        .iter()
+        .all(|e| e.context == eps[0].context && e.target == eps[0].target);
     // Shared questions: all groups in one batch per target chunk. Otherwise group by group.
     let batches: Vec<Vec<EpisodeSpec>> = if shared {
         vec![eps.to_vec()]
@@ -95,7 +105,9 @@ pub fn evaluate(
                 .map(|e| EpisodeSpec {
                     group: e.group,
                     context: e.context.clone(),
-                    target: e.target[chunk_start.min(e.target.len())..(chunk_start + TARGET_CHUNK).min(e.target.len())].to_vec(),
+                    target: e.target[chunk_start.min(e.target.len())
+                        ..(chunk_start + TARGET_CHUNK).min(e.target.len())]
+                        .to_vec(),
                 })
                 .collect();
             if chunk.iter().all(|e| e.target.is_empty()) {
@@ -105,10 +117,17 @@ pub fn evaluate(
             let pred = model.predict(&mb)?;
             for (gi, e) in chunk.iter().enumerate() {
                 for (&q, &(start, n)) in e.target.iter().zip(&mb.segments[gi]) {
-                    let Some(truth) = &s.answers[e.group][q] else { continue };
+                    let Some(truth) = &s.answers[e.group][q] else {
+                        continue;
+                    };
                     let truth: Vec<f64> = truth.iter().map(|&p| p as f64).collect();
-                    let p: Vec<f64> = pred[gi * mb.nt + start..gi * mb.nt + start + n].iter().map(|&x| x as f64).collect();
-                    if let Some(v) = pair_score(s.metric, s.questions[q].ordinals().as_deref(), &p, &truth) {
+                    let p: Vec<f64> = pred[gi * mb.nt + start..gi * mb.nt + start + n]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect();
+                    if let Some(v) =
+                        pair_score(s.metric, s.questions[q].ordinals().as_deref(), &p, &truth)
+                    {
                         gpo.add(e.group, v);
                     }
                 }
@@ -120,7 +139,11 @@ pub fn evaluate(
     Ok(EvalReport {
         metric: s.metric,
         methods,
-        per_group: gpo.per_group().into_iter().map(|(g, v)| (s.groups[g].name.clone(), v)).collect(),
+        per_group: gpo
+            .per_group()
+            .into_iter()
+            .map(|(g, v)| (s.groups[g].name.clone(), v))
+            .collect(),
         pairs: gpo.count(),
     })
 }

@@ -28,7 +28,12 @@ impl PointFeatures {
         dim: usize,
         mut lookup: impl FnMut(&Question, usize) -> Option<&'a [f32]>,
     ) -> Result<Self, String> {
-        let mut f = PointFeatures { dim, x: Vec::new(), start: Vec::new(), len: Vec::new() };
+        let mut f = PointFeatures {
+            dim,
+            x: Vec::new(),
+            start: Vec::new(),
+            len: Vec::new(),
+        };
         for q in &s.questions {
             f.start.push(f.x.len() / dim);
             let mut n = 0;
@@ -37,7 +42,11 @@ impl PointFeatures {
                     format!("no embedding for question `{}`, option `{}` (run `gpo embed` for this dataset)", q.id, o.text)
                 })?;
                 if v.len() != dim {
-                    return Err(format!("embedding of question `{}` has width {}, expected {dim}", q.id, v.len()));
+                    return Err(format!(
+                        "embedding of question `{}` has width {}, expected {dim}",
+                        q.id,
+                        v.len()
+                    ));
                 }
                 f.x.extend_from_slice(v);
                 n += 1;
@@ -61,10 +70,18 @@ impl PointFeatures {
 /// Assembles episodes into one batch. When every episode has the same context and target
 /// questions (OpinionQA-style steps), x is stored once and shared; otherwise groups are
 /// padded to the longest context and target (padding is masked out of attention and loss).
-pub fn assemble(s: &Survey, f: &PointFeatures, eps: &[EpisodeSpec], device: &Device) -> candle_core::Result<ModelBatch> {
+pub fn assemble(
+    s: &Survey,
+    f: &PointFeatures,
+    eps: &[EpisodeSpec],
+    device: &Device,
+) -> candle_core::Result<ModelBatch> {
     let g = eps.len();
     let d = f.dim;
-    let shared = g > 1 && eps.iter().all(|e| e.context == eps[0].context && e.target == eps[0].target);
+    let shared = g > 1
+        && eps
+            .iter()
+            .all(|e| e.context == eps[0].context && e.target == eps[0].target);
     let nc = eps.iter().map(|e| f.points(&e.context)).max().unwrap_or(0);
     let nt = eps.iter().map(|e| f.points(&e.target)).max().unwrap_or(0);
     let gx = if shared { 1 } else { g };

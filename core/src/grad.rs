@@ -33,7 +33,10 @@ pub fn episodes_gradient(
         let weight = eps.len() as f64 / batch_groups as f64;
         let loss = (model.loss(&batch)? * weight)?;
         let grads = loss.backward()?;
-        Ok((loss.to_scalar::<f32>()? as f64, flat_grads(&model.params, &grads)?))
+        Ok((
+            loss.to_scalar::<f32>()? as f64,
+            flat_grads(&model.params, &grads)?,
+        ))
     };
     let threads = threads.clamp(1, episodes.len());
     if threads == 1 || !device.is_cpu() {
@@ -57,7 +60,9 @@ pub fn episodes_gradient(
 
 /// Threads to shard over by default: the machine's cores.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Sizes rayon's pool to the cores (shards run there), then tells candle's matmul to stay
@@ -67,7 +72,9 @@ pub fn default_threads() -> usize {
 pub fn shard_threads_not_kernels() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // An error means the pool already exists; candle then just sees one thread.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(default_threads())
+            .build_global();
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
 }
@@ -81,19 +88,55 @@ mod tests {
 
     #[test]
     fn sharded_gradient_equals_unsharded() {
-        let out = generate(&SynthConfig { n_questions: 30, n_groups: 5, dim: 8, ..Default::default() });
+        let out = generate(&SynthConfig {
+            n_questions: 30,
+            n_groups: 5,
+            dim: 8,
+            ..Default::default()
+        });
         let meta = out.store_meta();
         let table: std::collections::HashMap<_, _> = out.embeddings.iter().cloned().collect();
-        let f = PointFeatures::build(&out.survey, 8, |q, k| table.get(&meta.key(&out.template.render(q, k))).map(|v| v.as_slice())).unwrap();
-        let cfg = GpoConfig { dim_x: 8, d_model: 16, dim_feedforward: 16, num_layers: 2, ..Default::default() };
+        let f = PointFeatures::build(&out.survey, 8, |q, k| {
+            table
+                .get(&meta.key(&out.template.render(q, k)))
+                .map(|v| v.as_slice())
+        })
+        .unwrap();
+        let cfg = GpoConfig {
+            dim_x: 8,
+            d_model: 16,
+            dim_feedforward: 16,
+            num_layers: 2,
+            ..Default::default()
+        };
         let m = Gpo::new(cfg, 0, &Device::Cpu).unwrap();
-        let cfgs = SamplerConfig { min_ctx: 5, max_ctx: 10, min_tgt: 5, max_tgt: 10, batch_groups: None };
-        let eps = step_episodes(&out.survey, 1, 1, &[0, 1, 2, 3, 4], Some(&(0..30).collect::<Vec<_>>()), &cfgs).unwrap();
+        let cfgs = SamplerConfig {
+            min_ctx: 5,
+            max_ctx: 10,
+            min_tgt: 5,
+            max_tgt: 10,
+            batch_groups: None,
+        };
+        let eps = step_episodes(
+            &out.survey,
+            1,
+            1,
+            &[0, 1, 2, 3, 4],
+            Some(&(0..30).collect::<Vec<_>>()),
+            &cfgs,
+        )
+        .unwrap();
         let (l1, g1) = episodes_gradient(&m, &out.survey, &f, &eps, 5, 1, &Device::Cpu).unwrap();
         let (l3, g3) = episodes_gradient(&m, &out.survey, &f, &eps, 5, 3, &Device::Cpu).unwrap();
         assert!((l1 - l3).abs() < 1e-4 * l1.abs());
         let scale = g1.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let worst = g1.iter().zip(&g3).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
-        assert!(worst <= 1e-4 * scale, "sharded gradient differs by {worst} (scale {scale})");
+        let worst = g1
+            .iter()
+            .zip(&g3)
+            .fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "sharded gradient differs by {worst} (scale {scale})"
+        );
     }
 }

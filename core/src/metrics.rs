@@ -24,7 +24,9 @@ pub fn wasserstein(values: &[f64], u: &[f64], v: &[f64]) -> f64 {
 pub fn wasserstein_alignment(ordinals: &[f64], pred: &[f64], truth: &[f64]) -> Option<f64> {
     let (lo, hi) = ordinals
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
     (hi > lo).then(|| 1.0 - wasserstein(ordinals, pred, truth) / (hi - lo))
 }
 
@@ -46,7 +48,9 @@ pub fn jensen_shannon(p: &[f64], q: &[f64]) -> f64 {
 /// Ties in the prediction go to the first option, like `argmax`.
 pub fn top1_accuracy(pred: &[f64], truth: &[f64]) -> f64 {
     let argmax = |v: &[f64]| {
-        v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+        v.iter()
+            .enumerate()
+            .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
     };
     if argmax(pred) == argmax(truth) {
         1.0
@@ -57,7 +61,12 @@ pub fn top1_accuracy(pred: &[f64], truth: &[f64]) -> f64 {
 
 /// The alignment score of one (group, question) pair under a metric; `None` when the
 /// question does not count (no order under the Wasserstein score).
-pub fn pair_score(kind: MetricKind, ordinals: Option<&[f64]>, pred: &[f64], truth: &[f64]) -> Option<f64> {
+pub fn pair_score(
+    kind: MetricKind,
+    ordinals: Option<&[f64]>,
+    pred: &[f64],
+    truth: &[f64],
+) -> Option<f64> {
     match kind {
         MetricKind::Wasserstein => wasserstein_alignment(ordinals?, pred, truth),
         MetricKind::JensenShannon => Some(1.0 - jensen_shannon(pred, truth)),
@@ -95,7 +104,10 @@ impl ScoreAccumulator {
 
     /// Mean per group, by group index.
     pub fn per_group(&self) -> Vec<(usize, f64)> {
-        self.per_group.iter().map(|(&g, &(s, n))| (g, s / n as f64)).collect()
+        self.per_group
+            .iter()
+            .map(|(&g, &(s, n))| (g, s / n as f64))
+            .collect()
     }
 }
 
@@ -110,17 +122,38 @@ mod tests {
     #[test]
     fn wasserstein_by_hand_and_scipy_conventions() {
         // Point masses at 1 and 4: distance 3; alignment 0.
-        assert!(close(wasserstein(&[1., 2., 3., 4.], &[1., 0., 0., 0.], &[0., 0., 0., 1.]), 3.0));
-        assert!(close(wasserstein_alignment(&[1., 2., 3., 4.], &[1., 0., 0., 0.], &[0., 0., 0., 1.]).unwrap(), 0.0));
+        assert!(close(
+            wasserstein(&[1., 2., 3., 4.], &[1., 0., 0., 0.], &[0., 0., 0., 1.]),
+            3.0
+        ));
+        assert!(close(
+            wasserstein_alignment(&[1., 2., 3., 4.], &[1., 0., 0., 0.], &[0., 0., 0., 1.]).unwrap(),
+            0.0
+        ));
         // scipy.stats.wasserstein_distance([1,2,3],[1,2,3],[.5,.5,0],[0,.5,.5]) == 1.0
-        assert!(close(wasserstein(&[1., 2., 3.], &[0.5, 0.5, 0.], &[0., 0.5, 0.5]), 1.0));
+        assert!(close(
+            wasserstein(&[1., 2., 3.], &[0.5, 0.5, 0.], &[0., 0.5, 0.5]),
+            1.0
+        ));
         // Unnormalized weights are normalized: [1,1,0] vs [0,2,2] is the same as above.
-        assert!(close(wasserstein(&[1., 2., 3.], &[1., 1., 0.], &[0., 2., 2.]), 1.0));
+        assert!(close(
+            wasserstein(&[1., 2., 3.], &[1., 1., 0.], &[0., 2., 2.]),
+            1.0
+        ));
         // Unsorted support, as OpinionQA's [1, 2, 1.5]: masses at 1 and 1.5 → 0.5.
-        assert!(close(wasserstein(&[1., 2., 1.5], &[1., 0., 0.], &[0., 0., 1.]), 0.5));
+        assert!(close(
+            wasserstein(&[1., 2., 1.5], &[1., 0., 0.], &[0., 0., 1.]),
+            0.5
+        ));
         // CDF gaps: u=[.2,.3,.5], v=[.5,.3,.2] on 1,2,3 → |.2−.5|+|.5−.8| = 0.6.
-        assert!(close(wasserstein(&[1., 2., 3.], &[0.2, 0.3, 0.5], &[0.5, 0.3, 0.2]), 0.6));
-        assert!(close(wasserstein_alignment(&[1., 2., 3.], &[0.2, 0.3, 0.5], &[0.5, 0.3, 0.2]).unwrap(), 0.7));
+        assert!(close(
+            wasserstein(&[1., 2., 3.], &[0.2, 0.3, 0.5], &[0.5, 0.3, 0.2]),
+            0.6
+        ));
+        assert!(close(
+            wasserstein_alignment(&[1., 2., 3.], &[0.2, 0.3, 0.5], &[0.5, 0.3, 0.2]).unwrap(),
+            0.7
+        ));
         // No order: skipped.
         assert!(wasserstein_alignment(&[1., 1.], &[0.5, 0.5], &[1., 0.]).is_none());
     }
@@ -129,14 +162,21 @@ mod tests {
     fn jensen_shannon_by_hand_and_scipy_conventions() {
         assert!(close(jensen_shannon(&[0.3, 0.7], &[0.3, 0.7]), 0.0));
         // Disjoint supports: JS divergence = ln 2, distance = √ln 2 (natural log).
-        assert!(close(jensen_shannon(&[1., 0.], &[0., 1.]), std::f64::consts::LN_2.sqrt()));
+        assert!(close(
+            jensen_shannon(&[1., 0.], &[0., 1.]),
+            std::f64::consts::LN_2.sqrt()
+        ));
         // scipy.spatial.distance.jensenshannon([1.0, 0.0], [0.5, 0.5]) = 0.4645014...
         let m = [0.75, 0.25];
-        let js = 0.5 * ((1.0f64 / m[0]).ln()) + 0.5 * (0.5 * (0.5f64 / m[0]).ln() + 0.5 * (0.5f64 / m[1]).ln());
+        let js = 0.5 * ((1.0f64 / m[0]).ln())
+            + 0.5 * (0.5 * (0.5f64 / m[0]).ln() + 0.5 * (0.5f64 / m[1]).ln());
         assert!(close(jensen_shannon(&[1., 0.], &[0.5, 0.5]), js.sqrt()));
         assert!((jensen_shannon(&[1., 0.], &[0.5, 0.5]) - 0.464_501_4).abs() < 1e-6);
         // Inputs are normalized first.
-        assert!(close(jensen_shannon(&[2., 0.], &[1., 1.]), jensen_shannon(&[1., 0.], &[0.5, 0.5])));
+        assert!(close(
+            jensen_shannon(&[2., 0.], &[1., 1.]),
+            jensen_shannon(&[1., 0.], &[0.5, 0.5])
+        ));
     }
 
     #[test]

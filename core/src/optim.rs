@@ -25,7 +25,12 @@ pub struct AdamConfig {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        AdamConfig {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -45,13 +50,22 @@ pub struct Adam {
 impl Adam {
     /// Fresh state for `n` parameters.
     pub fn new(n: usize, cfg: AdamConfig) -> Self {
-        Adam { cfg, m: vec![0.0; n], v: vec![0.0; n], t: 0 }
+        Adam {
+            cfg,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
     }
 
     /// One update of `params` with gradient `grad` at learning rate `lr`, computed as
     /// PyTorch's `Adam` does (bias corrections, `addcdiv`).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
-        assert_eq!(params.len(), grad.len(), "parameter and gradient buffers differ in length");
+        assert_eq!(
+            params.len(),
+            grad.len(),
+            "parameter and gradient buffers differ in length"
+        );
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
         let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
@@ -85,7 +99,11 @@ pub fn flat_grads(params: &Params, grads: &GradStore) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(params.count());
     for (_, v) in params.entries() {
         match grads.get(v.as_tensor()) {
-            Some(g) => out.extend(g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            Some(g) => out.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
             None => out.extend(std::iter::repeat_n(0.0, v.elem_count())),
         }
     }
@@ -101,7 +119,13 @@ mod tests {
         // torch.optim.Adam([p], lr=0.1) with p=1.0 and grads 0.5 then -0.25:
         // step 1: m=0.05, v=0.00025, m̂=0.5, v̂=0.25 → p = 1 − 0.1·0.5/(0.5+1e-8) = 0.9
         // step 2: m=0.02, v=0.0003122..., bias-corrected → p ≈ 0.9 − 0.1·0.10526/0.39528
-        let mut a = Adam::new(1, AdamConfig { lr: 0.1, ..Default::default() });
+        let mut a = Adam::new(
+            1,
+            AdamConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        );
         let mut p = [1.0f32];
         a.step(&mut p, &[0.5], 0.1);
         assert!((p[0] - 0.9).abs() < 1e-6, "{}", p[0]);

@@ -14,7 +14,9 @@ pub fn mix64(mut z: u64) -> u64 {
 
 /// Hashes a tuple of integers (e.g. `[seed, step, episode, stream]`) into one seed.
 pub fn key(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x6A09_E667_F3BC_C908, |h, &p| mix64(h ^ mix64(p)))
+    parts
+        .iter()
+        .fold(0x6A09_E667_F3BC_C908, |h, &p| mix64(h ^ mix64(p)))
 }
 
 /// xoshiro256** generator.
@@ -104,7 +106,10 @@ mod tests {
     fn keyed_streams_are_reproducible_and_distinct() {
         let a: Vec<u64> = (0..4).map(|_| Rng::keyed(&[1, 2, 3]).next_u64()).collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
-        assert_ne!(Rng::keyed(&[1, 2, 3]).next_u64(), Rng::keyed(&[1, 2, 4]).next_u64());
+        assert_ne!(
+            Rng::keyed(&[1, 2, 3]).next_u64(),
+            Rng::keyed(&[1, 2, 4]).next_u64()
+        );
         assert_ne!(key(&[1, 2]), key(&[2, 1]));
     }
 

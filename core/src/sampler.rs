@@ -31,7 +31,13 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { min_ctx: 10, max_ctx: 100, min_tgt: 10, max_tgt: 100, batch_groups: None }
+        SamplerConfig {
+            min_ctx: 10,
+            max_ctx: 100,
+            min_tgt: 10,
+            max_tgt: 100,
+            batch_groups: None,
+        }
     }
 }
 
@@ -49,7 +55,11 @@ pub struct EpisodeSpec {
 
 /// Splits groups into (meta-train, held-out) with `frac` of them for training
 /// (`floor(n · frac)`, as the official code), chosen by `seed`. Both lists are sorted.
-pub fn group_split(n_groups: usize, frac: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>), String> {
+pub fn group_split(
+    n_groups: usize,
+    frac: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), String> {
     if !(frac > 0.0 && frac < 1.0) {
         return Err(format!("group split must be in (0, 1), got {frac}"));
     }
@@ -88,7 +98,11 @@ pub fn step_groups(seed: u64, step: u64, train: &[usize], batch: Option<usize>) 
 
 /// Draws (context, target) question lists from `pool`, sizes as the official collate
 /// function: n_ctx ∈ [min_ctx, min(max_ctx, n − min_tgt)], n_tgt ∈ [min_tgt, min(max_tgt, n − n_ctx)].
-pub fn draw_questions(rng: &mut Rng, pool: &[usize], cfg: &SamplerConfig) -> Result<(Vec<usize>, Vec<usize>), String> {
+pub fn draw_questions(
+    rng: &mut Rng,
+    pool: &[usize],
+    cfg: &SamplerConfig,
+) -> Result<(Vec<usize>, Vec<usize>), String> {
     let n = pool.len();
     if n < cfg.min_ctx + cfg.min_tgt || cfg.min_ctx == 0 || cfg.min_tgt == 0 {
         return Err(format!(
@@ -97,10 +111,16 @@ pub fn draw_questions(rng: &mut Rng, pool: &[usize], cfg: &SamplerConfig) -> Res
         ));
     }
     let perm = rng.permutation(n);
-    let n_ctx = rng.range(cfg.min_ctx, cfg.max_ctx.max(cfg.min_ctx).min(n - cfg.min_tgt));
+    let n_ctx = rng.range(
+        cfg.min_ctx,
+        cfg.max_ctx.max(cfg.min_ctx).min(n - cfg.min_tgt),
+    );
     let n_tgt = rng.range(cfg.min_tgt, cfg.max_tgt.max(cfg.min_tgt).min(n - n_ctx));
     let ctx = perm[..n_ctx].iter().map(|&i| pool[i]).collect();
-    let tgt = perm[n_ctx..n_ctx + n_tgt].iter().map(|&i| pool[i]).collect();
+    let tgt = perm[n_ctx..n_ctx + n_tgt]
+        .iter()
+        .map(|&i| pool[i])
+        .collect();
     Ok((ctx, tgt))
 }
 
@@ -120,11 +140,19 @@ pub fn episode(
         Some(pool) => draw_questions(&mut Rng::keyed(&[seed, step, STREAM_QUESTIONS]), pool, cfg)?,
         None => {
             let pool = s.answered(group);
-            draw_questions(&mut Rng::keyed(&[seed, step, STREAM_QUESTIONS, index as u64]), &pool, cfg)
-                .map_err(|e| format!("group `{}`: {e}", s.groups[group].name))?
+            draw_questions(
+                &mut Rng::keyed(&[seed, step, STREAM_QUESTIONS, index as u64]),
+                &pool,
+                cfg,
+            )
+            .map_err(|e| format!("group `{}`: {e}", s.groups[group].name))?
         }
     };
-    Ok(EpisodeSpec { group, context, target })
+    Ok(EpisodeSpec {
+        group,
+        context,
+        target,
+    })
 }
 
 /// All episodes of one meta-training step.
@@ -154,7 +182,10 @@ pub fn eval_episodes(
 ) -> Result<Vec<EpisodeSpec>, String> {
     let pick = |rng: &mut Rng, pool: &[usize]| -> Result<Vec<usize>, String> {
         if pool.len() <= n_ctx {
-            return Err(format!("evaluation needs more than {n_ctx} questions, the pool has {}", pool.len()));
+            return Err(format!(
+                "evaluation needs more than {n_ctx} questions, the pool has {}",
+                pool.len()
+            ));
         }
         let perm = rng.permutation(pool.len());
         let mut c: Vec<usize> = perm[..n_ctx].iter().map(|&i| pool[i]).collect();
@@ -174,8 +205,15 @@ pub fn eval_episodes(
                 None => pick(&mut Rng::keyed(&[seed, STREAM_EVAL, g as u64]), &answered)
                     .map_err(|e| format!("group `{}`: {e}", s.groups[g].name))?,
             };
-            let target = answered.into_iter().filter(|q| !context.contains(q)).collect();
-            Ok(EpisodeSpec { group: g, context, target })
+            let target = answered
+                .into_iter()
+                .filter(|q| !context.contains(q))
+                .collect();
+            Ok(EpisodeSpec {
+                group: g,
+                context,
+                target,
+            })
         })
         .collect()
 }
@@ -189,15 +227,32 @@ mod tests {
         let q = |i: usize| Question {
             id: format!("Q{i}"),
             text: format!("q{i}"),
-            options: (0..3).map(|k| AnswerOption { text: format!("o{k}"), ordinal: Some(k as f64), refusal: false }).collect(),
+            options: (0..3)
+                .map(|k| AnswerOption {
+                    text: format!("o{k}"),
+                    ordinal: Some(k as f64),
+                    refusal: false,
+                })
+                .collect(),
         };
         Survey {
             name: "t".into(),
             metric,
             questions: (0..nq).map(q).collect(),
-            groups: (0..ng).map(|g| Group { name: format!("g{g}") }).collect(),
+            groups: (0..ng)
+                .map(|g| Group {
+                    name: format!("g{g}"),
+                })
+                .collect(),
             answers: (0..ng)
-                .map(|g| (0..nq).map(|q| ((q + g) % 5 != 0 || metric.shares_questions()).then(|| vec![0.2, 0.3, 0.5])).collect())
+                .map(|g| {
+                    (0..nq)
+                        .map(|q| {
+                            ((q + g) % 5 != 0 || metric.shares_questions())
+                                .then(|| vec![0.2, 0.3, 0.5])
+                        })
+                        .collect()
+                })
                 .collect(),
         }
     }
@@ -211,8 +266,14 @@ mod tests {
         let b = step_episodes(&s, 9, 4, &[0, 1, 2], Some(&pool), &cfg).unwrap();
         assert_eq!(a, b);
         assert_eq!(a[1], episode(&s, 9, 4, 1, 1, Some(&pool), &cfg).unwrap());
-        assert_ne!(a, step_episodes(&s, 9, 5, &[0, 1, 2], Some(&pool), &cfg).unwrap());
-        assert_ne!(a, step_episodes(&s, 10, 4, &[0, 1, 2], Some(&pool), &cfg).unwrap());
+        assert_ne!(
+            a,
+            step_episodes(&s, 9, 5, &[0, 1, 2], Some(&pool), &cfg).unwrap()
+        );
+        assert_ne!(
+            a,
+            step_episodes(&s, 10, 4, &[0, 1, 2], Some(&pool), &cfg).unwrap()
+        );
     }
 
     #[test]
@@ -223,9 +284,15 @@ mod tests {
         for step in 0..200 {
             let eps = step_episodes(&s, 1, step, &[0, 1, 2, 3], Some(&pool), &cfg).unwrap();
             for e in &eps {
-                assert!((10..=100).contains(&e.context.len()) && (10..=100).contains(&e.target.len()));
+                assert!(
+                    (10..=100).contains(&e.context.len()) && (10..=100).contains(&e.target.len())
+                );
                 assert!(e.context.iter().all(|q| !e.target.contains(q)));
-                assert_eq!((&e.context, &e.target), (&eps[0].context, &eps[0].target), "shared permutation");
+                assert_eq!(
+                    (&e.context, &e.target),
+                    (&eps[0].context, &eps[0].target),
+                    "shared permutation"
+                );
             }
         }
         // Small pool: targets bounded by what is left after the context.
@@ -233,9 +300,21 @@ mod tests {
         let pool = common_questions(&small, &[0, 1]);
         for step in 0..100 {
             let e = &step_episodes(&small, 1, step, &[0, 1], Some(&pool), &cfg).unwrap()[0];
-            assert!(e.context.len() >= 10 && e.target.len() >= 10 && e.context.len() + e.target.len() <= 25);
+            assert!(
+                e.context.len() >= 10
+                    && e.target.len() >= 10
+                    && e.context.len() + e.target.len() <= 25
+            );
         }
-        assert!(step_episodes(&survey(15, 2, MetricKind::Wasserstein), 1, 0, &[0], Some(&[0, 1, 2]), &cfg).is_err());
+        assert!(step_episodes(
+            &survey(15, 2, MetricKind::Wasserstein),
+            1,
+            0,
+            &[0],
+            Some(&[0, 1, 2]),
+            &cfg
+        )
+        .is_err());
     }
 
     #[test]
@@ -245,7 +324,11 @@ mod tests {
         let eps = step_episodes(&s, 3, 0, &[0, 1, 2, 3], None, &cfg).unwrap();
         assert_ne!(eps[0].context, eps[1].context);
         for e in &eps {
-            assert!(e.context.iter().chain(&e.target).all(|&q| s.answers[e.group][q].is_some()));
+            assert!(e
+                .context
+                .iter()
+                .chain(&e.target)
+                .all(|&q| s.answers[e.group][q].is_some()));
         }
     }
 

@@ -50,11 +50,25 @@ fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures
     let questions: Vec<Question> = (0..684)
         .map(|i| {
             let u = r.f64();
-            let k = if u < 0.2 { 2 } else if u < 0.45 { 3 } else if u < 0.75 { 4 } else { 5 };
+            let k = if u < 0.2 {
+                2
+            } else if u < 0.45 {
+                3
+            } else if u < 0.75 {
+                4
+            } else {
+                5
+            };
             Question {
                 id: format!("Q{i}"),
                 text: format!("question {i}"),
-                options: (0..k).map(|o| AnswerOption { text: format!("option {o}"), ordinal: Some(o as f64 + 1.0), refusal: false }).collect(),
+                options: (0..k)
+                    .map(|o| AnswerOption {
+                        text: format!("option {o}"),
+                        ordinal: Some(o as f64 + 1.0),
+                        refusal: false,
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -63,7 +77,9 @@ fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures
             questions
                 .iter()
                 .map(|q| {
-                    let v: Vec<f32> = (0..q.options.len()).map(|_| r.f64() as f32 + 0.05).collect();
+                    let v: Vec<f32> = (0..q.options.len())
+                        .map(|_| r.f64() as f32 + 0.05)
+                        .collect();
                     let s: f32 = v.iter().sum();
                     Some(v.into_iter().map(|x| x / s).collect())
                 })
@@ -74,7 +90,11 @@ fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures
         name: "bench".into(),
         metric: MetricKind::Wasserstein,
         questions,
-        groups: (0..groups).map(|g| Group { name: format!("g{g}") }).collect(),
+        groups: (0..groups)
+            .map(|g| Group {
+                name: format!("g{g}"),
+            })
+            .collect(),
         answers,
     };
     let n_points: usize = survey.questions.iter().map(|q| q.options.len()).sum();
@@ -109,19 +129,34 @@ fn step(a: StepArgs) -> Result<()> {
     let mut times = Vec::new();
     let mut points = Vec::new();
     for it in 0..a.iters + 2 {
-        let eps = step_episodes(&survey, a.seed, it, &groups, Some(&pool), &SamplerConfig::default()).map_err(anyhow::Error::msg)?;
+        let eps = step_episodes(
+            &survey,
+            a.seed,
+            it,
+            &groups,
+            Some(&pool),
+            &SamplerConfig::default(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let t = Instant::now();
-        let (_, g) = episodes_gradient(&model, &survey, &features, &eps, eps.len(), a.threads, &dev)?;
+        let (_, g) =
+            episodes_gradient(&model, &survey, &features, &eps, eps.len(), a.threads, &dev)?;
         let mut p = model.params.flat()?;
         adam.step(&mut p, &g, 3e-4);
         model.params.set_flat(&p)?;
         let s = t.elapsed().as_secs_f64();
-        let (nc, nt) = (features.points(&eps[0].context), features.points(&eps[0].target));
+        let (nc, nt) = (
+            features.points(&eps[0].context),
+            features.points(&eps[0].target),
+        );
         if it >= 2 {
             times.push(s);
             points.push(nc + nt);
         }
-        println!("step {it}: {s:.4}s ({nc} context + {nt} target points per group){}", if it < 2 { " warm-up" } else { "" });
+        println!(
+            "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}",
+            if it < 2 { " warm-up" } else { "" }
+        );
     }
     times.sort_by(f64::total_cmp);
     let mean_points = points.iter().sum::<usize>() as f64 / points.len().max(1) as f64;

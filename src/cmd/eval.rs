@@ -24,11 +24,19 @@ pub struct Args {
 }
 
 /// Rebuilds the module held by a checkpoint.
-pub fn model_from_checkpoint(c: &gpo_core::checkpoint::Checkpoint, cfg: &gpo_core::model::GpoConfig) -> Result<Gpo> {
+pub fn model_from_checkpoint(
+    c: &gpo_core::checkpoint::Checkpoint,
+    cfg: &gpo_core::model::GpoConfig,
+) -> Result<Gpo> {
     let named: HashMap<String, Tensor> = c
         .params
         .iter()
-        .map(|p| Ok((p.name.clone(), Tensor::from_slice(&p.data, p.shape.as_slice(), &Device::Cpu)?)))
+        .map(|p| {
+            Ok((
+                p.name.clone(),
+                Tensor::from_slice(&p.data, p.shape.as_slice(), &Device::Cpu)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let params = Params::from_named(cfg, named).map_err(anyhow::Error::msg)?;
     Ok(Gpo::from_params(cfg.clone(), params))
@@ -36,23 +44,42 @@ pub fn model_from_checkpoint(c: &gpo_core::checkpoint::Checkpoint, cfg: &gpo_cor
 
 pub fn run(a: Args) -> Result<()> {
     let c = checkpoint::load(&a.checkpoint).map_err(anyhow::Error::msg)?;
-    let mut cfg: RunConfig = serde_json::from_value(c.config.clone())
-        .with_context(|| format!("{}: no gpo run configuration in the checkpoint", a.checkpoint.display()))?;
+    let mut cfg: RunConfig = serde_json::from_value(c.config.clone()).with_context(|| {
+        format!(
+            "{}: no gpo run configuration in the checkpoint",
+            a.checkpoint.display()
+        )
+    })?;
     if let Some(n) = a.eval_context {
         cfg.eval_context = n;
     }
     let (survey, features, desc) = inputs::load(&a.data, cfg.seed)?;
     if features.dim != cfg.model.dim_x {
-        anyhow::bail!("the checkpoint expects embeddings of width {}, the data has {}", cfg.model.dim_x, features.dim);
+        anyhow::bail!(
+            "the checkpoint expects embeddings of width {}, the data has {}",
+            cfg.model.dim_x,
+            features.dim
+        );
     }
     let model = model_from_checkpoint(&c, &cfg.model)?;
     let plan = RunPlan::new(&cfg, &survey)?;
-    let report = evaluate(&model, &survey, &features, &plan.train, &plan.eval, &Device::Cpu)?;
+    let report = evaluate(
+        &model,
+        &survey,
+        &features,
+        &plan.train,
+        &plan.eval,
+        &Device::Cpu,
+    )?;
     eprintln!("data: {desc}; checkpoint step {}", c.step);
     inputs::print_table(
         report.metric,
         &report.methods,
-        &format!(", {} held-out groups, {} pairs", plan.test.len(), report.pairs),
+        &format!(
+            ", {} held-out groups, {} pairs",
+            plan.test.len(),
+            report.pairs
+        ),
     );
     Ok(())
 }

@@ -31,7 +31,12 @@ pub fn run(a: Args) -> Result<()> {
     let named: HashMap<String, Tensor> = c
         .params
         .iter()
-        .map(|p| Ok((p.name.clone(), Tensor::from_slice(&p.data, p.shape.as_slice(), &Device::Cpu)?)))
+        .map(|p| {
+            Ok((
+                p.name.clone(),
+                Tensor::from_slice(&p.data, p.shape.as_slice(), &Device::Cpu)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let cfg: GpoConfig = match c.config.get("model") {
         Some(m) => serde_json::from_value(m.clone()).context("checkpoint config `model`")?,
@@ -50,16 +55,23 @@ pub fn run(a: Args) -> Result<()> {
     let t = candle_core::safetensors::load(&a.batch, &Device::Cpu)
         .with_context(|| format!("{}: cannot read batch", a.batch.display()))?;
     let get = |n: &str| {
-        t.get(n).with_context(|| format!("{}: batch has no tensor `{n}`", a.batch.display()))
+        t.get(n)
+            .with_context(|| format!("{}: batch has no tensor `{n}`", a.batch.display()))
     };
     let f32t = |n: &str| -> Result<Tensor> { Ok(get(n)?.to_dtype(DType::F32)?) };
     let tarqlen: Vec<Vec<i64>> = get("tarqlen")?
         .to_dtype(DType::I64)?
         .to_vec2()
         .with_context(|| format!("{}: `tarqlen` must be [G, Q]", a.batch.display()))?;
-    let batch = ModelBatch::from_official(&f32t("xc")?, &f32t("yc")?, &f32t("xt")?, &f32t("yt")?, &tarqlen)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| a.batch.display().to_string())?;
+    let batch = ModelBatch::from_official(
+        &f32t("xc")?,
+        &f32t("yc")?,
+        &f32t("xt")?,
+        &f32t("yt")?,
+        &tarqlen,
+    )
+    .map_err(anyhow::Error::msg)
+    .with_context(|| a.batch.display().to_string())?;
     let loss = model.loss(&batch)?.to_scalar::<f32>()?;
     println!("loss={loss}");
     Ok(())

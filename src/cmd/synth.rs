@@ -48,7 +48,8 @@ pub fn run(a: Args) -> Result<()> {
         w.insert(k.clone(), v)?;
     }
     let store_dir = a.out.join("embeddings");
-    w.write(&store_dir).with_context(|| format!("writing {}", store_dir.display()))?;
+    w.write(&store_dir)
+        .with_context(|| format!("writing {}", store_dir.display()))?;
     println!(
         "wrote {}: {} questions, {} groups; {} embeddings (dim {}, synthetic) in {}",
         a.out.display(),

@@ -45,11 +45,22 @@ impl Replica {
         device: Device,
     ) -> Result<Self> {
         if features.dim != cfg.dim_x {
-            anyhow::bail!("embeddings have width {} but the model expects dim_x {}", features.dim, cfg.dim_x);
+            anyhow::bail!(
+                "embeddings have width {} but the model expects dim_x {}",
+                features.dim,
+                cfg.dim_x
+            );
         }
         let model = Gpo::new(cfg, seed, &device)?;
         let adam = Adam::new(model.params.count(), adam);
-        Ok(Replica { model, adam, survey, features, device, threads: default_threads() })
+        Ok(Replica {
+            model,
+            adam,
+            survey,
+            features,
+            device,
+            threads: default_threads(),
+        })
     }
 
     /// Sets the number of CPU threads the gradient is sharded over (results agree to float
@@ -71,7 +82,11 @@ impl Replica {
     /// Computes the gradient of `episodes`, weighted so that summing it over every replica
     /// of a step whose batch holds `batch_groups` groups gives the full-batch gradient.
     /// Returns (loss share, gradient).
-    pub fn gradient(&self, episodes: &[EpisodeSpec], batch_groups: usize) -> Result<(f64, Vec<f32>)> {
+    pub fn gradient(
+        &self,
+        episodes: &[EpisodeSpec],
+        batch_groups: usize,
+    ) -> Result<(f64, Vec<f32>)> {
         Ok(episodes_gradient(
             &self.model,
             &self.survey,
@@ -103,9 +118,12 @@ impl Replica {
         comm: &mut dyn Collective,
     ) -> Result<StepOutcome> {
         let t0 = Instant::now();
-        let (loss_share, mut grad) = self.gradient(episodes, batch_groups).context("computing the gradient")?;
+        let (loss_share, mut grad) = self
+            .gradient(episodes, batch_groups)
+            .context("computing the gradient")?;
         let t1 = Instant::now();
-        comm.all_reduce_sum(&mut grad).context("all-reducing the gradient")?;
+        comm.all_reduce_sum(&mut grad)
+            .context("all-reducing the gradient")?;
         let t2 = Instant::now();
         self.apply(&grad, step, total_steps)?;
         Ok(StepOutcome {
@@ -123,9 +141,18 @@ impl Replica {
             .entries()
             .iter()
             .map(|(n, v)| {
-                Ok(NamedArray { name: n.clone(), shape: v.dims().to_vec(), data: v.flatten_all()?.to_vec1::<f32>()? })
+                Ok(NamedArray {
+                    name: n.clone(),
+                    shape: v.dims().to_vec(),
+                    data: v.flatten_all()?.to_vec1::<f32>()?,
+                })
             })
             .collect::<Result<_>>()?;
-        Ok(Checkpoint { params, adam: Some(self.adam.clone()), step, config })
+        Ok(Checkpoint {
+            params,
+            adam: Some(self.adam.clone()),
+            step,
+            config,
+        })
     }
 }

@@ -19,7 +19,12 @@ pub struct DataError {
 impl DataError {
     /// An error about a whole file.
     pub fn file(file: impl Into<String>, message: impl Into<String>) -> Self {
-        DataError { file: file.into(), line: None, field: None, message: message.into() }
+        DataError {
+            file: file.into(),
+            line: None,
+            field: None,
+            message: message.into(),
+        }
     }
 
     /// An error at a line and field of a file.

@@ -70,7 +70,9 @@ impl Question {
         let v = v?;
         let (lo, hi) = v
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
         (v.len() >= 2 && hi > lo).then_some(v)
     }
 }
@@ -166,7 +168,9 @@ pub fn check_distribution(d: &[f32], expected_len: usize) -> Result<(), String> 
     }
     let s: f64 = d.iter().map(|&p| p as f64).sum();
     if (s - 1.0).abs() > SUM_TOLERANCE {
-        return Err(format!("distribution sums to {s:.6}, expected 1 within {SUM_TOLERANCE}"));
+        return Err(format!(
+            "distribution sums to {s:.6}, expected 1 within {SUM_TOLERANCE}"
+        ));
     }
     Ok(())
 }

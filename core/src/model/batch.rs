@@ -47,10 +47,18 @@ impl ModelBatch {
         tarqlen: &[Vec<i64>],
     ) -> std::result::Result<Self, String> {
         let e = |e: candle_core::Error| e.to_string();
-        let (g, nc, d) = xc.dims3().map_err(|_| format!("xc must be [G, Nc, D], got {:?}", xc.dims()))?;
-        let (g2, nt, d2) = xt.dims3().map_err(|_| format!("xt must be [G, Nt, D], got {:?}", xt.dims()))?;
+        let (g, nc, d) = xc
+            .dims3()
+            .map_err(|_| format!("xc must be [G, Nc, D], got {:?}", xc.dims()))?;
+        let (g2, nt, d2) = xt
+            .dims3()
+            .map_err(|_| format!("xt must be [G, Nt, D], got {:?}", xt.dims()))?;
         if g2 != g || d2 != d {
-            return Err(format!("xt is {:?} but xc is {:?}: G and D must agree", xt.dims(), xc.dims()));
+            return Err(format!(
+                "xt is {:?} but xc is {:?}: G and D must agree",
+                xt.dims(),
+                xc.dims()
+            ));
         }
         if yc.dims() != [g, nc, 1] {
             return Err(format!("yc must be [{g}, {nc}, 1], got {:?}", yc.dims()));
@@ -59,10 +67,20 @@ impl ModelBatch {
             return Err(format!("yt must be [{g}, {nt}, 1], got {:?}", yt.dims()));
         }
         if tarqlen.len() != g {
-            return Err(format!("tarqlen has {} rows, expected G = {g}", tarqlen.len()));
+            return Err(format!(
+                "tarqlen has {} rows, expected G = {g}",
+                tarqlen.len()
+            ));
         }
-        let ctx_sum: Vec<f32> = xc.sum(2).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(e)?;
-        let mask: Vec<f32> = ctx_sum.iter().map(|&s| if s == 0.0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let ctx_sum: Vec<f32> = xc
+            .sum(2)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(e)?;
+        let mask: Vec<f32> = ctx_sum
+            .iter()
+            .map(|&s| if s == 0.0 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
         let mut segments = Vec::with_capacity(g);
         for (gi, row) in tarqlen.iter().enumerate() {
             let mut start = 0usize;
@@ -78,7 +96,9 @@ impl ModelBatch {
                 start += n as usize;
             }
             if start > nt {
-                return Err(format!("tarqlen[{gi}] covers {start} target points but Nt is {nt}"));
+                return Err(format!(
+                    "tarqlen[{gi}] covers {start} target points but Nt is {nt}"
+                ));
             }
             segments.push(segs);
         }
@@ -97,7 +117,10 @@ impl ModelBatch {
 
     /// Target points that belong to a question (not padding), per group.
     pub fn real_targets(&self) -> Vec<usize> {
-        self.segments.iter().map(|s| s.iter().map(|&(_, n)| n).sum()).collect()
+        self.segments
+            .iter()
+            .map(|s| s.iter().map(|&(_, n)| n).sum())
+            .collect()
     }
 
     /// Device of the batch's tensors.
@@ -122,8 +145,15 @@ pub fn build_batch(
 ) -> Result<ModelBatch> {
     let nc = yc.len() / groups.max(1);
     let nt = yt.len() / groups.max(1);
-    let gx = if xc.len() == nc * d && groups > 1 { 1 } else { groups };
-    let mask: Vec<f32> = ctx_valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let gx = if xc.len() == nc * d && groups > 1 {
+        1
+    } else {
+        groups
+    };
+    let mask: Vec<f32> = ctx_valid
+        .iter()
+        .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
     Ok(ModelBatch {
         groups,
         nc,

@@ -58,7 +58,8 @@ pub fn segment_nll(out: &Tensor, b: &ModelBatch) -> Result<Tensor> {
     let mean = out.narrow(2, 0, 1)?.squeeze(2)?;
     let raw = out.narrow(2, 1, 1)?.squeeze(2)?;
     let (p, valid) = segment_softmax(&mean, b)?;
-    let y = Tensor::from_slice(b.yt.as_slice(), (b.groups, b.nt), out.device())?.to_dtype(out.dtype())?;
+    let y = Tensor::from_slice(b.yt.as_slice(), (b.groups, b.nt), out.device())?
+        .to_dtype(out.dtype())?;
     let z = ((y - p)? * raw.neg()?.exp()?)?;
     let nll = (((z.sqr()? * 0.5)? + raw)? + 0.5 * (2.0 * std::f64::consts::PI).ln())?;
     (nll * valid)?.sum_all()? / b.groups as f64

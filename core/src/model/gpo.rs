@@ -35,13 +35,24 @@ pub struct Gpo {
     pub path: OpPath,
 }
 
-/// `x W^T + b` over the last dimension of a 3-D tensor.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// `x W^T + b` (then ReLU when `relu`) over the last dimension of a 3-D tensor.
+fn linear_with(path: OpPath, x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let (g, n, i) = x.dims3()?;
-    let y = x.reshape((g * n, i))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+    let x2 = x.reshape((g * n, i))?;
+    let y = match path {
+        OpPath::Fused => x2.contiguous()?.apply_op3_arc(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            Arc::new(Box::new(ops::Linear { relu })),
+        )?,
+        OpPath::Composite => {
+            let y = x2.matmul(&w.t()?)?.broadcast_add(b)?;
+            if relu {
+                y.relu()?
+            } else {
+                y
+            }
+        }
     };
     y.reshape((g, n, w.dims()[0]))
 }
@@ -53,7 +64,11 @@ impl Gpo {
             candle_core::bail!("invalid GPO config: {e}");
         }
         let params = Params::init(&cfg, seed, device)?;
-        Ok(Gpo { cfg, params, path: default_path(device) })
+        Ok(Gpo {
+            cfg,
+            params,
+            path: default_path(device),
+        })
     }
 
     /// A module over given parameters.
@@ -67,24 +82,39 @@ impl Gpo {
     }
 
     fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
-        let (g, b) = (self.p(&format!("{prefix}.weight")), self.p(&format!("{prefix}.bias")));
+        let (g, b) = (
+            self.p(&format!("{prefix}.weight")),
+            self.p(&format!("{prefix}.bias")),
+        );
         match self.path {
             OpPath::Fused => x.contiguous()?.apply_op3_arc(
                 &g,
                 &b,
-                Arc::new(Box::new(ops::LayerNorm { eps: self.cfg.layer_norm_eps as f32 })),
+                Arc::new(Box::new(ops::LayerNorm {
+                    eps: self.cfg.layer_norm_eps as f32,
+                })),
             ),
             OpPath::Composite => composite::layer_norm(x, &g, &b, self.cfg.layer_norm_eps),
         }
     }
 
-    /// The embedder MLP after its first layer's pre-activation `h0` (`[., N, d]`).
-    fn embedder_tail(&self, h0: Tensor) -> Result<Tensor> {
-        let mut h = h0;
-        for k in 1..self.cfg.emb_depth {
-            h = h.relu()?;
-            let n = format!("embedder.{}", 2 * k);
-            h = linear(&h, &self.p(&format!("{n}.weight")), Some(&self.p(&format!("{n}.bias"))))?;
+    /// A linear layer by official name prefix, with ReLU fused when `relu`.
+    fn linear(&self, x: &Tensor, name: &str, relu: bool) -> Result<Tensor> {
+        linear_with(
+            self.path,
+            x,
+            &self.p(&format!("{name}.weight")),
+            &self.p(&format!("{name}.bias")),
+            relu,
+        )
+    }
+
+    /// The embedder MLP after its first layer's ReLU'd output `h1` (`[., N, d]`).
+    fn embedder_tail(&self, h1: Tensor) -> Result<Tensor> {
+        let mut h = h1;
+        let last = self.cfg.emb_depth - 1;
+        for k in 1..=last {
+            h = self.linear(&h, &format!("embedder.{}", 2 * k), k < last)?;
         }
         Ok(h)
     }
@@ -98,16 +128,28 @@ impl Gpo {
         let wy = w0.narrow(1, dx, 1)?.reshape((1, 1, self.cfg.d_model))?;
         let d = self.cfg.d_model;
         // Context: x-part once per distinct x, y-part per group.
-        let hc = linear(&b.xc, &wx, Some(&b0))?.broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
-        let hc = self.embedder_tail(hc)?;
+        let hc = linear_with(self.path, &b.xc, &wx, &b0, false)?
+            .broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
+        let hc = self.embedder_tail(hc.relu()?)?;
         // Targets: y = 0, so the whole embedder output depends on x alone.
-        let ht = self.embedder_tail(linear(&b.xt, &wx, Some(&b0))?)?;
-        let ht = if ht.dims()[0] == b.groups { ht } else { ht.broadcast_as((b.groups, b.nt, d))?.contiguous()? };
+        let ht = self.embedder_tail(linear_with(self.path, &b.xt, &wx, &b0, true)?)?;
+        let ht = if ht.dims()[0] == b.groups {
+            ht
+        } else {
+            ht.broadcast_as((b.groups, b.nt, d))?.contiguous()?
+        };
         Tensor::cat(&[&hc, &ht], 1)
     }
 
     /// Multi-head attention of `hq`'s rows over the context rows `hc`.
-    fn attention(&self, l: usize, hq: &Tensor, hc: &Tensor, mask: Option<&Tensor>, b: &ModelBatch) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: usize,
+        hq: &Tensor,
+        hc: &Tensor,
+        mask: Option<&Tensor>,
+        b: &ModelBatch,
+    ) -> Result<Tensor> {
         let pre = format!("encoder.layers.{l}.self_attn");
         let (d, h) = (self.cfg.d_model, self.cfg.nhead);
         let dh = d / h;
@@ -115,8 +157,20 @@ impl Gpo {
         let bias = self.p(&format!("{pre}.in_proj_bias"));
         let (g, nq, _) = hq.dims3()?;
         let nc = hc.dims()[1];
-        let q = linear(hq, &w.narrow(0, 0, d)?, Some(&bias.narrow(0, 0, d)?))?;
-        let kv = linear(hc, &w.narrow(0, d, 2 * d)?, Some(&bias.narrow(0, d, 2 * d)?))?;
+        let q = linear_with(
+            self.path,
+            hq,
+            &w.narrow(0, 0, d)?,
+            &bias.narrow(0, 0, d)?,
+            false,
+        )?;
+        let kv = linear_with(
+            self.path,
+            hc,
+            &w.narrow(0, d, 2 * d)?,
+            &bias.narrow(0, d, 2 * d)?,
+            false,
+        )?;
         let heads = |t: Tensor, n: usize| t.reshape((g, n, h, dh))?.transpose(1, 2)?.contiguous();
         let q = heads(q, nq)?;
         let k = heads(kv.narrow(2, 0, d)?, nc)?;
@@ -132,26 +186,33 @@ impl Gpo {
             OpPath::Composite => composite::masked_softmax(&scores, scale, mask)?,
         };
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((g, nq, d))?;
-        linear(&o, &self.p(&format!("{pre}.out_proj.weight")), Some(&self.p(&format!("{pre}.out_proj.bias"))))
+        self.linear(&o, &format!("{pre}.out_proj"), false)
     }
 
     /// One post-LN encoder layer applied to the rows `hq` (all points, or the targets only).
-    fn layer(&self, l: usize, hq: &Tensor, hc: &Tensor, mask: Option<&Tensor>, b: &ModelBatch) -> Result<Tensor> {
+    fn layer(
+        &self,
+        l: usize,
+        hq: &Tensor,
+        hc: &Tensor,
+        mask: Option<&Tensor>,
+        b: &ModelBatch,
+    ) -> Result<Tensor> {
         let pre = format!("encoder.layers.{l}");
         let a = self.attention(l, hq, hc, mask, b)?;
         let x = self.layer_norm(&(hq + a)?, &format!("{pre}.norm1"))?;
-        let f = linear(&x, &self.p(&format!("{pre}.linear1.weight")), Some(&self.p(&format!("{pre}.linear1.bias"))))?
-            .relu()?;
-        let f = linear(&f, &self.p(&format!("{pre}.linear2.weight")), Some(&self.p(&format!("{pre}.linear2.bias"))))?;
+        let f = self.linear(&x, &format!("{pre}.linear1"), true)?;
+        let f = self.linear(&f, &format!("{pre}.linear2"), false)?;
         self.layer_norm(&(x + f)?, &format!("{pre}.norm2"))
     }
 
     /// The predictor output for every target point: `[G, Nt, 2]` = (mean, raw std).
     pub fn forward(&self, b: &ModelBatch) -> Result<Tensor> {
         let mask = match (&b.ctx_mask, self.path) {
-            (Some(m), OpPath::Composite) => {
-                Some(Tensor::from_slice(m.as_slice(), (b.groups, 1, 1, b.nc), b.device())?.to_dtype(b.xc.dtype())?)
-            }
+            (Some(m), OpPath::Composite) => Some(
+                Tensor::from_slice(m.as_slice(), (b.groups, 1, 1, b.nc), b.device())?
+                    .to_dtype(b.xc.dtype())?,
+            ),
             _ => None,
         };
         let mut h = self.embed(b)?;
@@ -163,18 +224,20 @@ impl Gpo {
         let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
         let ht = h.narrow(1, b.nc, b.nt)?.contiguous()?;
         let z = self.layer(last, &ht, &hc, mask.as_ref(), b)?;
-        let f = linear(&z, &self.p("predictor.0.weight"), Some(&self.p("predictor.0.bias")))?.relu()?;
-        linear(&f, &self.p("predictor.2.weight"), Some(&self.p("predictor.2.bias")))
+        let f = self.linear(&z, "predictor.0", true)?;
+        self.linear(&f, "predictor.2", false)
     }
 
     /// The GPO loss of a batch (a scalar tensor that backpropagates to the parameters).
     pub fn loss(&self, b: &ModelBatch) -> Result<Tensor> {
         let out = self.forward(b)?;
         match self.path {
-            OpPath::Fused => out.contiguous()?.apply_op1_arc(Arc::new(Box::new(ops::SegmentNll {
-                y: b.yt.clone(),
-                segments: b.segments.clone(),
-            }))),
+            OpPath::Fused => out
+                .contiguous()?
+                .apply_op1_arc(Arc::new(Box::new(ops::SegmentNll {
+                    y: b.yt.clone(),
+                    segments: b.segments.clone(),
+                }))),
             OpPath::Composite => composite::segment_nll(&out, b),
         }
     }

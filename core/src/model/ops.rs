@@ -22,6 +22,133 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// `C (m×n) = A (m×k) · B (k×n)` on row-major slices, with each operand optionally
+/// transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C when
+/// `accumulate`. Single-threaded: replicas shard batches over threads instead.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul operand sizes"
+    );
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the assertion above bounds every index gemm computes from these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b`, optionally followed by ReLU, as one op with its backward:
+/// one GEMM forward, two backward, and the bias and ReLU folded into the same passes.
+/// `x` is `[M, K]`, `W` is `[N, K]` (PyTorch's layout), `b` is `[N]`.
+pub struct Linear {
+    /// Apply ReLU to the output.
+    pub relu: bool,
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "gpo-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let mut y = vec![0f32; m * n];
+        for row in y.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+        matmul(&mut y, x, false, w, true, m, n, k, true);
+        if self.relu {
+            for v in &mut y {
+                *v = v.max(0.0);
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let n = w.dims2()?.0;
+        let mut g = values(grad)?;
+        if self.relu {
+            for (gv, y) in g.iter_mut().zip(values(res)?) {
+                if y <= 0.0 {
+                    *gv = 0.0;
+                }
+            }
+        }
+        let dev = x.device();
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; m * k];
+            matmul(&mut dx, &g, false, &values(w)?, false, m, k, n, false);
+            Some(Tensor::from_vec(dx, (m, k), dev)?)
+        } else {
+            None
+        };
+        let mut dw = vec![0f32; n * k];
+        matmul(&mut dw, &g, true, &values(x)?, false, n, k, m, false);
+        let mut db = vec![0f32; n];
+        for row in g.chunks_exact(n) {
+            for (d, v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, b.device())?),
+        ))
+    }
+}
+
 /// Layer normalization over the last dimension: `(x − μ)/√(σ² + ε) · γ + β`.
 pub struct LayerNorm {
     /// ε added to the variance (PyTorch's default is 1e-5).
@@ -68,7 +195,11 @@ impl CustomOp3 for LayerNorm {
         let mut dg = vec![0f32; d];
         let mut db = vec![0f32; d];
         let inv_d = 1.0 / d as f32;
-        for ((xr, dyr), dxr) in xv.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        for ((xr, dyr), dxr) in xv
+            .chunks_exact(d)
+            .zip(dy.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
             let (mu, rstd) = moments(xr, self.eps);
             // xhat = (x − μ)·rstd; dxhat = dy·γ;
             // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))
@@ -110,7 +241,10 @@ pub fn fast_exp(x: f32) -> f32 {
     let k = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - k * LN2_HI - k * LN2_LO;
     // exp(r) on |r| ≤ ln2/2: degree-6 Taylor/Horner (relative error < 2e-7).
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     // 2^k from the bits of k + 127 + 2^23 (an exact integer in the mantissa): no
     // float-to-int conversion, so the loop vectorizes. k + 127 ∈ [0, 255] here.
     let scale = f32::from_bits(((k + 8_388_735.0).to_bits() & 0xFF) << 23);
@@ -140,7 +274,10 @@ fn lanes_sum(v: &[f32]) -> f32 {
 fn lanes_max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     for c in chunks {
         for i in 0..8 {
             acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
@@ -207,7 +344,11 @@ impl CustomOp1 for MaskedSoftmax {
         let (y, dy) = (values(res)?, values(grad)?);
         let nk = arg.dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; y.len()];
-        for ((yr, dyr), dxr) in y.chunks_exact(nk).zip(dy.chunks_exact(nk)).zip(dx.chunks_exact_mut(nk)) {
+        for ((yr, dyr), dxr) in y
+            .chunks_exact(nk)
+            .zip(dy.chunks_exact(nk))
+            .zip(dx.chunks_exact_mut(nk))
+        {
             let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
             for i in 0..nk {
                 dxr[i] = self.scale * yr[i] * (dyr[i] - dot);
@@ -237,7 +378,9 @@ impl SegmentNll {
         for (g, segs) in self.segments.iter().enumerate() {
             for &(s, n) in segs {
                 let base = g * nt + s;
-                let mx = (0..n).map(|i| out[2 * (base + i)]).fold(f32::NEG_INFINITY, f32::max);
+                let mx = (0..n)
+                    .map(|i| out[2 * (base + i)])
+                    .fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for i in 0..n {
                     let e = (out[2 * (base + i)] - mx).exp();

@@ -47,7 +47,10 @@ impl Default for GpoConfig {
 impl GpoConfig {
     /// The official configuration for an embedder of width `dim_x`.
     pub fn official(dim_x: usize) -> Self {
-        GpoConfig { dim_x, ..Default::default() }
+        GpoConfig {
+            dim_x,
+            ..Default::default()
+        }
     }
 
     /// Rejects sizes the module cannot be built with.
@@ -56,13 +59,22 @@ impl GpoConfig {
             return Err("dim_x, d_model and dim_feedforward must be positive".into());
         }
         if self.dim_y != 1 {
-            return Err(format!("dim_y must be 1 (one probability per option), got {}", self.dim_y));
+            return Err(format!(
+                "dim_y must be 1 (one probability per option), got {}",
+                self.dim_y
+            ));
         }
         if self.emb_depth < 2 {
-            return Err(format!("emb_depth must be at least 2, got {}", self.emb_depth));
+            return Err(format!(
+                "emb_depth must be at least 2, got {}",
+                self.emb_depth
+            ));
         }
         if self.nhead == 0 || !self.d_model.is_multiple_of(self.nhead) {
-            return Err(format!("nhead {} must divide d_model {}", self.nhead, self.d_model));
+            return Err(format!(
+                "nhead {} must divide d_model {}",
+                self.nhead, self.d_model
+            ));
         }
         if self.num_layers == 0 {
             return Err("num_layers must be at least 1".into());
@@ -101,7 +113,10 @@ impl GpoConfig {
 
     /// Total number of scalar parameters.
     pub fn param_count(&self) -> usize {
-        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -123,7 +138,9 @@ impl Params {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("in_proj_weight") {
                 let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
-                (0..n).map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32).collect()
+                (0..n)
+                    .map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
             } else if name.ends_with("in_proj_bias") || name.ends_with("out_proj.bias") {
                 vec![0.0; n]
             } else if name.contains(".norm") {
@@ -133,7 +150,9 @@ impl Params {
                     fan_in = shape[1];
                 }
                 let bound = 1.0 / (fan_in as f64).sqrt();
-                (0..n).map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32).collect()
+                (0..n)
+                    .map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
             };
             let t = Tensor::from_vec(data, shape.as_slice(), device)?;
             entries.push((name, Var::from_tensor(&t)?));
@@ -158,11 +177,15 @@ impl Params {
                     t.dims()
                 ));
             }
-            let t = t.to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+            let t = t
+                .to_dtype(candle_core::DType::F32)
+                .map_err(|e| e.to_string())?;
             entries.push((name, Var::from_tensor(&t).map_err(|e| e.to_string())?));
         }
         if let Some(extra) = named.keys().min() {
-            return Err(format!("unexpected parameter `{extra}` for this configuration"));
+            return Err(format!(
+                "unexpected parameter `{extra}` for this configuration"
+            ));
         }
         Ok(Params { entries })
     }
@@ -185,7 +208,11 @@ impl Params {
         // Count layers by any tensor of theirs, so a missing weight is reported as missing
         // rather than shifting the count.
         let emb_depth = (0..)
-            .take_while(|k| ["weight", "bias"].iter().any(|s| named.contains_key(&format!("embedder.{}.{s}", 2 * k))))
+            .take_while(|k| {
+                ["weight", "bias"]
+                    .iter()
+                    .any(|s| named.contains_key(&format!("embedder.{}.{s}", 2 * k)))
+            })
             .count();
         let num_layers = (0..)
             .take_while(|l| {
@@ -237,12 +264,20 @@ impl Params {
     /// Overwrites all parameters from one flat vector in `state_dict` order.
     pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
         if flat.len() != self.count() {
-            candle_core::bail!("flat parameter buffer has {} values, expected {}", flat.len(), self.count());
+            candle_core::bail!(
+                "flat parameter buffer has {} values, expected {}",
+                flat.len(),
+                self.count()
+            );
         }
         let mut off = 0;
         for (_, v) in &self.entries {
             let n = v.elem_count();
-            v.set(&Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?)?;
+            v.set(&Tensor::from_slice(
+                &flat[off..off + n],
+                v.shape(),
+                v.device(),
+            )?)?;
             off += n;
         }
         Ok(())
@@ -253,14 +288,22 @@ impl Params {
         let entries = self
             .entries
             .iter()
-            .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?)))
+            .map(|(n, v)| {
+                Ok((
+                    n.clone(),
+                    Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Params { entries })
     }
 
     /// Named tensors (for saving).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.entries.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        self.entries
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
 }
 
@@ -274,13 +317,23 @@ mod tests {
         let p = Params::init(&GpoConfig::official(384), 0, &Device::Cpu).unwrap();
         assert_eq!(p.count(), GpoConfig::official(384).param_count());
         assert_eq!(p.entries()[0].0, "embedder.0.weight");
-        assert_eq!(p.get("encoder.layers.0.self_attn.in_proj_weight").dims(), &[384, 128]);
+        assert_eq!(
+            p.get("encoder.layers.0.self_attn.in_proj_weight").dims(),
+            &[384, 128]
+        );
         assert_eq!(p.get("predictor.2.weight").dims(), &[2, 128]);
     }
 
     #[test]
     fn config_round_trips_through_shapes() {
-        let cfg = GpoConfig { dim_x: 12, d_model: 16, dim_feedforward: 24, num_layers: 2, emb_depth: 3, ..Default::default() };
+        let cfg = GpoConfig {
+            dim_x: 12,
+            d_model: 16,
+            dim_feedforward: 24,
+            num_layers: 2,
+            emb_depth: 3,
+            ..Default::default()
+        };
         let p = Params::init(&cfg, 1, &Device::Cpu).unwrap();
         let named = p.named_tensors().into_iter().collect();
         assert_eq!(Params::infer_config(&named, cfg.nhead).unwrap(), cfg);
@@ -290,14 +343,25 @@ mod tests {
 
     #[test]
     fn bad_state_dicts_are_rejected_by_name() {
-        let cfg = GpoConfig { dim_x: 4, d_model: 8, dim_feedforward: 8, num_layers: 1, ..Default::default() };
+        let cfg = GpoConfig {
+            dim_x: 4,
+            d_model: 8,
+            dim_feedforward: 8,
+            num_layers: 1,
+            ..Default::default()
+        };
         let p = Params::init(&cfg, 1, &Device::Cpu).unwrap();
         let mut named: std::collections::HashMap<_, _> = p.named_tensors().into_iter().collect();
-        named.insert("predictor.0.bias".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
+        named.insert(
+            "predictor.0.bias".into(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = Params::from_named(&cfg, named.clone()).unwrap_err();
         assert!(e.contains("predictor.0.bias") && e.contains("[8]"), "{e}");
         named.remove("predictor.0.bias");
-        assert!(Params::from_named(&cfg, named).unwrap_err().contains("missing parameter `predictor.0.bias`"));
+        assert!(Params::from_named(&cfg, named)
+            .unwrap_err()
+            .contains("missing parameter `predictor.0.bias`"));
         assert!(GpoConfig { nhead: 3, ..cfg }.validate().is_err());
     }
 }

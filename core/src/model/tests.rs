@@ -6,7 +6,15 @@ use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 
 fn tiny_cfg(dim_x: usize) -> GpoConfig {
-    GpoConfig { dim_x, d_model: 8, dim_feedforward: 12, nhead: 2, num_layers: 2, emb_depth: 3, ..Default::default() }
+    GpoConfig {
+        dim_x,
+        d_model: 8,
+        dim_feedforward: 12,
+        nhead: 2,
+        num_layers: 2,
+        emb_depth: 3,
+        ..Default::default()
+    }
 }
 
 /// A random batch: `g` groups, questions with 2–4 options, optional padding.
@@ -20,7 +28,11 @@ fn random_batch(seed: u64, g: usize, d: usize, shared: bool, pad: bool) -> Model
             qs(&mut r, n)
         })
         .collect();
-    let tgt_q = if pad { tgt_q } else { vec![tgt_q[0].clone(); g] };
+    let tgt_q = if pad {
+        tgt_q
+    } else {
+        vec![tgt_q[0].clone(); g]
+    };
     let nc_real: usize = ctx_q.iter().sum();
     let nc = nc_real + if pad { 2 } else { 0 };
     let nt = tgt_q.iter().map(|q| q.iter().sum::<usize>()).max().unwrap();
@@ -77,11 +89,24 @@ fn grads(m: &Gpo, b: &ModelBatch) -> (f64, Vec<Vec<f64>>) {
         .entries()
         .iter()
         .map(|(n, v)| {
-            let t = g.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
-            t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            let t = g
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
         })
         .collect();
-    (loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), per)
+    (
+        loss.to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        per,
+    )
 }
 
 #[test]
@@ -93,7 +118,12 @@ fn finite_differences_match_autograd_for_every_parameter_tensor() {
     let (_, analytic) = grads(&m, &b);
     let h = 1e-6;
     for ((name, var), ga) in m.params.entries().iter().zip(&analytic) {
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         // Check the three largest-gradient entries and one random entry of each tensor.
         let mut idx: Vec<usize> = (0..base.len()).collect();
         idx.sort_by(|&a, &c| ga[c].abs().total_cmp(&ga[a].abs()));
@@ -108,13 +138,19 @@ fn finite_differences_match_autograd_for_every_parameter_tensor() {
             let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 m.loss(&b).unwrap().to_scalar::<f64>().unwrap()
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let err = (fd - ga[i]).abs();
-            assert!(err <= 1e-5 + 1e-4 * fd.abs(), "{name}[{i}]: finite difference {fd} vs autograd {}", ga[i]);
+            assert!(
+                err <= 1e-5 + 1e-4 * fd.abs(),
+                "{name}[{i}]: finite difference {fd} vs autograd {}",
+                ga[i]
+            );
         }
     }
 }
@@ -128,11 +164,17 @@ fn fused_ops_match_composite_values_and_gradients() {
         let (lf, gf) = grads(&m, &b);
         m.path = OpPath::Composite;
         let (lc, gc) = grads(&m, &b);
-        assert!((lf - lc).abs() <= 1e-4 * lc.abs().max(1.0), "loss fused {lf} composite {lc}");
+        assert!(
+            (lf - lc).abs() <= 1e-4 * lc.abs().max(1.0),
+            "loss fused {lf} composite {lc}"
+        );
         for (((name, _), a), c) in m.params.entries().iter().zip(&gf).zip(&gc) {
             let scale = c.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-3);
             let worst = a.iter().zip(c).fold(0f64, |s, (x, y)| s.max((x - y).abs()));
-            assert!(worst <= 1e-3 * scale, "{name}: fused/composite gradients differ by {worst} (scale {scale})");
+            assert!(
+                worst <= 1e-3 * scale,
+                "{name}: fused/composite gradients differ by {worst} (scale {scale})"
+            );
         }
         assert_eq!(m.predict(&b).unwrap().len(), b.groups * b.nt);
     }
@@ -142,11 +184,25 @@ fn fused_ops_match_composite_values_and_gradients() {
 fn shared_x_equals_per_group_x() {
     let b = random_batch(11, 3, 4, true, false);
     let mut per = b.clone();
-    per.xc = b.xc.broadcast_as((3, b.nc, 4)).unwrap().contiguous().unwrap();
-    per.xt = b.xt.broadcast_as((3, b.nt, 4)).unwrap().contiguous().unwrap();
+    per.xc =
+        b.xc.broadcast_as((3, b.nc, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+    per.xt =
+        b.xt.broadcast_as((3, b.nt, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap();
     let m = Gpo::new(tiny_cfg(4), 2, &Device::Cpu).unwrap();
-    let (a, c) = (m.loss(&b).unwrap().to_scalar::<f32>().unwrap(), m.loss(&per).unwrap().to_scalar::<f32>().unwrap());
-    assert!((a - c).abs() < 1e-4 * c.abs(), "shared {a} vs per-group {c}");
+    let (a, c) = (
+        m.loss(&b).unwrap().to_scalar::<f32>().unwrap(),
+        m.loss(&per).unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (a - c).abs() < 1e-4 * c.abs(),
+        "shared {a} vs per-group {c}"
+    );
 }
 
 #[test]
@@ -182,7 +238,13 @@ fn padding_points_do_not_change_predictions() {
 fn loss_goes_down_under_adam() {
     let b = random_batch(5, 4, 6, true, false);
     let m = Gpo::new(tiny_cfg(6), 1, &Device::Cpu).unwrap();
-    let mut opt = crate::optim::Adam::new(m.params.count(), crate::optim::AdamConfig { lr: 3e-3, ..Default::default() });
+    let mut opt = crate::optim::Adam::new(
+        m.params.count(),
+        crate::optim::AdamConfig {
+            lr: 3e-3,
+            ..Default::default()
+        },
+    );
     let first = m.loss(&b).unwrap().to_scalar::<f32>().unwrap();
     let mut last = first;
     for _ in 0..60 {

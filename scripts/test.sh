@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: setup, formatting, lints, then every unit, integration and
+# end-to-end test of the workspace. This is what .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
