@@ -75,7 +75,10 @@ fn gpo_beats_both_baselines_on_held_out_synthetic_groups() {
     let stdout = run_ok(gpo().args(["eval", "--checkpoint"]).arg(&ckpt));
     let line = stdout.lines().find(|l| l.starts_with("gpo ")).unwrap();
     let again: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!((again - g).abs() < 1e-9, "eval {again} vs train {g}");
+    assert!(
+        (again - g).abs() < 1e-4,
+        "eval {again} (printed to 4 decimals) vs train {g}"
+    );
 }
 
 #[test]
@@ -97,9 +100,25 @@ fn same_seed_same_run() {
                 ])
                 .arg(&out),
         );
-        std::fs::read(out.join("last.safetensors")).unwrap()
+        gpo_core::io::checkpoint::load(&out.join("last.safetensors")).unwrap()
     };
-    assert_eq!(run("a"), run("b"), "bitwise identical checkpoints");
+    let (a, b) = (run("a"), run("b"));
+    // The file's metadata order varies (a hash map); the numbers must not.
+    let bits = |c: &gpo_core::checkpoint::Checkpoint| {
+        let mut v: Vec<u32> = c
+            .params
+            .iter()
+            .flat_map(|p| p.data.iter().map(|x| x.to_bits()))
+            .collect();
+        let adam = c.adam.as_ref().unwrap();
+        v.extend(adam.m.iter().chain(&adam.v).map(|x| x.to_bits()));
+        v
+    };
+    assert!(
+        bits(&a) == bits(&b),
+        "parameters and optimizer state are bitwise identical"
+    );
+    assert_eq!(a.step, 3);
 }
 
 #[test]

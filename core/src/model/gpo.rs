@@ -171,21 +171,27 @@ impl Gpo {
             &bias.narrow(0, d, 2 * d)?,
             false,
         )?;
-        let heads = |t: Tensor, n: usize| t.reshape((g, n, h, dh))?.transpose(1, 2)?.contiguous();
-        let q = heads(q, nq)?;
-        let k = heads(kv.narrow(2, 0, d)?, nc)?;
-        let v = heads(kv.narrow(2, d, d)?, nc)?;
-        let scores = q.matmul(&k.t()?)?; // [G, H, Nq, Nc]
         let scale = 1.0 / (dh as f64).sqrt();
-        let p = match self.path {
-            OpPath::Fused => scores.apply_op1_arc(Arc::new(Box::new(ops::MaskedSoftmax {
-                scale: scale as f32,
-                key_mask: b.ctx_mask.clone(),
-                groups: b.groups,
-            })))?,
-            OpPath::Composite => composite::masked_softmax(&scores, scale, mask)?,
+        let o = match self.path {
+            OpPath::Fused => q.apply_op2_arc(
+                &kv,
+                Arc::new(Box::new(ops::Attention::new(
+                    h,
+                    scale as f32,
+                    b.ctx_mask.clone(),
+                ))),
+            )?,
+            OpPath::Composite => {
+                let heads =
+                    |t: Tensor, n: usize| t.reshape((g, n, h, dh))?.transpose(1, 2)?.contiguous();
+                let q = heads(q, nq)?;
+                let k = heads(kv.narrow(2, 0, d)?, nc)?;
+                let v = heads(kv.narrow(2, d, d)?, nc)?;
+                let scores = q.matmul(&k.t()?)?; // [G, H, Nq, Nc]
+                let p = composite::masked_softmax(&scores, scale, mask)?;
+                p.matmul(&v)?.transpose(1, 2)?.reshape((g, nq, d))?
+            }
         };
-        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((g, nq, d))?;
         self.linear(&o, &format!("{pre}.out_proj"), false)
     }
 

@@ -6,7 +6,7 @@
 //! through `CustomOp*::bwd`. Each has a composite twin in [`super::composite`]; tests check
 //! that both paths agree on values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Borrows a contiguous f32 slice of a CPU storage.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -294,67 +294,258 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mu, 1.0 / (var + eps).sqrt())
 }
 
-/// Attention softmax over the last dimension of `scores` [G, H, Nq, Nk], after scaling by
-/// `scale` and adding a per-(group, key) additive mask (0 or −∞ for padding).
-pub struct MaskedSoftmax {
-    /// Multiplier applied to the scores first (1/√d_head).
-    pub scale: f32,
-    /// Additive key mask, `[G * Nk]`, or `None` when no key is padding.
-    pub key_mask: Option<std::sync::Arc<Vec<f32>>>,
-    /// Number of groups G (the mask's rows).
-    pub groups: usize,
+/// A strided single-threaded GEMM: `C (m×n) [+]= A (m×k) · B (k×n)`, each operand given by
+/// a base offset into its slice and row/column strides. Bounds are checked up front.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    c: &mut [f32],
+    (c_off, c_rs): (usize, usize),
+    a: &[f32],
+    (a_off, a_rs, a_cs): (usize, usize, usize),
+    b: &[f32],
+    (b_off, b_rs, b_cs): (usize, usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |off: usize, rows: usize, rs: usize, cols: usize, cs: usize| {
+        off + rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs
+    };
+    assert!(
+        last(c_off, m, c_rs, n, 1) < c.len(),
+        "gemm: C out of bounds"
+    );
+    if k > 0 {
+        assert!(
+            last(a_off, m, a_rs, k, a_cs) < a.len(),
+            "gemm: A out of bounds"
+        );
+        assert!(
+            last(b_off, k, b_rs, n, b_cs) < b.len(),
+            "gemm: B out of bounds"
+        );
+    }
+    // SAFETY: the assertions bound every element gemm touches through these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(c_off),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr().add(a_off),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr().add(b_off),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "gpo-masked-softmax"
+/// Multi-head attention of query rows over context keys, in one op with its backward.
+/// Inputs: `q` `[G, Nq, d]` and `kv` `[G, Nc, 2d]` (keys then values, as the in-projection
+/// lays them out); output `[G, Nq, d]` with heads side by side, like PyTorch's MHA before
+/// its out-projection. Heads are addressed by strides, so nothing is transposed or copied.
+/// The attention probabilities are kept for the backward.
+pub struct Attention {
+    /// Heads (must divide d).
+    pub heads: usize,
+    /// Score scale, 1/√d_head.
+    pub scale: f32,
+    /// Additive key mask, `[G * Nc]` (0 or −∞), or `None`.
+    pub key_mask: Option<std::sync::Arc<Vec<f32>>>,
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl Attention {
+    /// An attention op; see the type's documentation.
+    pub fn new(heads: usize, scale: f32, key_mask: Option<std::sync::Arc<Vec<f32>>>) -> Self {
+        Attention {
+            heads,
+            scale,
+            key_mask,
+            probs: std::sync::Mutex::new(None),
+        }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let dims = l.shape().dims();
-        let nk = *dims.last().unwrap_or(&1);
-        let rows_per_group = x.len() / nk / self.groups.max(1);
-        let zeros = vec![0f32; nk];
-        let mut out = vec![0f32; x.len()];
-        for (r, (xr, or)) in x.chunks_exact(nk).zip(out.chunks_exact_mut(nk)).enumerate() {
+    fn dims(&self, q: &[usize], kv: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
+        let (&[g, nq, d], &[g2, nc, d2]) = (q, kv) else {
+            candle_core::bail!(
+                "attention expects q [G,Nq,d] and kv [G,Nc,2d], got {q:?} and {kv:?}"
+            );
+        };
+        if g != g2 || d2 != 2 * d || self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!(
+                "attention shapes {q:?} / {kv:?} do not fit {} heads",
+                self.heads
+            );
+        }
+        Ok((g, nq, nc, d, d / self.heads))
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "gpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, kv) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (g, nq, nc, d, dh) = self.dims(l1.shape().dims(), l2.shape().dims())?;
+        let h = self.heads;
+        let mut probs = vec![0f32; g * h * nq * nc];
+        let mut out = vec![0f32; g * nq * d];
+        let zeros = vec![0f32; nc];
+        for gi in 0..g {
             let mask: &[f32] = match &self.key_mask {
-                Some(m) => {
-                    let g = r / rows_per_group;
-                    &m[g * nk..(g + 1) * nk]
-                }
+                Some(m) => &m[gi * nc..(gi + 1) * nc],
                 None => &zeros,
             };
-            for ((o, &v), &m) in or.iter_mut().zip(xr).zip(mask) {
-                *o = v * self.scale + m;
-            }
-            let mx = lanes_max(or);
-            for o in or.iter_mut() {
-                *o = fast_exp(*o - mx);
-            }
-            let inv = 1.0 / lanes_sum(or);
-            for o in or.iter_mut() {
-                *o *= inv;
+            for hi in 0..h {
+                let p_off = (gi * h + hi) * nq * nc;
+                let (q_off, k_off) = (gi * nq * d + hi * dh, gi * nc * 2 * d + hi * dh);
+                // S = Q Kᵀ
+                gemm_strided(
+                    &mut probs,
+                    (p_off, nc),
+                    q,
+                    (q_off, d, 1),
+                    kv,
+                    (k_off, 1, 2 * d),
+                    (nq, nc, dh),
+                    false,
+                );
+                for row in probs[p_off..p_off + nq * nc].chunks_exact_mut(nc) {
+                    for (v, &m) in row.iter_mut().zip(mask) {
+                        *v = *v * self.scale + m;
+                    }
+                    let mx = lanes_max(row);
+                    for v in row.iter_mut() {
+                        *v = fast_exp(*v - mx);
+                    }
+                    let inv = 1.0 / lanes_sum(row);
+                    for v in row.iter_mut() {
+                        *v *= inv;
+                    }
+                }
+                // O = P V
+                gemm_strided(
+                    &mut out,
+                    (q_off, d),
+                    &probs,
+                    (p_off, nc, 1),
+                    kv,
+                    (k_off + d, 2 * d, 1),
+                    (nq, dh, nc),
+                    false,
+                );
             }
         }
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        *self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention cache poisoned".into()))? = Some(probs);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (y, dy) = (values(res)?, values(grad)?);
-        let nk = arg.dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; y.len()];
-        for ((yr, dyr), dxr) in y
-            .chunks_exact(nk)
-            .zip(dy.chunks_exact(nk))
-            .zip(dx.chunks_exact_mut(nk))
-        {
-            let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-            for i in 0..nk {
-                dxr[i] = self.scale * yr[i] * (dyr[i] - dot);
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, nq, nc, d, dh) = self.dims(q.dims(), kv.dims())?;
+        let h = self.heads;
+        let guard = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention cache poisoned".into()))?;
+        let probs = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("attention backward before its forward".into())
+        })?;
+        let (qv, kvv, dout) = (values(q)?, values(kv)?, values(grad)?);
+        let mut dq = vec![0f32; g * nq * d];
+        let mut dkv = vec![0f32; g * nc * 2 * d];
+        let mut ds = vec![0f32; nq * nc];
+        for gi in 0..g {
+            for hi in 0..h {
+                let p_off = (gi * h + hi) * nq * nc;
+                let p = &probs[p_off..p_off + nq * nc];
+                let (q_off, k_off) = (gi * nq * d + hi * dh, gi * nc * 2 * d + hi * dh);
+                // dP = dO Vᵀ
+                gemm_strided(
+                    &mut ds,
+                    (0, nc),
+                    &dout,
+                    (q_off, d, 1),
+                    &kvv,
+                    (k_off + d, 1, 2 * d),
+                    (nq, nc, dh),
+                    false,
+                );
+                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+                for (dr, pr) in ds.chunks_exact_mut(nc).zip(p.chunks_exact(nc)) {
+                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = self.scale * pv * (*x - dot);
+                    }
+                }
+                // dQ = dS K; dK = dSᵀ Q; dV = Pᵀ dO
+                gemm_strided(
+                    &mut dq,
+                    (q_off, d),
+                    &ds,
+                    (0, nc, 1),
+                    &kvv,
+                    (k_off, 2 * d, 1),
+                    (nq, dh, nc),
+                    false,
+                );
+                gemm_strided(
+                    &mut dkv,
+                    (k_off, 2 * d),
+                    &ds,
+                    (0, 1, nc),
+                    &qv,
+                    (q_off, d, 1),
+                    (nc, dh, nq),
+                    false,
+                );
+                gemm_strided(
+                    &mut dkv,
+                    (k_off + d, 2 * d),
+                    p,
+                    (0, 1, nc),
+                    &dout,
+                    (q_off, d, 1),
+                    (nc, dh, nq),
+                    false,
+                );
             }
         }
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dkv, kv.shape(), dev)?),
+        ))
     }
 }
 
