@@ -14,6 +14,7 @@ pub mod io;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod presets;
 pub mod prompt;
 pub mod rng;
 pub mod sampler;

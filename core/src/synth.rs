@@ -53,6 +53,9 @@ const S_GROUP: u64 = 4;
 const S_PROJECTION: u64 = 5;
 const S_NOISE: u64 = 6;
 const S_SCALE: u64 = 7;
+const S_PERSON: u64 = 8;
+/// Spread of an individual's stance around their group's.
+const PERSON_SD: f64 = 0.5;
 
 /// Parameters of the synthetic survey. Every field has a default, so a config may name
 /// only the fields it changes.
@@ -72,6 +75,10 @@ pub struct SynthConfig {
     /// Standard deviation of the Gaussian noise added to every embedding coordinate
     /// (coordinates have roughly unit scale).
     pub noise: f32,
+    /// When above 0, the survey's "groups" are individual users instead: this many per
+    /// latent group, each with a stance drawn around the group's, answering one option per
+    /// question (a one-hot distribution sampled from their own); scored by accuracy.
+    pub individuals_per_group: usize,
 }
 
 impl Default for SynthConfig {
@@ -83,6 +90,7 @@ impl Default for SynthConfig {
             dim: 32,
             latent: 4,
             noise: 0.05,
+            individuals_per_group: 0,
         }
     }
 }
@@ -614,6 +622,50 @@ fn distribution(p: &QuestionParams, stance: &[f64]) -> Vec<f32> {
     probs.iter().map(|x| (x / s) as f32).collect()
 }
 
+/// Individual users around each latent group: a stance near the group's, and one chosen
+/// option per question sampled from the individual's own distribution.
+#[allow(clippy::type_complexity)]
+fn individuals(
+    cfg: &SynthConfig,
+    world: &World,
+) -> (Vec<Group>, Vec<Vec<Option<Vec<f32>>>>, MetricKind) {
+    let mut groups = Vec::new();
+    let mut answers = Vec::new();
+    for (g, stance) in world.stances.iter().enumerate() {
+        for i in 0..cfg.individuals_per_group {
+            let mut rng = Rng::keyed(&[cfg.seed, S_PERSON, g as u64, i as u64]);
+            let own: Vec<f64> = stance
+                .iter()
+                .map(|s| s + PERSON_SD * rng.normal())
+                .collect();
+            let row = world
+                .params
+                .iter()
+                .map(|p| {
+                    let d = distribution(p, &own);
+                    let u = rng.f64() as f32;
+                    let mut acc = 0f32;
+                    let pick = d.iter().position(|&x| {
+                        acc += x;
+                        u < acc
+                    });
+                    let pick = pick.unwrap_or(d.len() - 1);
+                    Some(
+                        (0..d.len())
+                            .map(|k| if k == pick { 1.0 } else { 0.0 })
+                            .collect(),
+                    )
+                })
+                .collect();
+            groups.push(Group {
+                name: format!("Synthetic:Group {:02} / user {:02}", g + 1, i + 1),
+            });
+            answers.push(row);
+        }
+    }
+    (groups, answers, MetricKind::Accuracy)
+}
+
 /// Number of embedding features for a latent dimension.
 fn n_features(latent: usize) -> usize {
     2 * latent + 7 + TOPICS.len() + 3
@@ -644,25 +696,30 @@ fn features(p: &QuestionParams, k: usize) -> Vec<f64> {
 /// than a panic; a non-finite or negative `noise` counts as 0.
 pub fn generate(cfg: &SynthConfig) -> SynthOutput {
     let world = build_world(cfg);
-    let answers: Vec<Vec<Option<Vec<f32>>>> = world
-        .stances
-        .iter()
-        .map(|s| {
-            world
-                .params
-                .iter()
-                .map(|p| Some(distribution(p, s)))
-                .collect()
-        })
-        .collect();
-    let groups = (0..cfg.n_groups)
-        .map(|g| Group {
-            name: format!("Synthetic:Group {:02}", g + 1),
-        })
-        .collect();
+    let (groups, answers, metric) = if cfg.individuals_per_group > 0 {
+        individuals(cfg, &world)
+    } else {
+        let answers: Vec<Vec<Option<Vec<f32>>>> = world
+            .stances
+            .iter()
+            .map(|s| {
+                world
+                    .params
+                    .iter()
+                    .map(|p| Some(distribution(p, s)))
+                    .collect()
+            })
+            .collect();
+        let groups = (0..cfg.n_groups)
+            .map(|g| Group {
+                name: format!("Synthetic:Group {:02}", g + 1),
+            })
+            .collect();
+        (groups, answers, MetricKind::Wasserstein)
+    };
     let survey = Survey {
         name: format!("synthetic (seed {})", cfg.seed),
-        metric: MetricKind::Wasserstein,
+        metric,
         questions: world.questions,
         groups,
         answers,
@@ -714,6 +771,38 @@ pub fn generate(cfg: &SynthConfig) -> SynthOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn individuals_answer_one_option_each_and_are_scored_by_accuracy() {
+        let cfg = SynthConfig {
+            n_questions: 20,
+            n_groups: 3,
+            individuals_per_group: 4,
+            ..Default::default()
+        };
+        let out = generate(&cfg);
+        let s = &out.survey;
+        assert_eq!(s.metric, MetricKind::Accuracy);
+        assert_eq!(s.groups.len(), 12);
+        assert!(s.validate().is_ok());
+        for row in &s.answers {
+            for d in row.iter().flatten() {
+                assert_eq!(d.iter().filter(|&&x| x == 1.0).count(), 1);
+            }
+        }
+        // Individuals of one group agree more with each other than with other groups.
+        let agree = |a: usize, b: usize| {
+            s.answers[a]
+                .iter()
+                .zip(&s.answers[b])
+                .filter(|(x, y)| x == y)
+                .count()
+        };
+        let within = agree(0, 1) + agree(0, 2) + agree(4, 5);
+        let across = agree(0, 4) + agree(0, 8) + agree(4, 8);
+        assert!(within > across, "within {within} across {across}");
+        assert_eq!(generate(&cfg).survey, out.survey);
+    }
 
     fn small(seed: u64) -> SynthConfig {
         SynthConfig {

@@ -127,3 +127,15 @@ fn disagreement_folder_is_not_a_counts_wave() {
     let d = dir.join("Pew_American_Trends_Panel_disagreement_500");
     assert!(dataset::load(&d).is_err());
 }
+
+#[test]
+fn the_papers_opinionqa_preset_resolves_on_the_shared_data() {
+    if std::env::var_os("GPO_SKIP_SHARED_DATA").is_some() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/opinionqa/human_resp");
+    let s = gpo_core::io::dataset::load(&dir).unwrap();
+    let groups = gpo_core::presets::resolve(&s, "opinionqa-paper").unwrap();
+    assert_eq!(groups.len(), 17);
+}

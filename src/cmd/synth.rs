@@ -29,6 +29,10 @@ pub struct Args {
     /// Noise added to every embedding coordinate.
     #[arg(long, default_value_t = SynthConfig::default().noise)]
     pub noise: f32,
+    /// Write individual users instead of groups: this many per latent group, each
+    /// answering one option per question (scored by accuracy).
+    #[arg(long, default_value_t = 0)]
+    pub individuals: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -39,6 +43,7 @@ pub fn run(a: Args) -> Result<()> {
         dim: a.dim,
         latent: a.latent,
         noise: a.noise,
+        individuals_per_group: a.individuals,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let out = generate(&cfg);
