@@ -1,0 +1,276 @@
+//! `gpo experiment`: the paper's protocol in one command. For every dataset, group split
+//! and seed it meta-trains GPO (keeping the best checkpoint by held-out alignment, as the
+//! paper does), scores it next to the baselines, traces the few-shot curve, and writes
+//! `results.json`, `fewshot.json`, `report.md` and PNG plots.
+
+mod plots;
+mod report;
+
+use crate::inputs::{self, DataArgs};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use gpo_coordinator::run::RunPlan;
+use gpo_coordinator::{train, InProcess, RunConfig, RunEvent, Summary};
+use gpo_core::data::Survey;
+use gpo_core::eval::evaluate;
+use gpo_core::features::PointFeatures;
+use gpo_core::io::checkpoint;
+use gpo_core::sampler::{common_questions, eval_episodes};
+use gpo_core::synth::SynthConfig;
+use gpo_worker::Replica;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One dataset of an experiment.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Name used in results and file names.
+    pub name: String,
+    /// Dataset path (any layout `gpo train --data` takes); absent: the synthetic survey.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Explicit layout (native, opinionqa, weighted, global).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Embedding store for `data`.
+    #[serde(default)]
+    pub embeddings: Option<PathBuf>,
+    /// Group preset: `all`, `opinionqa-paper`, `globalqa-paper`.
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Synthetic survey settings when `data` is absent (its seed is the run seed's).
+    #[serde(default)]
+    pub synth: Option<SynthConfig>,
+}
+
+fn default_preset() -> String {
+    "all".into()
+}
+
+/// An experiment: datasets × splits × seeds, plus the few-shot curve.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Title of the report.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Meta-training fractions (the paper: 0.4, 0.6, 0.8).
+    #[serde(default = "default_splits")]
+    pub splits: Vec<f64>,
+    /// Seeds (the paper: 3).
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Context sizes of the few-shot curve (questions per held-out group); empty: none.
+    #[serde(default = "default_few_shot")]
+    pub few_shot: Vec<usize>,
+    /// The split the few-shot curve is drawn on (default: the first).
+    #[serde(default)]
+    pub few_shot_split: Option<f64>,
+    /// Training settings shared by every run (seed and split are set per run).
+    #[serde(default)]
+    pub train: RunConfig,
+    /// Datasets.
+    pub datasets: Vec<DatasetSpec>,
+}
+
+fn default_name() -> String {
+    "GPO experiment".into()
+}
+fn default_splits() -> Vec<f64> {
+    vec![0.4, 0.6, 0.8]
+}
+fn default_seeds() -> Vec<u64> {
+    vec![0, 1, 2]
+}
+fn default_few_shot() -> Vec<usize> {
+    vec![0, 1, 2, 5, 10, 20, 50]
+}
+
+impl ExperimentConfig {
+    /// Parses and checks a TOML experiment file.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Self> {
+        let c: ExperimentConfig = toml::from_str(text)
+            .with_context(|| format!("{}: invalid experiment", file.display()))?;
+        if c.datasets.is_empty() {
+            bail!("{}: `datasets` is empty", file.display());
+        }
+        if c.splits.is_empty() || c.seeds.is_empty() {
+            bail!("{}: `splits` and `seeds` must not be empty", file.display());
+        }
+        for s in &c.splits {
+            if !(*s > 0.0 && *s < 1.0) {
+                bail!("{}: split {s} is not in (0, 1)", file.display());
+            }
+        }
+        let mut names: Vec<&str> = c.datasets.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            bail!("{}: dataset names must be unique", file.display());
+        }
+        Ok(c)
+    }
+}
+
+/// What one (dataset, split, seed) run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    /// Dataset name.
+    pub dataset: String,
+    /// Split.
+    pub split: f64,
+    /// Seed.
+    pub seed: u64,
+    /// The run's summary (scores, curves, checkpoint).
+    pub summary: Summary,
+}
+
+/// One point of the few-shot curve: method → alignment at `k` context questions.
+#[derive(Debug, Clone, Serialize)]
+pub struct FewShotPoint {
+    /// Dataset.
+    pub dataset: String,
+    /// Seed.
+    pub seed: u64,
+    /// Context questions per held-out group.
+    pub k: usize,
+    /// Alignment per method (GPO is absent at k = 0: it has nothing to attend to).
+    pub methods: BTreeMap<String, f64>,
+}
+
+fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, String)> {
+    let (s, f, desc) = match &d.data {
+        Some(_) => inputs::load(
+            &DataArgs {
+                data: d.data.clone(),
+                format: d.format.clone(),
+                embeddings: d.embeddings.clone(),
+            },
+            seed,
+        )?,
+        None => {
+            let cfg = SynthConfig {
+                seed,
+                ..d.synth.clone().unwrap_or_default()
+            };
+            let (s, f) = inputs::synthetic(&cfg)?;
+            (s, f, format!("synthetic survey (seed {seed})"))
+        }
+    };
+    let groups = gpo_core::presets::resolve(&s, &d.preset).map_err(anyhow::Error::msg)?;
+    Ok((gpo_core::presets::restrict(&s, &groups), f, desc))
+}
+
+/// Few-shot curve of one trained run: GPO (best checkpoint) and baselines at each k.
+fn few_shot(
+    cfg: &RunConfig,
+    s: &Survey,
+    f: &PointFeatures,
+    best: &Path,
+    ks: &[usize],
+    dataset: &str,
+) -> Result<Vec<FewShotPoint>> {
+    let c = checkpoint::load(best).map_err(anyhow::Error::msg)?;
+    let model = crate::cmd::eval::model_from_checkpoint(&c, &cfg.model)?;
+    let plan = RunPlan::new(cfg, s)?;
+    let pool = s
+        .metric
+        .shares_questions()
+        .then(|| common_questions(s, &plan.test));
+    let mut out = Vec::new();
+    for &k in ks {
+        let eps = eval_episodes(s, cfg.seed, &plan.test, pool.as_deref(), k)
+            .map_err(anyhow::Error::msg)?;
+        let mut methods = gpo_core::eval::baselines(s, &plan.train, &eps);
+        if k > 0 {
+            let r = evaluate(&model, s, f, &plan.train, &eps, &Device::Cpu)?;
+            methods.insert("gpo".into(), r.methods["gpo"]);
+        }
+        out.push(FewShotPoint {
+            dataset: dataset.into(),
+            seed: cfg.seed,
+            k,
+            methods,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs an experiment and writes its outputs to `out`.
+pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let total_runs = (cfg.datasets.len() * cfg.splits.len() * cfg.seeds.len()) as u64;
+    let bar = ProgressBar::new(total_runs * cfg.train.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {percent}% eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let few_split = cfg.few_shot_split.unwrap_or(cfg.splits[0]);
+    let mut records = Vec::new();
+    let mut curve = Vec::new();
+    for d in &cfg.datasets {
+        for &split in &cfg.splits {
+            for &seed in &cfg.seeds {
+                let (survey, features, desc) =
+                    load_dataset(d, seed).with_context(|| format!("dataset `{}`", d.name))?;
+                let mut rc = cfg.train.clone();
+                rc.seed = seed;
+                rc.group_split = split;
+                rc.model.dim_x = features.dim;
+                let run_dir = out
+                    .join(&d.name)
+                    .join(format!("split{split}"))
+                    .join(format!("seed{seed}"));
+                bar.set_message(format!("{} split {split} seed {seed}", d.name));
+                bar.suspend(|| eprintln!("{}: {desc}; split {split}, seed {seed}", d.name));
+                let (survey, features) = (Arc::new(survey), Arc::new(features));
+                let replica = Replica::new(
+                    rc.model.clone(),
+                    rc.adam,
+                    seed,
+                    survey.clone(),
+                    features.clone(),
+                    Device::Cpu,
+                )?;
+                let mut dispatch = InProcess::new(replica);
+                let mut on_event = |e: RunEvent| {
+                    if let RunEvent::Step { .. } = e {
+                        bar.inc(1);
+                    }
+                };
+                let summary = train(
+                    &rc,
+                    survey.clone(),
+                    features.clone(),
+                    &mut dispatch,
+                    &run_dir,
+                    &mut on_event,
+                )
+                .with_context(|| format!("{} split {split} seed {seed}", d.name))?;
+                if (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() {
+                    curve.extend(few_shot(
+                        &rc,
+                        &survey,
+                        &features,
+                        &summary.checkpoint,
+                        &cfg.few_shot,
+                        &d.name,
+                    )?);
+                }
+                records.push(RunRecord {
+                    dataset: d.name.clone(),
+                    split,
+                    seed,
+                    summary,
+                });
+            }
+        }
+    }
+    bar.finish_and_clear();
+    report::write(cfg, out, &records, &curve)
+}
