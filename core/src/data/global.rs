@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use super::opinionqa::csv_error;
+use super::opinionqa::{column, csv_error, csv_with_headers};
 use super::pylit::{self, PyValue};
 use super::{
     check_distribution, AnswerOption, DataError, DataResult, Group, MetricKind, Question, Survey,
@@ -25,23 +25,9 @@ use super::{
 
 /// Parses a GlobalOpinionQA CSV. The survey is named after `file`.
 pub fn parse(csv_text: &str, file: &str) -> DataResult<Survey> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(csv_text.as_bytes());
-    let headers = rdr
-        .headers()
-        .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
-        .clone();
-    let col = |name: &str| -> DataResult<usize> {
-        headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
-            DataError::at(
-                file,
-                Some(1),
-                Some(name),
-                format!("missing column `{name}` (a GlobalOpinionQA CSV has question, selections, options, source)"),
-            )
-        })
-    };
+    let (mut rdr, headers) = csv_with_headers(csv_text, file)?;
+    let layout = "a GlobalOpinionQA CSV has question, selections, options, source";
+    let col = |name: &str| column(&headers, name, file, layout);
     let (cq, cs, co) = (col("question")?, col("selections")?, col("options")?);
 
     let mut questions: Vec<Question> = Vec::new();

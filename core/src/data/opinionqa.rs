@@ -102,28 +102,72 @@ pub struct Info {
     by_key: HashMap<String, Vec<usize>>,
 }
 
+/// Opens CSV text whose first line is a header.
+pub(crate) fn csv_with_headers<'a>(
+    text: &'a str,
+    file: &str,
+) -> DataResult<(csv::Reader<&'a [u8]>, csv::StringRecord)> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let headers = rdr
+        .headers()
+        .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
+        .clone();
+    Ok((rdr, headers))
+}
+
+/// Index of column `name`, or an error naming the file and the columns the layout needs.
+pub(crate) fn column(
+    headers: &csv::StringRecord,
+    name: &str,
+    file: &str,
+    layout: &str,
+) -> DataResult<usize> {
+    headers
+        .iter()
+        .position(|h| h.trim() == name)
+        .ok_or_else(|| {
+            DataError::at(
+                file,
+                Some(1),
+                Some(name),
+                format!("missing column `{name}` ({layout})"),
+            )
+        })
+}
+
+/// Questions met while reading rows, keyed by their `info.csv` row: each is parsed once,
+/// on first use, and keeps a stable slot.
+#[derive(Default)]
+pub(crate) struct QuestionSlots {
+    by_row: HashMap<usize, usize>,
+    /// (info row, question) per slot, in first-use order.
+    pub(crate) slots: Vec<(usize, Question)>,
+}
+
+impl QuestionSlots {
+    /// The slot of the question on `row` of `info`, parsing it on first use.
+    pub(crate) fn slot(&mut self, info: &Info, row: usize) -> DataResult<usize> {
+        if let Some(&s) = self.by_row.get(&row) {
+            return Ok(s);
+        }
+        let q = row_question(&info.rows[row], &info.file)?;
+        self.slots.push((row, q));
+        self.by_row.insert(row, self.slots.len() - 1);
+        Ok(self.slots.len() - 1)
+    }
+}
+
 impl Info {
     /// Parses `info.csv` text: CSV structure and required columns. The Python literals of a
     /// row are parsed when the row's question is asked for ([`Info::question`]), so rows of
     /// questions without counts cannot break a load.
     pub fn parse(text: &str, file: &str) -> DataResult<Info> {
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .from_reader(text.as_bytes());
-        let headers = rdr
-            .headers()
-            .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
-            .clone();
-        let col = |name: &str| -> DataResult<usize> {
-            headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
-                DataError::at(
-                    file,
-                    Some(1),
-                    Some(name),
-                    format!("missing column `{name}` (an OpinionQA info.csv has key, question, references, option_mapping, option_ordinal)"),
-                )
-            })
-        };
+        let (mut rdr, headers) = csv_with_headers(text, file)?;
+        let layout =
+            "an OpinionQA info.csv has key, question, references, option_mapping, option_ordinal";
+        let col = |name: &str| column(&headers, name, file, layout);
         let (ck, cq, cr, cm, co) = (
             col("key")?,
             col("question")?,
@@ -443,8 +487,7 @@ pub fn parse_wave(
 ) -> DataResult<Survey> {
     let info = Info::parse(info_csv, info_file)?;
     // Questions by info row, built on first use.
-    let mut slot_of_row: HashMap<usize, usize> = HashMap::new();
-    let mut slots: Vec<(usize, Question)> = Vec::new();
+    let mut qslots = QuestionSlots::default();
     let mut groups: Vec<Group> = Vec::new();
     let mut group_idx: HashMap<String, usize> = HashMap::new();
     // (group, slot) -> distribution.
@@ -481,16 +524,8 @@ pub fn parse_wave(
                 }
                 Some(r) => r?,
             };
-            let slot = match slot_of_row.get(&row) {
-                Some(&s) => s,
-                None => {
-                    let q = row_question(&info.rows[row], &info.file)?;
-                    slots.push((row, q));
-                    slot_of_row.insert(row, slots.len() - 1);
-                    slots.len() - 1
-                }
-            };
-            let q = &slots[slot].1;
+            let slot = qslots.slot(&info, row)?;
+            let q = &qslots.slots[slot].1;
             for (gval, counts) in &entry.0 {
                 if NON_GROUP_KEYS.contains(&gval.as_str())
                     || EXCLUDED_GROUP_VALUES.contains(&gval.as_str())
@@ -607,6 +642,7 @@ pub fn parse_wave(
     }
 
     // Keep answered questions only, in info.csv order.
+    let slots = qslots.slots;
     let mut answered = vec![false; slots.len()];
     for &(_, s) in answers.keys() {
         answered[s] = true;

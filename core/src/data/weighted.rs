@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use super::opinionqa::{csv_error, row_question, Info};
+use super::opinionqa::{column, csv_error, csv_with_headers, Info, QuestionSlots};
 use super::pylit;
 use super::{check_distribution, DataError, DataResult, Group, MetricKind, Question, Survey};
 
@@ -36,28 +36,13 @@ pub fn parse(
 /// Parses a weighted CSV against an already parsed `info.csv`.
 pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResult<Survey> {
     let file = csv_file;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(csv_text.as_bytes());
-    let headers = rdr
-        .headers()
-        .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
-        .clone();
-    let col = |name: &str| -> DataResult<usize> {
-        headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
-            DataError::at(
-                file,
-                Some(1),
-                Some(name),
-                format!("missing column `{name}` (a weighted OpinionQA CSV has qkey, attribute, group, D_H)"),
-            )
-        })
-    };
+    let (mut rdr, headers) = csv_with_headers(csv_text, file)?;
+    let layout = "a weighted OpinionQA CSV has qkey, attribute, group, D_H";
+    let col = |name: &str| column(&headers, name, file, layout);
     let (cq, ca, cg, cd) = (col("qkey")?, col("attribute")?, col("group")?, col("D_H")?);
 
     // Questions by info row.
-    let mut slot_of_row: HashMap<usize, usize> = HashMap::new();
-    let mut slots: Vec<(usize, Question)> = Vec::new();
+    let mut qslots = QuestionSlots::default();
     let mut groups: Vec<Group> = Vec::new();
     let mut group_idx: HashMap<String, usize> = HashMap::new();
     // (group, slot) -> (distribution, line).
@@ -84,16 +69,8 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
             }
             Some(r) => r?,
         };
-        let slot = match slot_of_row.get(&row) {
-            Some(&s) => s,
-            None => {
-                let q = row_question(&info.rows[row], &info.file)?;
-                slots.push((row, q));
-                slot_of_row.insert(row, slots.len() - 1);
-                slots.len() - 1
-            }
-        };
-        let q = &slots[slot].1;
+        let slot = qslots.slot(info, row)?;
+        let q = &qslots.slots[slot].1;
         let d = parse_number_list(dh).map_err(|m| at("D_H", m))?;
         let n = q.n_answerable();
         if d.len() != n {
@@ -127,6 +104,7 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
         }
     }
 
+    let slots = qslots.slots;
     let mut order: Vec<usize> = (0..slots.len()).collect();
     order.sort_by_key(|&s| slots[s].0);
     let mut new_index = vec![0; slots.len()];
