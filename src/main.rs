@@ -3,6 +3,7 @@
 //! [`cmd`]; [`inputs`] is the I/O edge that turns paths into surveys and features.
 
 mod cmd;
+mod experiment;
 mod inputs;
 
 use clap::{Parser, Subcommand};
@@ -22,8 +23,12 @@ struct Cli {
 enum Command {
     /// Write the seeded synthetic survey and its embedding store.
     Synth(cmd::synth::Args),
+    /// Embed a dataset's (question, option) texts with a real model into an embedding store.
+    Embed(cmd::embed::Args),
     /// Meta-train GPO and report alignment on held-out groups.
     Train(cmd::train::Args),
+    /// Run the paper's protocol (splits × seeds, baselines, few-shot curve) and write a report.
+    Experiment(cmd::experiment::Args),
     /// Evaluate a checkpoint on its run's held-out groups.
     Eval(cmd::eval::Args),
     /// Print the module's configuration and parameter count.
@@ -33,6 +38,12 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
+    /// Serve a distributed run: workers register, steps are dispatched to them.
+    Coordinator(cmd::coordinator::Args),
+    /// Join a distributed run as a worker.
+    Worker(cmd::worker::Args),
+    /// Show a coordinator's run: step, generation, workers, recent step times.
+    Status(cmd::status::Args),
 }
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the kernel: candle
@@ -60,11 +71,16 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Embed(a) => cmd::embed::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Experiment(a) => cmd::experiment::run(a),
         Command::ModelInfo(a) => cmd::model_info::run(a),
         Command::Loss(a) => cmd::loss::run(a),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Coordinator(a) => cmd::coordinator::run(a),
+        Command::Worker(a) => cmd::worker::run(a),
+        Command::Status(a) => cmd::status::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

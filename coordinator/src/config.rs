@@ -25,6 +25,13 @@ pub struct RunConfig {
     pub model: GpoConfig,
     /// Optimizer.
     pub adam: AdamConfig,
+    /// Episodes per gradient shard. Shards are computed separately and summed in f64, and
+    /// a distributed run hands each worker whole shards, so runs with any number of
+    /// workers or threads take the same steps. A larger shard batches more work per graph
+    /// (on OpinionQA-style steps its groups share the embedder's x-part and the targets'
+    /// embedder output); a smaller one spreads over more workers and threads. The default
+    /// 4 gives the official 8-group step two shards, one per core of a 2-core machine.
+    pub shard_groups: usize,
 }
 
 impl Default for RunConfig {
@@ -38,6 +45,7 @@ impl Default for RunConfig {
             sampler: SamplerConfig::default(),
             model: GpoConfig::default(),
             adam: AdamConfig::default(),
+            shard_groups: 4,
         }
     }
 }
@@ -66,6 +74,9 @@ impl RunConfig {
                 "`sampler` sizes must satisfy 1 ≤ min ≤ max (context {}..{}, target {}..{})",
                 s.min_ctx, s.max_ctx, s.min_tgt, s.max_tgt
             ));
+        }
+        if self.shard_groups == 0 {
+            return Err("`shard_groups` must be at least 1".into());
         }
         if s.batch_groups == Some(0) {
             return Err("`sampler.batch_groups` must be at least 1".into());

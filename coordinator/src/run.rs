@@ -17,11 +17,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Where a step's episodes go and where the current model can be read back.
+/// Where a step's episodes go and where the current model can be read back. The
+/// single-process [`InProcess`] and the gRPC [`crate::server::GrpcDispatch`] share the loop
+/// of [`train`] through it.
 pub trait Dispatch {
-    /// Runs one data-parallel step over all of `episodes`; returns the batch loss.
-    fn step(&mut self, step: u64, total_steps: u64, episodes: &[EpisodeSpec]) -> Result<f64>;
-    /// The current model (identical on every replica).
+    /// Runs one data-parallel step over all of `episodes`; returns the batch loss. When
+    /// `sync` is true the caller reads [`Dispatch::model`] or [`Dispatch::checkpoint`] next,
+    /// so they must reflect this step.
+    fn step(
+        &mut self,
+        step: u64,
+        total_steps: u64,
+        episodes: &[EpisodeSpec],
+        sync: bool,
+    ) -> Result<f64>;
+    /// The current model (identical on every replica), as of the last `sync` step.
     fn model(&self) -> &Gpo;
     /// A checkpoint of the current state.
     fn checkpoint(
@@ -29,6 +39,10 @@ pub trait Dispatch {
         step: u64,
         config: serde_json::Value,
     ) -> Result<gpo_core::checkpoint::Checkpoint>;
+    /// Timings worth keeping in `summary.json` (the distributed dispatch's), if any.
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// One replica in this process: the single-process trainer.
@@ -49,7 +63,13 @@ impl InProcess {
 }
 
 impl Dispatch for InProcess {
-    fn step(&mut self, step: u64, total_steps: u64, episodes: &[EpisodeSpec]) -> Result<f64> {
+    fn step(
+        &mut self,
+        step: u64,
+        total_steps: u64,
+        episodes: &[EpisodeSpec],
+        _sync: bool,
+    ) -> Result<f64> {
         let n = episodes.len();
         let comm: &mut dyn Collective = &mut self.comm;
         Ok(self
@@ -122,6 +142,9 @@ pub struct Summary {
     pub config: RunConfig,
     /// Dataset name.
     pub dataset: String,
+    /// Workers and step timings of a distributed run (absent for a single-process run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<serde_json::Value>,
 }
 
 /// The group split and episode pools of a run, derived from its seed.
@@ -221,8 +244,9 @@ pub fn train(
     for step in 1..=cfg.steps {
         let eps = plan.episodes(cfg, &survey, step)?;
         let t = Instant::now();
+        let eval_due = step % cfg.eval_every == 0 || step == cfg.steps;
         let loss = dispatch
-            .step(step, cfg.steps, &eps)
+            .step(step, cfg.steps, &eps, eval_due)
             .with_context(|| format!("step {step}"))?;
         if !loss.is_finite() {
             anyhow::bail!("step {step}: the loss is {loss}; lower `adam.lr` or check the embeddings for extreme values");
@@ -235,7 +259,7 @@ pub fn train(
             loss,
             seconds: secs,
         });
-        if step % cfg.eval_every == 0 || step == cfg.steps {
+        if eval_due {
             let (b, report) = evaluate_now(step, dispatch, &mut eval_history)?;
             on_event(RunEvent::Eval {
                 step,
@@ -271,6 +295,7 @@ pub fn train(
         median_step_s: times.get(times.len() / 2).copied().unwrap_or(0.0),
         config: cfg.clone(),
         dataset: survey.name.clone(),
+        distributed: dispatch.stats(),
     };
     let json = serde_json::to_vec_pretty(&summary)?;
     checkpoint::write_atomic(&out.join("summary.json"), &json).context("writing summary.json")?;

@@ -1,8 +1,13 @@
 //! The subcommands, one module each.
 
 pub mod bench;
+pub mod coordinator;
+pub mod embed;
 pub mod eval;
+pub mod experiment;
 pub mod loss;
 pub mod model_info;
+pub mod status;
 pub mod synth;
 pub mod train;
+pub mod worker;

@@ -1,9 +1,12 @@
-//! `gpo train`: meta-trains GPO in this process and prints the alignment table.
+//! `gpo train`: meta-trains GPO and prints the alignment table — in this process, or with
+//! `--workers N` through a coordinator and N worker processes on loopback.
 
 use crate::inputs::{self, DataArgs};
 use anyhow::{Context, Result};
 use candle_core::Device;
-use gpo_coordinator::{train, InProcess, RunConfig, RunEvent};
+use gpo_coordinator::{train, InProcess, RunConfig, RunEvent, Summary};
+use gpo_core::data::Survey;
+use gpo_core::features::PointFeatures;
 use gpo_worker::Replica;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -39,6 +42,14 @@ pub struct Args {
     /// Output folder: best.safetensors, last.safetensors, summary.json.
     #[arg(long, env = "GPO_OUT", default_value = "runs/train")]
     pub out: PathBuf,
+    /// Data-parallel workers. `gpo train` starts a coordinator and this many worker
+    /// processes on loopback (0 or absent: train in this process); `gpo coordinator` waits
+    /// for this many workers to register.
+    #[arg(long, env = "GPO_WORKERS")]
+    pub workers: Option<usize>,
+    /// Collective of a distributed run: tcp-ring (CPU) or nccl (workers built with `cuda`).
+    #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring")]
+    pub collective: String,
 }
 
 /// The built-in default run (no `--data`, no `--config`): the official module on the
@@ -88,8 +99,16 @@ pub fn resolve(a: &Args) -> Result<RunConfig> {
     Ok(cfg)
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let mut cfg = resolve(&a)?;
+/// A resolved run: configuration and data, ready to train.
+pub struct Prepared {
+    pub cfg: RunConfig,
+    pub survey: Arc<Survey>,
+    pub features: Arc<PointFeatures>,
+}
+
+/// Resolves the configuration, loads the data and prints what will run.
+pub fn prepare(a: &Args) -> Result<Prepared> {
+    let mut cfg = resolve(a)?;
     let (survey, features, desc) = inputs::load(&a.data, cfg.seed)?;
     cfg.model.dim_x = features.dim;
     cfg.validate()
@@ -105,46 +124,60 @@ pub fn run(a: Args) -> Result<()> {
         cfg.seed,
         cfg.group_split
     );
-    let survey = Arc::new(survey);
-    let features = Arc::new(features);
-    let replica = Replica::new(
-        cfg.model.clone(),
-        cfg.adam,
-        cfg.seed,
-        survey.clone(),
-        features.clone(),
-        Device::Cpu,
-    )?;
-    let mut dispatch = InProcess::new(replica);
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut ema: Option<f64> = None;
-    let mut on_event = |e: RunEvent| match e {
-        RunEvent::Step { loss, .. } => {
-            let m = ema.map_or(loss, |m| 0.9 * m + 0.1 * loss);
-            ema = Some(m);
-            bar.inc(1);
-            bar.set_message(format!("loss {m:.3}"));
+    Ok(Prepared {
+        cfg,
+        survey: Arc::new(survey),
+        features: Arc::new(features),
+    })
+}
+
+/// The progress bar and evaluation lines of a training run.
+pub struct Progress {
+    bar: ProgressBar,
+    ema: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(steps: u64) -> Self {
+        let bar = ProgressBar::new(steps);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Progress { bar, ema: None }
+    }
+
+    pub fn event(&mut self, e: RunEvent) {
+        match e {
+            RunEvent::Step { loss, .. } => {
+                let m = self.ema.map_or(loss, |m| 0.9 * m + 0.1 * loss);
+                self.ema = Some(m);
+                self.bar.inc(1);
+                self.bar.set_message(format!("loss {m:.3}"));
+            }
+            RunEvent::Eval { step, report, best } => {
+                self.bar.suspend(|| {
+                    eprintln!(
+                        "step {step:>6}: alignment gpo {:.4} (uniform {:.4}, train_mean {:.4}){}",
+                        report.methods["gpo"],
+                        report.methods["uniform"],
+                        report.methods["train_mean"],
+                        if best { "  *best" } else { "" }
+                    )
+                });
+            }
         }
-        RunEvent::Eval { step, report, best } => {
-            bar.suspend(|| {
-                eprintln!(
-                    "step {step:>6}: alignment gpo {:.4} (uniform {:.4}, train_mean {:.4}){}",
-                    report.methods["gpo"],
-                    report.methods["uniform"],
-                    report.methods["train_mean"],
-                    if best { "  *best" } else { "" }
-                )
-            });
-        }
-    };
-    let summary = train(&cfg, survey, features, &mut dispatch, &a.out, &mut on_event)?;
-    bar.finish_and_clear();
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Prints the alignment table of a finished run.
+pub fn report(summary: &Summary, out: &std::path::Path) {
     println!();
     inputs::print_table(
         summary.metric,
@@ -156,6 +189,34 @@ pub fn run(a: Args) -> Result<()> {
             summary.best_step
         ),
     );
-    println!("summary: {}", a.out.join("summary.json").display());
+    println!("summary: {}", out.join("summary.json").display());
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if let Some(n) = a.workers.filter(|&n| n > 0) {
+        return crate::cmd::coordinator::run_distributed(&a, n, None);
+    }
+    let Prepared {
+        cfg,
+        survey,
+        features,
+    } = prepare(&a)?;
+    let replica = Replica::new(
+        cfg.model.clone(),
+        cfg.adam,
+        cfg.seed,
+        survey.clone(),
+        features.clone(),
+        Device::Cpu,
+    )?;
+    let mut replica = replica;
+    replica.set_shard_groups(cfg.shard_groups);
+    let mut dispatch = InProcess::new(replica);
+    let mut progress = Progress::new(cfg.steps);
+    let summary = train(&cfg, survey, features, &mut dispatch, &a.out, &mut |e| {
+        progress.event(e)
+    })?;
+    progress.finish();
+    report(&summary, &a.out);
     Ok(())
 }

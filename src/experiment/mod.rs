@@ -229,7 +229,7 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                 bar.set_message(format!("{} split {split} seed {seed}", d.name));
                 bar.suspend(|| eprintln!("{}: {desc}; split {split}, seed {seed}", d.name));
                 let (survey, features) = (Arc::new(survey), Arc::new(features));
-                let replica = Replica::new(
+                let mut replica = Replica::new(
                     rc.model.clone(),
                     rc.adam,
                     seed,
@@ -237,6 +237,7 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                     features.clone(),
                     Device::Cpu,
                 )?;
+                replica.set_shard_groups(rc.shard_groups);
                 let mut dispatch = InProcess::new(replica);
                 let mut on_event = |e: RunEvent| {
                     if let RunEvent::Step { .. } = e {

@@ -1,5 +1,7 @@
 //! The collective-communication seam: everything a replica needs from its peers is a
-//! sum all-reduce of one flat f32 buffer.
+//! sum all-reduce of one flat buffer. The buffer is f64: replicas sum f32 shard gradients
+//! in f64, where the sum is exact (order-independent), so that runs of any world size
+//! agree (see [`crate::Replica::gradient`]).
 
 use anyhow::Result;
 
@@ -10,7 +12,7 @@ pub trait Collective: Send {
     /// Number of replicas.
     fn world_size(&self) -> usize;
     /// Replaces `buf` with the element-wise sum of every replica's `buf`.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    fn all_reduce_sum(&mut self, buf: &mut [f64]) -> Result<()>;
 }
 
 /// A world of one: the all-reduce is the identity.
@@ -24,7 +26,7 @@ impl Collective for Local {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
+    fn all_reduce_sum(&mut self, _buf: &mut [f64]) -> Result<()> {
         Ok(())
     }
 }

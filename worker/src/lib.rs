@@ -2,11 +2,18 @@
 //! all-reduces that gradient with its peers through a [`Collective`], and takes the same
 //! Adam step as every other replica, so all replicas stay identical.
 //!
-//! The single-process trainer runs one replica with the [`collective::Local`] collective;
-//! the distributed transports plug in behind the same trait.
+//! The single-process trainer runs one replica with the [`collective::Local`] collective.
+//! A distributed worker ([`client`]) registers with a coordinator over gRPC, reads its data
+//! from a shared path, and all-reduces over a [`ring::TcpRing`] (CPU) or NCCL
+//! (`nccl`, under the `cuda` feature).
 
+pub mod client;
 pub mod collective;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod replica;
+pub mod ring;
+pub mod wire;
 
 pub use collective::{Collective, Local};
 pub use replica::{Replica, StepOutcome};

@@ -10,6 +10,7 @@ use gpo_core::grad::{default_threads, episodes_gradient};
 use gpo_core::model::{Gpo, GpoConfig};
 use gpo_core::optim::{cosine_lr, Adam, AdamConfig};
 use gpo_core::sampler::EpisodeSpec;
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +23,8 @@ pub struct StepOutcome {
     pub compute_s: f64,
     /// Seconds spent in the all-reduce.
     pub reduce_s: f64,
+    /// Seconds spent in the optimizer step.
+    pub optim_s: f64,
 }
 
 /// One GPO replica.
@@ -32,6 +35,7 @@ pub struct Replica {
     features: Arc<PointFeatures>,
     device: Device,
     threads: usize,
+    shard_groups: usize,
 }
 
 impl Replica {
@@ -60,6 +64,7 @@ impl Replica {
             features,
             device,
             threads: default_threads(),
+            shard_groups: 1,
         })
     }
 
@@ -67,6 +72,13 @@ impl Replica {
     /// rounding whatever the count; a fixed count is bitwise reproducible).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// Sets the gradient shard size in episodes (see [`Replica::gradient`]). Every replica
+    /// of a run, and the single-process trainer, must use the same size for runs of any
+    /// world size to agree.
+    pub fn set_shard_groups(&mut self, n: usize) {
+        self.shard_groups = n.max(1);
     }
 
     /// The module (for evaluation and checkpoints).
@@ -79,23 +91,76 @@ impl Replica {
         &self.adam
     }
 
+    /// The survey episodes are read from.
+    pub fn survey(&self) -> &Arc<Survey> {
+        &self.survey
+    }
+
+    /// The parameters as one flat buffer in `state_dict` order.
+    pub fn flat_params(&self) -> Result<Vec<f32>> {
+        Ok(self.model.params.flat()?)
+    }
+
+    /// Replaces the parameters and optimizer state (a coordinator's mirror of its workers,
+    /// or a resumed run). Buffers must have the module's parameter count.
+    pub fn set_state(&mut self, params: &[f32], adam: Adam) -> Result<()> {
+        let n = self.model.params.count();
+        if params.len() != n || adam.m.len() != n || adam.v.len() != n {
+            anyhow::bail!(
+                "replica state has {} parameters and moments of {} and {}, the module has {n}",
+                params.len(),
+                adam.m.len(),
+                adam.v.len()
+            );
+        }
+        self.model.params.set_flat(params)?;
+        self.adam = adam;
+        Ok(())
+    }
+
     /// Computes the gradient of `episodes`, weighted so that summing it over every replica
     /// of a step whose batch holds `batch_groups` groups gives the full-batch gradient.
-    /// Returns (loss share, gradient).
+    /// Returns (loss share, gradient in f64).
+    ///
+    /// The episodes are cut into fixed shards of `shard_groups` (the coordinator hands each
+    /// worker whole shards), each shard's f32 gradient is computed on its own, and the
+    /// shards are summed in f64. A sum of a few f32 values in f64 is exact unless their
+    /// exponents span more than 29 bits, so the all-reduced sum, rounded to f32 once, is
+    /// the same whichever way the shards are spread over replicas and threads: runs with
+    /// any world size take the same steps.
     pub fn gradient(
         &self,
         episodes: &[EpisodeSpec],
         batch_groups: usize,
-    ) -> Result<(f64, Vec<f32>)> {
-        Ok(episodes_gradient(
-            &self.model,
-            &self.survey,
-            &self.features,
-            episodes,
-            batch_groups,
-            self.threads,
-            &self.device,
-        )?)
+    ) -> Result<(f64, Vec<f64>)> {
+        let shard = |eps: &[EpisodeSpec]| {
+            episodes_gradient(
+                &self.model,
+                &self.survey,
+                &self.features,
+                eps,
+                batch_groups,
+                1,
+                &self.device,
+            )
+        };
+        let shards: Vec<&[EpisodeSpec]> = episodes.chunks(self.shard_groups).collect();
+        let results: Vec<candle_core::Result<(f64, Vec<f32>)>> =
+            if self.threads > 1 && shards.len() > 1 && self.device.is_cpu() {
+                shards.par_iter().map(|s| shard(s)).collect()
+            } else {
+                shards.iter().map(|s| shard(s)).collect()
+            };
+        let mut loss = 0.0;
+        let mut grad = vec![0f64; self.model.params.count()];
+        for r in results {
+            let (l, g) = r?;
+            loss += l;
+            for (a, b) in grad.iter_mut().zip(&g) {
+                *a += *b as f64;
+            }
+        }
+        Ok((loss, grad))
     }
 
     /// Applies an all-reduced gradient with Adam at the cosine-scheduled rate of `step`
@@ -125,11 +190,13 @@ impl Replica {
         comm.all_reduce_sum(&mut grad)
             .context("all-reducing the gradient")?;
         let t2 = Instant::now();
+        let grad: Vec<f32> = grad.iter().map(|&g| g as f32).collect();
         self.apply(&grad, step, total_steps)?;
         Ok(StepOutcome {
             loss_share,
             compute_s: (t1 - t0).as_secs_f64(),
             reduce_s: (t2 - t1).as_secs_f64(),
+            optim_s: t2.elapsed().as_secs_f64(),
         })
     }
 

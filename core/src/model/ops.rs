@@ -22,51 +22,14 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `C (m×n) = A (m×k) · B (k×n)` on row-major slices, with each operand optionally
-/// transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C when
-/// `accumulate`. Single-threaded: replicas shard batches over threads instead.
+/// `C (m×n) = A (m×k) · B (k×n)` on contiguous row-major slices, with each operand
+/// optionally transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C
+/// when `accumulate`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    ta: bool,
-    b: &[f32],
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
-    assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "matmul operand sizes"
-    );
-    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the assertion above bounds every index gemm computes from these strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+fn matmul(c: &mut [f32], a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: usize, accumulate: bool) {
+    let a_strides = if ta { (0, 1, m) } else { (0, k, 1) };
+    let b_strides = if tb { (0, 1, k) } else { (0, n, 1) };
+    gemm_strided(c, (0, n), a, a_strides, b, b_strides, (m, n, k), accumulate);
 }
 
 /// A linear layer `y = x Wᵀ + b`, optionally followed by ReLU, as one op with its backward:

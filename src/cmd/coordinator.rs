@@ -1,0 +1,256 @@
+//! `gpo coordinator`: owns a distributed run. It serves the `gpo.v1` gRPC API, waits for
+//! `--workers` workers to register, dispatches each step's episode specs to them, evaluates
+//! on schedule and writes the checkpoints and `summary.json` (the same training loop as the
+//! single-process `gpo train`). `gpo train --workers N` runs the same code with N worker
+//! processes it starts itself on loopback.
+
+use crate::cmd::train::{self, Prepared, Progress};
+use crate::inputs::DataArgs;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use gpo_coordinator::{train as train_loop, CoordinatorOptions, CoordinatorService, RunInfo};
+use gpo_proto::v1 as pb;
+use gpo_worker::{wire, Replica};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Flags of `gpo coordinator`: the run's (as `gpo train`, with `--workers` the number of
+/// workers to wait for) plus the service's.
+#[derive(Debug, clap::Args)]
+#[group(id = "coordinator-flags")]
+pub struct Args {
+    #[command(flatten)]
+    pub train: train::Args,
+    /// Address to serve gRPC on (port 0: any free port; see --addr-file).
+    #[arg(long, env = "GPO_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Write the address actually bound to this file (for scripts and tests).
+    #[arg(long, env = "GPO_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// Milliseconds between worker heartbeats.
+    #[arg(long, env = "GPO_HEARTBEAT_MS", default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Seconds of silence after which a worker is considered dead (the run fails).
+    #[arg(long, env = "GPO_HEARTBEAT_TIMEOUT_S", default_value_t = 15.0)]
+    pub heartbeat_timeout_s: f64,
+    /// Seconds to wait for the workers to register (default: forever).
+    #[arg(long, env = "GPO_REGISTRATION_TIMEOUT_S")]
+    pub registration_timeout_s: Option<f64>,
+    /// Gradient threads each worker should use (default: the worker's cores).
+    #[arg(long, env = "GPO_WORKER_THREADS")]
+    pub worker_threads: Option<u32>,
+}
+
+/// Where the workers find the run's data: the same path, made absolute, or the seed of the
+/// built-in synthetic survey.
+fn data_source(d: &DataArgs, seed: u64) -> Result<pb::DataSource> {
+    let abs = |p: &Path| -> Result<String> {
+        Ok(std::fs::canonicalize(p)
+            .with_context(|| format!("resolving {}", p.display()))?
+            .display()
+            .to_string())
+    };
+    let source = match &d.data {
+        None => pb::data_source::Source::SyntheticSeed(seed),
+        Some(data) => pb::data_source::Source::Dataset(pb::DatasetPath {
+            data: abs(data)?,
+            format: d.format.clone().unwrap_or_default(),
+            embeddings: d
+                .embeddings
+                .as_deref()
+                .map(abs)
+                .transpose()?
+                .unwrap_or_default(),
+        }),
+    };
+    Ok(pb::DataSource {
+        source: Some(source),
+    })
+}
+
+struct Service {
+    listen: SocketAddr,
+    addr_file: Option<PathBuf>,
+    opts: CoordinatorOptions,
+}
+
+/// Runs a distributed job: serves the run, optionally spawns `spawn` worker processes on
+/// loopback, trains, and shuts the workers down.
+fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
+    let Prepared {
+        cfg,
+        survey,
+        features,
+    } = train::prepare(a)?;
+    crate::inputs::output_dir(&a.out)?;
+    let info = RunInfo {
+        config_json: serde_json::to_string(&cfg)?,
+        data: data_source(&a.data, cfg.seed)?,
+        fingerprint: wire::data_fingerprint(&survey, &features),
+        param_count: cfg.model.param_count(),
+        total_steps: cfg.steps,
+        shard_groups: cfg.shard_groups,
+    };
+    let world = service.opts.expected_workers;
+    let svc = CoordinatorService::start(service.listen, info, service.opts)?;
+    let addr = svc.addr();
+    eprintln!(
+        "coordinator of run {} listening on {addr}; waiting for {world} worker(s)",
+        svc.run_id()
+    );
+    if let Some(f) = &service.addr_file {
+        gpo_core::io::checkpoint::write_atomic(f, addr.to_string().as_bytes())
+            .with_context(|| format!("writing {}", f.display()))?;
+    }
+    let children = Arc::new(Mutex::new(spawn_workers(spawn, addr)?));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (children, done, abort) = (children.clone(), done.clone(), svc.aborter());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, c) in children.lock().unwrap().iter_mut().enumerate() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        if !st.success() {
+                            abort(format!("worker process {i} exited early ({st})"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let result = (|| {
+        let mirror = Replica::new(
+            cfg.model.clone(),
+            cfg.adam,
+            cfg.seed,
+            survey.clone(),
+            features.clone(),
+            Device::Cpu,
+        )?;
+        let mut dispatch = svc.dispatch(Some(mirror));
+        let mut progress = Progress::new(cfg.steps);
+        let s = train_loop(
+            &cfg,
+            survey.clone(),
+            features.clone(),
+            &mut dispatch,
+            &a.out,
+            &mut |e| progress.event(e),
+        );
+        progress.finish();
+        s
+    })();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
+    match &result {
+        Ok(_) => svc.finish(None, Duration::from_secs(10)),
+        Err(e) => svc.finish(Some(format!("{e:#}")), Duration::from_secs(3)),
+    }
+    let mut children = std::mem::take(&mut *children.lock().unwrap());
+    let failed = reap(&mut children, Duration::from_secs(15));
+    drop(svc);
+    let summary = result?;
+    if let Some(f) = failed {
+        anyhow::bail!("{f}");
+    }
+    train::report(&summary, &a.out);
+    Ok(())
+}
+
+fn spawn_workers(n: usize, addr: SocketAddr) -> Result<Vec<Child>> {
+    let exe = std::env::current_exe().context("locating the gpo binary")?;
+    (0..n)
+        .map(|i| {
+            Command::new(&exe)
+                .args(["worker", "--coordinator"])
+                .arg(format!("http://{addr}"))
+                .args(["--name", &format!("worker-{i}")])
+                .env_remove("GPO_WORKER_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting worker process {i}"))
+        })
+        .collect()
+}
+
+/// Waits for the worker processes to exit (killing any still alive after `grace`);
+/// returns a message if one failed.
+fn reap(children: &mut [Child], grace: Duration) -> Option<String> {
+    let deadline = Instant::now() + grace;
+    let mut failed = None;
+    for (i, c) in children.iter_mut().enumerate() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) => {
+                    if !st.success() && failed.is_none() {
+                        failed = Some(format!("worker process {i} failed ({st})"));
+                    }
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    failed.get_or_insert(format!(
+                        "worker process {i} did not exit after the run and was killed"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    failed
+}
+
+/// `gpo train --workers N`: a coordinator on a free loopback port and N worker processes.
+pub fn run_distributed(a: &train::Args, n: usize, threads: Option<u32>) -> Result<()> {
+    let cores = gpo_core::grad::default_threads();
+    let service = Service {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        addr_file: None,
+        opts: CoordinatorOptions {
+            expected_workers: n,
+            collective: a.collective.clone(),
+            worker_threads: threads.unwrap_or((cores / n).max(1) as u32),
+            registration_timeout: Some(Duration::from_secs(300)),
+            ..Default::default()
+        },
+    };
+    drive(a, service, n)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let secs = |v: f64, what: &str| -> Result<Duration> {
+        anyhow::ensure!(
+            v.is_finite() && v > 0.0,
+            "`{what}` must be a positive number of seconds, got {v}"
+        );
+        Ok(Duration::from_secs_f64(v))
+    };
+    let workers = a.train.workers.unwrap_or(1);
+    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+    let service = Service {
+        listen: a.listen,
+        addr_file: a.addr_file.clone(),
+        opts: CoordinatorOptions {
+            expected_workers: workers,
+            heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(10)),
+            heartbeat_timeout: secs(a.heartbeat_timeout_s, "heartbeat_timeout_s")?,
+            registration_timeout: a
+                .registration_timeout_s
+                .map(|s| secs(s, "registration_timeout_s"))
+                .transpose()?,
+            collective: a.train.collective.clone(),
+            worker_threads: a.worker_threads.unwrap_or(0),
+            ..Default::default()
+        },
+    };
+    drive(&a.train, service, 0)
+}

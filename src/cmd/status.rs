@@ -1,0 +1,88 @@
+//! `gpo status`: a coordinator's run as it stands — step, membership generation, workers
+//! and recent step times.
+
+use anyhow::Result;
+use gpo_proto::v1 as pb;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "GPO_COORDINATOR")]
+    pub coordinator: String,
+    /// Print the raw status as JSON-like debug output instead of the table.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// Renders a status for people.
+pub fn render(s: &pb::RunStatus) -> String {
+    let mut out = String::new();
+    let members = s.workers.iter().filter(|w| w.member).count();
+    out.push_str(&format!(
+        "run {}: {}, step {}/{}, generation {}, {} of {} workers in the membership ({} registered)\n",
+        s.run_id,
+        s.state,
+        s.step,
+        s.total_steps,
+        s.generation,
+        members,
+        s.expected_workers,
+        s.workers.len()
+    ));
+    if !s.error.is_empty() {
+        out.push_str(&format!("error: {}\n", s.error));
+    }
+    out.push_str(&format!(
+        "{:<4} {:<24} {:>4} {:>6} {:>9} {:>10}  device\n",
+        "id", "name", "rank", "member", "last step", "last seen"
+    ));
+    for w in &s.workers {
+        out.push_str(&format!(
+            "{:<4} {:<24} {:>4} {:>6} {:>9} {:>9.1}s  {}\n",
+            w.worker_id,
+            w.name,
+            if w.member {
+                w.rank.to_string()
+            } else {
+                "-".into()
+            },
+            if w.member { "yes" } else { "no" },
+            w.last_step,
+            w.last_seen_ms as f64 / 1000.0,
+            w.capabilities.as_ref().map_or("", |c| c.device.as_str()),
+        ));
+    }
+    if !s.recent_steps.is_empty() {
+        out.push_str(&format!(
+            "{:>6} {:>9} {:>10} {:>9} {:>9}\n",
+            "step", "step_s", "compute_s", "reduce_s", "loss"
+        ));
+        for t in &s.recent_steps {
+            out.push_str(&format!(
+                "{:>6} {:>9.4} {:>10.4} {:>9.4} {:>9.4}\n",
+                t.step, t.step_s, t.compute_s, t.reduce_s, t.loss
+            ));
+        }
+    }
+    out
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(async {
+        let mut c = gpo_worker::client::connect(&a.coordinator, Duration::from_secs(5)).await?;
+        c.status(pb::StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| anyhow::anyhow!("status: {}", s.message()))
+    })?;
+    if a.raw {
+        println!("{status:#?}");
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `gpo worker`: a distributed worker. It registers with a coordinator, reads the run's
+//! data from the path the coordinator names (or generates the synthetic survey from the
+//! seed), and runs the steps it is assigned until the coordinator shuts it down.
+
+use crate::inputs::{self, DataArgs};
+use anyhow::{Context, Result};
+use gpo_core::data::Survey;
+use gpo_core::features::PointFeatures;
+use gpo_proto::v1 as pb;
+use gpo_worker::client::{self, DataLoader, WorkerOptions};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Flags of `gpo worker`. Precedence: flag, then environment variable, then `--config`
+/// TOML (keys as the flags, with underscores), then defaults.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The coordinator's URL, e.g. http://10.0.0.5:50051.
+    #[arg(long, env = "GPO_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// This worker's name (default: worker-<host>-<pid>).
+    #[arg(long, env = "GPO_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Seconds to keep retrying (with backoff) while the coordinator is unreachable.
+    #[arg(long, env = "GPO_CONNECT_TIMEOUT_S")]
+    pub connect_timeout_s: Option<f64>,
+    /// Address the ring all-reduce listens on and advertises (port 0: any free port).
+    #[arg(long, env = "GPO_RING_BIND")]
+    pub ring_bind: Option<String>,
+    /// Seconds every ring read and write may take before the step fails.
+    #[arg(long, env = "GPO_IO_TIMEOUT_S")]
+    pub io_timeout_s: Option<f64>,
+    /// Gradient threads (default: the coordinator's hint, else all cores).
+    #[arg(long, env = "GPO_WORKER_THREADS")]
+    pub threads: Option<usize>,
+    /// TOML file with any of the settings above.
+    #[arg(long, env = "GPO_WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The worker's TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WorkerFile {
+    coordinator: Option<String>,
+    name: Option<String>,
+    connect_timeout_s: Option<f64>,
+    ring_bind: Option<String>,
+    io_timeout_s: Option<f64>,
+    threads: Option<usize>,
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Loads what a run's data source names, through the CLI's I/O edge.
+pub fn loader() -> DataLoader {
+    Arc::new(|src: &pb::DataSource| -> Result<(Survey, PointFeatures)> {
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let (args, seed) = match &src.source {
+            Some(pb::data_source::Source::SyntheticSeed(s)) => (DataArgs::default(), *s),
+            Some(pb::data_source::Source::Dataset(d)) => (
+                DataArgs {
+                    data: Some(PathBuf::from(&d.data)),
+                    format: nonempty(&d.format),
+                    embeddings: nonempty(&d.embeddings).map(PathBuf::from),
+                },
+                0,
+            ),
+            None => anyhow::bail!("the coordinator named no data source"),
+        };
+        let (s, f, desc) = inputs::load(&args, seed)?;
+        tracing::info!("data: {desc}");
+        Ok((s, f))
+    })
+}
+
+pub fn options(a: &Args) -> Result<WorkerOptions> {
+    let file = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str::<WorkerFile>(&text)
+                .with_context(|| format!("{}: invalid worker configuration", p.display()))?
+        }
+        None => WorkerFile::default(),
+    };
+    let coordinator = a
+        .coordinator
+        .clone()
+        .or(file.coordinator)
+        .context("no coordinator: pass --coordinator URL (or GPO_COORDINATOR)")?;
+    let secs = |v: f64, what: &str| -> Result<Duration> {
+        if v.is_finite() && v > 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            anyhow::bail!("`{what}` must be a positive number of seconds, got {v}")
+        }
+    };
+    let threads = a.threads.or(file.threads);
+    let host = host();
+    Ok(WorkerOptions {
+        coordinator,
+        name: a
+            .name
+            .clone()
+            .or(file.name)
+            .unwrap_or_else(|| format!("worker-{host}-{}", std::process::id())),
+        connect_timeout: secs(
+            a.connect_timeout_s
+                .or(file.connect_timeout_s)
+                .unwrap_or(60.0),
+            "connect_timeout_s",
+        )?,
+        ring_bind: a
+            .ring_bind
+            .clone()
+            .or(file.ring_bind)
+            .unwrap_or_else(|| "127.0.0.1:0".into()),
+        io_timeout: secs(
+            a.io_timeout_s.or(file.io_timeout_s).unwrap_or(60.0),
+            "io_timeout_s",
+        )?,
+        threads,
+        capabilities: pb::Capabilities {
+            device: "cpu".into(),
+            memory_bytes: memory_bytes(),
+            embedder: String::new(),
+            threads: threads.unwrap_or_else(gpo_core::grad::default_threads) as u32,
+            collectives: if cfg!(feature = "nccl") {
+                vec!["tcp-ring".into(), "nccl".into()]
+            } else {
+                vec!["tcp-ring".into()]
+            },
+            hostname: host,
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let opts = options(&a)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(client::run(opts, loader()))?;
+    eprintln!(
+        "worker {} of run {}: {} steps; stopped: {}",
+        report.worker_id, report.run_id, report.steps, report.reason
+    );
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! `gpo bench ring` and `gpo bench dispatch` run at small sizes and print their last-line
+//! summaries. Timings are not checked: the machine may be shared.
+
+use std::process::Command;
+
+fn gpo() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpo"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GPO_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Runs `gpo bench <args>`, asserts success, and returns the last stdout line parsed as
+/// `key=value` pairs (keys in order).
+fn last_line(args: &[&str]) -> Vec<(String, f64)> {
+    let out = gpo().arg("bench").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "gpo bench {args:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().expect("some output");
+    line.split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("`{kv}` in `{line}` is not key=value"));
+            let v: f64 = v
+                .parse()
+                .unwrap_or_else(|_| panic!("`{v}` in `{line}` is not a number"));
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+fn keys(kv: &[(String, f64)]) -> Vec<&str> {
+    kv.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+#[test]
+fn bench_ring_prints_throughput_next_to_memcpy() {
+    for world in ["2", "3"] {
+        let kv = last_line(&["ring", "--world", world, "--mib", "0.25", "--iters", "3"]);
+        assert_eq!(keys(&kv), ["ring_gbps", "memcpy_gbps", "ratio"]);
+        assert!(kv.iter().all(|(_, v)| v.is_finite() && *v > 0.0), "{kv:?}");
+    }
+}
+
+#[test]
+fn bench_ring_rejects_a_world_of_one() {
+    let out = gpo()
+        .args(["bench", "ring", "--world", "1", "--mib", "0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--world"));
+}
+
+#[test]
+fn bench_dispatch_drives_simulated_workers() {
+    let kv = last_line(&[
+        "dispatch",
+        "--workers",
+        "4",
+        "--compute-ms",
+        "20",
+        "--steps",
+        "3",
+        "--heartbeat-ms",
+        "100",
+    ]);
+    assert_eq!(keys(&kv), ["ideal_s", "measured_s", "overhead_pct"]);
+    assert!((kv[0].1 - 0.06).abs() < 1e-9, "{kv:?}");
+    assert!(kv[1].1 > 0.0 && kv[2].1.is_finite(), "{kv:?}");
+}
