@@ -26,7 +26,17 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// optionally transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C
 /// when `accumulate`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(c: &mut [f32], a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: usize, accumulate: bool) {
+fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
     let a_strides = if ta { (0, 1, m) } else { (0, k, 1) };
     let b_strides = if tb { (0, 1, k) } else { (0, n, 1) };
     gemm_strided(c, (0, n), a, a_strides, b, b_strides, (m, n, k), accumulate);

