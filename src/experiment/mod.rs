@@ -39,6 +39,13 @@ pub struct DatasetSpec {
     /// Embedding store for `data`.
     #[serde(default)]
     pub embeddings: Option<PathBuf>,
+    /// Model that fills `embeddings` first when the store is missing or incomplete
+    /// (`gpo embed --model`: an HF folder, a GGUF, or a cached hub id).
+    #[serde(default)]
+    pub embed_model: Option<String>,
+    /// Prompt template for `embed_model` (plain, alpaca, llama2-chat).
+    #[serde(default = "default_template")]
+    pub embed_template: String,
     /// Group preset: `all`, `opinionqa-paper`, `globalqa-paper`.
     #[serde(default = "default_preset")]
     pub preset: String,
@@ -49,6 +56,37 @@ pub struct DatasetSpec {
 
 fn default_preset() -> String {
     "all".into()
+}
+
+fn default_template() -> String {
+    "plain".into()
+}
+
+/// Runs `gpo embed` for a dataset whose spec names a model (resumable: keys already in the
+/// store are skipped, so a complete store costs one pass over the texts' hashes).
+fn ensure_embeddings(d: &DatasetSpec) -> Result<()> {
+    let (Some(model), Some(data), Some(store)) = (&d.embed_model, &d.data, &d.embeddings) else {
+        return Ok(());
+    };
+    #[derive(clap::Parser)]
+    struct Embed {
+        #[command(flatten)]
+        args: crate::cmd::embed::Args,
+    }
+    let mut argv: Vec<std::ffi::OsString> = vec!["embed".into(), "--model".into(), model.into()];
+    argv.extend([
+        "--data".into(),
+        data.into(),
+        "--template".into(),
+        d.embed_template.clone().into(),
+    ]);
+    argv.extend(["--out".into(), store.into()]);
+    if let Some(f) = &d.format {
+        argv.extend(["--format".into(), f.into()]);
+    }
+    let e = <Embed as clap::Parser>::try_parse_from(argv).context("embedding arguments")?;
+    crate::cmd::embed::run(e.args)
+        .with_context(|| format!("embedding dataset `{}` with {model}", d.name))
 }
 
 /// An experiment: datasets × splits × seeds, plus the few-shot curve.
@@ -142,6 +180,7 @@ pub struct FewShotPoint {
 }
 
 fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, String)> {
+    ensure_embeddings(d)?;
     let (s, f, desc) = match &d.data {
         Some(_) => inputs::load(
             &DataArgs {
