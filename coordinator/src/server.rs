@@ -210,6 +210,19 @@ fn check_generation(inner: &Inner, g: u64) -> Result<(), Status> {
     Ok(())
 }
 
+/// The rank of `worker` in the current membership, or PERMISSION_DENIED naming it.
+fn member_rank(inner: &Inner, worker: u64, generation: u64) -> Result<usize, Status> {
+    inner
+        .members
+        .iter()
+        .position(|&m| m == worker)
+        .ok_or_else(|| {
+            Status::permission_denied(format!(
+                "worker {worker} is not a member of generation {generation}"
+            ))
+        })
+}
+
 fn worker_label(inner: &Inner, id: u64) -> String {
     match inner.workers.get(&id) {
         Some(w) => match w.rank {
@@ -339,16 +352,7 @@ impl Coordinator for Service {
                     req.buffer_len, sh.info.param_count
                 )));
             }
-            let rank = inner
-                .members
-                .iter()
-                .position(|&m| m == req.worker_id)
-                .ok_or_else(|| {
-                    Status::permission_denied(format!(
-                        "worker {} is not a member of generation {}",
-                        req.worker_id, req.generation
-                    ))
-                })?;
+            let rank = member_rank(&inner, req.worker_id, req.generation)?;
             if sh.opts.collective == "nccl" && rank == 0 && req.nccl_unique_id.is_empty() {
                 return Err(Status::invalid_argument(
                     "rank 0 must bring NCCL's unique id",
@@ -424,16 +428,7 @@ impl Coordinator for Service {
                 }
             }
         }
-        let rank = inner
-            .members
-            .iter()
-            .position(|&m| m == r.worker_id)
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "worker {} is not a member of generation {}",
-                    r.worker_id, r.generation
-                ))
-            })?;
+        let rank = member_rank(&inner, r.worker_id, r.generation)?;
         let round = inner.round.as_mut().ok_or_else(|| {
             Status::failed_precondition(format!("step {} is not in progress", r.step))
         })?;
