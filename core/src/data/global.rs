@@ -15,12 +15,10 @@
 //!
 //! Errors name the file, the CSV line and the column.
 
-use std::collections::HashMap;
-
-use super::opinionqa::{column, csv_error, csv_with_headers};
+use super::opinionqa::{column, csv_error, csv_with_headers, GroupNames};
 use super::pylit::{self, PyValue};
 use super::{
-    check_distribution, AnswerOption, DataError, DataResult, Group, MetricKind, Question, Survey,
+    check_distribution, AnswerOption, DataError, DataResult, MetricKind, Question, Survey,
 };
 
 /// Parses a GlobalOpinionQA CSV. The survey is named after `file`.
@@ -31,8 +29,7 @@ pub fn parse(csv_text: &str, file: &str) -> DataResult<Survey> {
     let (cq, cs, co) = (col("question")?, col("selections")?, col("options")?);
 
     let mut questions: Vec<Question> = Vec::new();
-    let mut groups: Vec<Group> = Vec::new();
-    let mut group_idx: HashMap<String, usize> = HashMap::new();
+    let mut groups = GroupNames::default();
     let mut answers: Vec<(usize, usize, Vec<f32>)> = Vec::new();
 
     for (i, rec) in rdr.records().enumerate() {
@@ -118,16 +115,7 @@ pub fn parse(csv_text: &str, file: &str) -> DataResult<Survey> {
             let d: Vec<f32> = d.iter().map(|&x| x as f32).collect();
             check_distribution(&d, n)
                 .map_err(|m| at("selections", format!("country `{country}`: {m}")))?;
-            let g = match group_idx.get(country) {
-                Some(&g) => g,
-                None => {
-                    groups.push(Group {
-                        name: country.to_string(),
-                    });
-                    group_idx.insert(country.to_string(), groups.len() - 1);
-                    groups.len() - 1
-                }
-            };
+            let (g, _) = groups.index(country);
             if seen.contains(&g) {
                 return Err(at(
                     "selections",
@@ -144,7 +132,8 @@ pub fn parse(csv_text: &str, file: &str) -> DataResult<Survey> {
         });
     }
 
-    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; questions.len()]; groups.len()];
+    let mut matrix: Vec<Vec<Option<Vec<f32>>>> =
+        vec![vec![None; questions.len()]; groups.groups.len()];
     for (g, q, d) in answers {
         matrix[g][q] = Some(d);
     }
@@ -152,7 +141,7 @@ pub fn parse(csv_text: &str, file: &str) -> DataResult<Survey> {
         name: file.to_string(),
         metric: MetricKind::JensenShannon,
         questions,
-        groups,
+        groups: groups.groups,
         answers: matrix,
     })
 }

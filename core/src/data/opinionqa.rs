@@ -137,6 +137,29 @@ pub(crate) fn column(
         })
 }
 
+/// Groups in first-seen order, looked up by name: every parser meets group names row by
+/// row and needs a stable index for each.
+#[derive(Default)]
+pub(crate) struct GroupNames {
+    index: HashMap<String, usize>,
+    /// The groups, in first-seen order.
+    pub(crate) groups: Vec<Group>,
+}
+
+impl GroupNames {
+    /// The index of group `name` and whether it was first seen now.
+    pub(crate) fn index(&mut self, name: &str) -> (usize, bool) {
+        if let Some(&g) = self.index.get(name) {
+            return (g, false);
+        }
+        self.groups.push(Group {
+            name: name.to_string(),
+        });
+        self.index.insert(name.to_string(), self.groups.len() - 1);
+        (self.groups.len() - 1, true)
+    }
+}
+
 /// Questions met while reading rows, keyed by their `info.csv` row: each is parsed once,
 /// on first use, and keeps a stable slot.
 #[derive(Default)]
@@ -488,8 +511,7 @@ pub fn parse_wave(
     let info = Info::parse(info_csv, info_file)?;
     // Questions by info row, built on first use.
     let mut qslots = QuestionSlots::default();
-    let mut groups: Vec<Group> = Vec::new();
-    let mut group_idx: HashMap<String, usize> = HashMap::new();
+    let mut groups = GroupNames::default();
     // (group, slot) -> distribution.
     let mut answers: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
 
@@ -619,16 +641,7 @@ pub fn parse_wave(
                     .map(|&x| (x / point_sum) as f32)
                     .collect();
                 let gname = format!("{}:{gval}", af.attribute);
-                let g = match group_idx.get(&gname) {
-                    Some(&g) => g,
-                    None => {
-                        groups.push(Group {
-                            name: gname.clone(),
-                        });
-                        group_idx.insert(gname.clone(), groups.len() - 1);
-                        groups.len() - 1
-                    }
-                };
+                let (g, _) = groups.index(&gname);
                 if answers.insert((g, slot), dist).is_some() {
                     return Err(DataError::at(
                         file,
@@ -653,7 +666,7 @@ pub fn parse_wave(
     for (k, &s) in order.iter().enumerate() {
         new_index[s] = k;
     }
-    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; order.len()]; groups.len()];
+    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; order.len()]; groups.groups.len()];
     for ((g, s), d) in answers {
         matrix[g][new_index[s]] = Some(d);
     }
@@ -663,7 +676,7 @@ pub fn parse_wave(
         name: name.to_string(),
         metric: MetricKind::Wasserstein,
         questions,
-        groups,
+        groups: groups.groups,
         answers: matrix,
     })
 }
@@ -681,7 +694,7 @@ pub fn merge_waves(name: &str, waves: Vec<Survey>) -> DataResult<Survey> {
         answers: Vec::new(),
     };
     let mut qwave: HashMap<String, String> = HashMap::new();
-    let mut gidx: HashMap<String, usize> = HashMap::new();
+    let mut gidx = GroupNames::default();
     for w in waves {
         if w.metric != out.metric {
             return Err(DataError::file(
@@ -711,21 +724,17 @@ pub fn merge_waves(name: &str, waves: Vec<Survey>) -> DataResult<Survey> {
             row.resize(base + nq, None);
         }
         for (g, row) in w.groups.iter().zip(w.answers) {
-            let gi = match gidx.get(&g.name) {
-                Some(&i) => i,
-                None => {
-                    out.groups.push(g.clone());
-                    out.answers.push(vec![None; base + nq]);
-                    gidx.insert(g.name.clone(), out.groups.len() - 1);
-                    out.groups.len() - 1
-                }
-            };
+            let (gi, new) = gidx.index(&g.name);
+            if new {
+                out.answers.push(vec![None; base + nq]);
+            }
             for (k, a) in row.into_iter().enumerate() {
                 out.answers[gi][base + k] = a;
             }
         }
         out.questions.extend(w.questions);
     }
+    out.groups = gidx.groups;
     Ok(out)
 }
 

@@ -17,9 +17,9 @@
 
 use std::collections::HashMap;
 
-use super::opinionqa::{column, csv_error, csv_with_headers, Info, QuestionSlots};
+use super::opinionqa::{column, csv_error, csv_with_headers, GroupNames, Info, QuestionSlots};
 use super::pylit;
-use super::{check_distribution, DataError, DataResult, Group, MetricKind, Question, Survey};
+use super::{check_distribution, DataError, DataResult, MetricKind, Question, Survey};
 
 /// Parses a weighted CSV against its wave's `info.csv` text. The survey is named after
 /// `csv_file`.
@@ -43,8 +43,7 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
 
     // Questions by info row.
     let mut qslots = QuestionSlots::default();
-    let mut groups: Vec<Group> = Vec::new();
-    let mut group_idx: HashMap<String, usize> = HashMap::new();
+    let mut groups = GroupNames::default();
     // (group, slot) -> (distribution, line).
     let mut answers: HashMap<(usize, usize), (Vec<f32>, usize)> = HashMap::new();
 
@@ -86,16 +85,7 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
         let d: Vec<f32> = d.iter().map(|&x| x as f32).collect();
         check_distribution(&d, n).map_err(|m| at("D_H", m))?;
         let gname = format!("{attr}:{gval}");
-        let g = match group_idx.get(&gname) {
-            Some(&g) => g,
-            None => {
-                groups.push(Group {
-                    name: gname.clone(),
-                });
-                group_idx.insert(gname.clone(), groups.len() - 1);
-                groups.len() - 1
-            }
-        };
+        let (g, _) = groups.index(&gname);
         if let Some((_, prev)) = answers.insert((g, slot), (d, line)) {
             return Err(at(
                 "group",
@@ -111,7 +101,7 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
     for (k, &s) in order.iter().enumerate() {
         new_index[s] = k;
     }
-    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; slots.len()]; groups.len()];
+    let mut matrix: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; slots.len()]; groups.groups.len()];
     for ((g, s), (d, _)) in answers {
         matrix[g][new_index[s]] = Some(d);
     }
@@ -121,7 +111,7 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
         name: csv_file.to_string(),
         metric: MetricKind::Wasserstein,
         questions,
-        groups,
+        groups: groups.groups,
         answers: matrix,
     })
 }
