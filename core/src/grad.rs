@@ -1,10 +1,12 @@
-//! The gradient of a set of episodes, sharded over CPU threads.
+//! The gradient of a set of episodes, in fixed shards.
 //!
-//! candle's CPU matmul parallelizes poorly at GPO's small shapes (two threads were slower
-//! than one), so a replica instead splits its episodes into one shard per thread, each
-//! with its own single-threaded graph, and sums the shards' gradients in a fixed order.
-//! Each shard's loss is weighted by its share of the batch, so the sum is exactly the
-//! gradient of the batch mean.
+//! The episodes are cut into shards of `shard_groups`; each shard gets its own
+//! single-threaded graph (candle's CPU matmul parallelizes poorly at GPO's small shapes:
+//! two threads were slower than one), shards run in parallel on rayon's pool, and their f32
+//! gradients are summed in f64. A sum of a few f32 values in f64 is exact unless their
+//! exponents span more than 29 bits, so the result does not depend on how shards are spread
+//! over threads or replicas: runs with any world size take the same steps. Each shard's loss
+//! is weighted by its share of the batch, so the sum is the gradient of the batch mean.
 
 use crate::data::Survey;
 use crate::features::{assemble, PointFeatures};
@@ -14,20 +16,19 @@ use crate::sampler::EpisodeSpec;
 use candle_core::{Device, Result};
 use rayon::prelude::*;
 
-/// (loss share, flat gradient) of `episodes`, each weighted by `1 / batch_groups`.
+/// (loss share, flat gradient in f64) of `episodes`, each weighted by `1 / batch_groups`,
+/// computed in shards of `shard_groups` episodes, in parallel when `parallel`.
+#[allow(clippy::too_many_arguments)]
 pub fn episodes_gradient(
     model: &Gpo,
     s: &Survey,
     f: &PointFeatures,
     episodes: &[EpisodeSpec],
     batch_groups: usize,
-    threads: usize,
+    shard_groups: usize,
+    parallel: bool,
     device: &Device,
-) -> Result<(f64, Vec<f32>)> {
-    let n_params = model.params.count();
-    if episodes.is_empty() {
-        return Ok((0.0, vec![0.0; n_params]));
-    }
+) -> Result<(f64, Vec<f64>)> {
     let shard = |eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
         let batch = assemble(s, f, eps, device)?;
         let weight = eps.len() as f64 / batch_groups as f64;
@@ -38,21 +39,21 @@ pub fn episodes_gradient(
             flat_grads(&model.params, &grads)?,
         ))
     };
-    let threads = threads.clamp(1, episodes.len());
-    if threads == 1 || !device.is_cpu() {
-        return shard(episodes);
-    }
-    let per = episodes.len().div_ceil(threads);
+    let shards: Vec<&[EpisodeSpec]> = episodes.chunks(shard_groups.max(1)).collect();
     // Shards run on rayon's pool, where candle's own parallel loops also run: plain
     // threads would queue behind each other on a one-thread pool.
-    let results: Vec<Result<(f64, Vec<f32>)>> = episodes.par_chunks(per).map(shard).collect();
+    let results: Vec<Result<(f64, Vec<f32>)>> = if parallel && shards.len() > 1 && device.is_cpu() {
+        shards.par_iter().map(|e| shard(e)).collect()
+    } else {
+        shards.iter().map(|e| shard(e)).collect()
+    };
     let mut loss = 0.0;
-    let mut grad = vec![0f32; n_params];
+    let mut grad = vec![0f64; model.params.count()];
     for r in results {
         let (l, g) = r?;
         loss += l;
         for (a, b) in grad.iter_mut().zip(&g) {
-            *a += b;
+            *a += *b as f64;
         }
     }
     Ok((loss, grad))
@@ -126,14 +127,16 @@ mod tests {
             &cfgs,
         )
         .unwrap();
-        let (l1, g1) = episodes_gradient(&m, &out.survey, &f, &eps, 5, 1, &Device::Cpu).unwrap();
-        let (l3, g3) = episodes_gradient(&m, &out.survey, &f, &eps, 5, 3, &Device::Cpu).unwrap();
+        let (l1, g1) =
+            episodes_gradient(&m, &out.survey, &f, &eps, 5, 5, false, &Device::Cpu).unwrap();
+        let (l3, g3) =
+            episodes_gradient(&m, &out.survey, &f, &eps, 5, 2, true, &Device::Cpu).unwrap();
         assert!((l1 - l3).abs() < 1e-4 * l1.abs());
-        let scale = g1.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let scale = g1.iter().fold(0f64, |s, x| s.max(x.abs()));
         let worst = g1
             .iter()
             .zip(&g3)
-            .fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+            .fold(0f64, |s, (a, b)| s.max((a - b).abs()));
         assert!(
             worst <= 1e-4 * scale,
             "sharded gradient differs by {worst} (scale {scale})"

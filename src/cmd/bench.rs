@@ -96,7 +96,8 @@ pub struct StepArgs {
     /// Use the composite (reference) ops instead of the fused ones.
     #[arg(long)]
     pub composite: bool,
-    /// Threads to shard the groups over (default: all cores).
+    /// Threads: the groups are cut into this many gradient shards, computed in parallel
+    /// (default: all cores; 8 groups on 2 threads is the trainer's default of 4 per shard).
     #[arg(long, default_value_t = gpo_core::grad::default_threads())]
     pub threads: usize,
     /// Seed of the random inputs.
@@ -201,8 +202,18 @@ fn step(a: StepArgs) -> Result<()> {
         )
         .map_err(anyhow::Error::msg)?;
         let t = Instant::now();
-        let (_, g) =
-            episodes_gradient(&model, &survey, &features, &eps, eps.len(), a.threads, &dev)?;
+        let (_, g) = episodes_gradient(
+            &model,
+            &survey,
+            &features,
+            &eps,
+            eps.len(),
+            eps.len().div_ceil(a.threads.max(1)),
+            a.threads > 1,
+            &dev,
+        )?;
+        // Rounded once to f32, as the trainer does after its all-reduce.
+        let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
         let mut p = model.params.flat()?;
         adam.step(&mut p, &g, 3e-4);
         model.params.set_flat(&p)?;

@@ -10,7 +10,6 @@ use gpo_core::grad::{default_threads, episodes_gradient};
 use gpo_core::model::{Gpo, GpoConfig};
 use gpo_core::optim::{cosine_lr, Adam, AdamConfig};
 use gpo_core::sampler::EpisodeSpec;
-use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -133,34 +132,16 @@ impl Replica {
         episodes: &[EpisodeSpec],
         batch_groups: usize,
     ) -> Result<(f64, Vec<f64>)> {
-        let shard = |eps: &[EpisodeSpec]| {
-            episodes_gradient(
-                &self.model,
-                &self.survey,
-                &self.features,
-                eps,
-                batch_groups,
-                1,
-                &self.device,
-            )
-        };
-        let shards: Vec<&[EpisodeSpec]> = episodes.chunks(self.shard_groups).collect();
-        let results: Vec<candle_core::Result<(f64, Vec<f32>)>> =
-            if self.threads > 1 && shards.len() > 1 && self.device.is_cpu() {
-                shards.par_iter().map(|s| shard(s)).collect()
-            } else {
-                shards.iter().map(|s| shard(s)).collect()
-            };
-        let mut loss = 0.0;
-        let mut grad = vec![0f64; self.model.params.count()];
-        for r in results {
-            let (l, g) = r?;
-            loss += l;
-            for (a, b) in grad.iter_mut().zip(&g) {
-                *a += *b as f64;
-            }
-        }
-        Ok((loss, grad))
+        Ok(episodes_gradient(
+            &self.model,
+            &self.survey,
+            &self.features,
+            episodes,
+            batch_groups,
+            self.shard_groups,
+            self.threads > 1,
+            &self.device,
+        )?)
     }
 
     /// Applies an all-reduced gradient with Adam at the cosine-scheduled rate of `step`
