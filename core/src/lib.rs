@@ -11,6 +11,7 @@ pub mod eval;
 pub mod features;
 pub mod grad;
 pub mod io;
+pub mod lm_prompt;
 pub mod metrics;
 pub mod model;
 pub mod optim;

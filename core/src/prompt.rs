@@ -58,7 +58,7 @@ pub const INSTRUCTION: &str = "Answer the following question by picking ONE of t
 const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.";
 
 /// Option letters: A…Z, then AA, AB, … (bijective base 26).
-fn letter(mut i: usize) -> String {
+pub fn letter(mut i: usize) -> String {
     let mut s = Vec::new();
     loop {
         s.push(b'A' + (i % 26) as u8);

@@ -12,6 +12,7 @@ const STREAM_GROUPS: u64 = 1;
 const STREAM_QUESTIONS: u64 = 2;
 const STREAM_SPLIT: u64 = 3;
 const STREAM_EVAL: u64 = 4;
+const STREAM_SUBSET: u64 = 5;
 
 /// Context/target sizes (in questions) and the meta-batch size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,6 +219,39 @@ pub fn eval_episodes(
         .collect()
 }
 
+/// Keeps at most `max` targets per episode (all when `max` is 0): those ranked first by one
+/// fixed permutation of the survey's `n_questions` questions (keyed by `key`, not by the run's
+/// seed), so every split and seed scores the same questions where they are targets, and a
+/// per-question cache (the LLM baselines') is reused. Contexts are unchanged; targets stay
+/// sorted.
+pub fn subsample_targets(
+    eps: &[EpisodeSpec],
+    n_questions: usize,
+    max: usize,
+    key: u64,
+) -> Vec<EpisodeSpec> {
+    let perm = Rng::keyed(&[key, STREAM_SUBSET]).permutation(n_questions);
+    let mut rank = vec![usize::MAX; n_questions];
+    for (r, &q) in perm.iter().enumerate() {
+        rank[q] = r;
+    }
+    eps.iter()
+        .map(|e| {
+            let mut t = e.target.clone();
+            if max > 0 && t.len() > max {
+                t.sort_by_key(|&q| rank.get(q).copied().unwrap_or(usize::MAX));
+                t.truncate(max);
+                t.sort_unstable();
+            }
+            EpisodeSpec {
+                group: e.group,
+                context: e.context.clone(),
+                target: t,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +387,30 @@ mod tests {
         assert_eq!(eps[0].context, eps[1].context);
         assert_eq!(eps[0].context.len(), 20);
         assert_eq!(eps[0].target.len(), 40);
+    }
+
+    #[test]
+    fn target_subsets_are_fixed_and_shared() {
+        let s = survey(40, 4, MetricKind::Wasserstein);
+        let eps = eval_episodes(
+            &s,
+            3,
+            &[0, 1, 2],
+            Some(&common_questions(&s, &[0, 1, 2])),
+            5,
+        )
+        .unwrap();
+        let sub = subsample_targets(&eps, 40, 10, 0);
+        for (a, b) in eps.iter().zip(&sub) {
+            assert_eq!(a.context, b.context);
+            assert_eq!(b.target.len(), 10);
+            assert!(b.target.iter().all(|q| a.target.contains(q)));
+            assert!(b.target.windows(2).all(|w| w[0] < w[1]));
+        }
+        assert_eq!(sub[0].target, sub[1].target);
+        // Without a cap, nothing changes; the choice follows the key, not the episodes' seed.
+        assert_eq!(subsample_targets(&eps, 40, 0, 0)[0].target, eps[0].target);
+        assert_eq!(subsample_targets(&eps, 40, 10, 0)[2].target, sub[2].target);
+        assert_ne!(subsample_targets(&eps, 40, 10, 1)[0].target, sub[0].target);
     }
 }

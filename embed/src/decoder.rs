@@ -23,6 +23,8 @@ use crate::error::{invalid, io_err, EmbedError, Result};
 use crate::tokenize::{self, TextEncoder};
 use crate::{pad_batch, pool, Embedder, LoadOptions, Pooling};
 
+pub mod lm;
+
 /// Which decoder family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -171,7 +173,7 @@ impl DecoderConfig {
     }
 }
 
-struct Block {
+pub(crate) struct Block {
     attn_norm: Tensor,
     qkv: Linear,
     o: Linear,
@@ -188,6 +190,9 @@ pub struct DecoderEmbedder {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor,
+    /// The output matrix `[vocab, h]` (the token embeddings when tied); `None` when an
+    /// untied head was not asked for.
+    lm_head: Option<Tensor>,
     /// RoPE tables `[max_len, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -199,6 +204,7 @@ pub struct DecoderEmbedder {
 /// Where the weights come from: tensors by Hugging Face name.
 trait Weights {
     fn get(&mut self, name: &str) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
 }
 
 struct HfWeights {
@@ -208,6 +214,9 @@ struct HfWeights {
 impl Weights for HfWeights {
     fn get(&mut self, name: &str) -> Result<Tensor> {
         Ok(self.vb.get_unchecked(name)?)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
     }
 }
 
@@ -241,6 +250,7 @@ fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight".into()),
         "model.norm.weight" => Some("output_norm.weight".into()),
+        "lm_head.weight" => Some("output.weight".into()),
         _ => {
             let rest = hf.strip_prefix("model.layers.")?;
             let (i, tail) = rest.split_once('.')?;
@@ -259,6 +269,9 @@ impl Weights for GgufWeights<'_> {
         let q = self.ct.tensor(&mut self.file, &g, &Device::Cpu)?;
         let t = q.dequantize(&Device::Cpu)?;
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+    fn has(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.ct.tensor_infos.contains_key(&g))
     }
 }
 
@@ -286,6 +299,7 @@ impl DecoderEmbedder {
         w: &mut dyn Weights,
         encoder: TextEncoder,
         pooling: Pooling,
+        want_head: bool,
         dtype: DType,
         device: &Device,
         id: String,
@@ -350,12 +364,21 @@ impl DecoderEmbedder {
             });
         }
         let norm = get(w, "model.norm.weight", &[h])?;
+        // Tied models (SmolLM2, Qwen2-0.5B) have no output matrix and reuse the embeddings.
+        let lm_head = if w.has("lm_head.weight") {
+            want_head
+                .then(|| get(w, "lm_head.weight", &[cfg.vocab_size, h]))
+                .transpose()?
+        } else {
+            Some(embed_w.clone())
+        };
         let (cos, sin) = rope_tables(&cfg, encoder.max_len(), dtype, device)?;
         Ok(DecoderEmbedder {
             id,
             embed: Embedding::new(embed_w, h),
             blocks,
             norm,
+            lm_head,
             cos,
             sin,
             pooling,
@@ -402,6 +425,7 @@ impl DecoderEmbedder {
             &mut HfWeights { vb },
             encoder,
             pooling,
+            opts.lm_head,
             dtype,
             &opts.device,
             id,
@@ -493,7 +517,16 @@ impl DecoderEmbedder {
             device: opts.device.clone(),
             path,
         };
-        DecoderEmbedder::build(cfg, &mut w, encoder, pooling, dtype, &opts.device, id)
+        DecoderEmbedder::build(
+            cfg,
+            &mut w,
+            encoder,
+            pooling,
+            opts.lm_head,
+            dtype,
+            &opts.device,
+            id,
+        )
     }
 
     /// The model's configuration.
@@ -502,67 +535,109 @@ impl DecoderEmbedder {
     }
 
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let t = ids.dim(1)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = attention_mask(t, 0, |i, j| j <= i, &self.device)?;
+        let mut x = self.embed.forward(ids)?;
+        for blk in &self.blocks {
+            x = self.block(blk, x, &cos, &sin, &mask, None)?.0;
+        }
+        Ok(candle_nn::ops::rms_norm(
+            &x,
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?)
+    }
+
+    /// One decoder block over `x` `[b, t, h]`. `cos`/`sin` are the RoPE rows of the new
+    /// tokens' positions `[t, head_dim / 2]`; `mask` `[t, p + t]` is 0 where a new token may
+    /// attend and -inf elsewhere, over `p` cached keys `past` (`[b, kv_heads, p, head_dim]`,
+    /// rotated) then the new ones. Returns the block's output and its own rotated K/V.
+    pub(crate) fn block(
+        &self,
+        blk: &Block,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, t, _) = x.dims3()?;
         let c = &self.cfg;
         let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let rep = nh / nkv;
         let eps = c.rms_norm_eps as f32;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        // Causal mask [t, t]: 0 on and below the diagonal, -inf above.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let mut x = self.embed.forward(ids)?;
-        for blk in &self.blocks {
-            let hn = candle_nn::ops::rms_norm(&x, &blk.attn_norm, eps)?;
-            let qkv = blk.qkv.forward(&hn)?;
-            let q = qkv.narrow(D::Minus1, 0, nh * dh)?;
-            let k = qkv.narrow(D::Minus1, nh * dh, nkv * dh)?;
-            let v = qkv.narrow(D::Minus1, (nh + nkv) * dh, nkv * dh)?;
-            let q = q.reshape((b, t, nh, dh))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, dh))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, dh))?.transpose(1, 2)?.contiguous()?;
-            let (q, k) = if c.rope_interleaved {
-                (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                )
-            } else {
-                (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-                )
-            };
-            // Grouped-query attention without copying K/V: query head i uses kv head i / rep,
-            // so [b, nh, t, dh] viewed as [b, nkv, rep·t, dh] lines up with [b, nkv, t, dh].
-            let q = (q * scale)?.reshape((b, nkv, rep * t, dh))?;
-            let scores = q
-                .matmul(&k.t()?)?
-                .reshape((b, nh, t, t))?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?
-                .to_dtype(self.dtype)?
-                .reshape((b, nkv, rep * t, t))?;
-            let ctx = probs
-                .matmul(&v)?
-                .reshape((b, nh, t, dh))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * dh))?;
-            x = (x + blk.o.forward(&ctx)?)?;
-            let hn = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
-            let gu = blk.gate_up.forward(&hn)?;
-            let inter = c.intermediate_size;
-            let g = gu.narrow(D::Minus1, 0, inter)?;
-            let u = gu.narrow(D::Minus1, inter, inter)?;
-            let m = (candle_nn::ops::silu(&g)? * u)?;
-            x = (x + blk.down.forward(&m)?)?;
-        }
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
+        let hn = candle_nn::ops::rms_norm(&x, &blk.attn_norm, eps)?;
+        let qkv = blk.qkv.forward(&hn)?;
+        let q = qkv.narrow(D::Minus1, 0, nh * dh)?;
+        let k = qkv.narrow(D::Minus1, nh * dh, nkv * dh)?;
+        let v = qkv.narrow(D::Minus1, (nh + nkv) * dh, nkv * dh)?;
+        let q = q.reshape((b, t, nh, dh))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, dh))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, dh))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = if c.rope_interleaved {
+            (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            )
+        };
+        let (k_all, v_all) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k.clone(), v.clone()),
+        };
+        let kt = k_all.dim(2)?;
+        // Grouped-query attention without copying K/V: query head i uses kv head i / rep,
+        // so [b, nh, t, dh] viewed as [b, nkv, rep·t, dh] lines up with [b, nkv, kt, dh].
+        let q = (q * scale)?.reshape((b, nkv, rep * t, dh))?;
+        let scores = q
+            .matmul(&k_all.t()?)?
+            .reshape((b, nh, t, kt))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+            .to_dtype(self.dtype)?
+            .reshape((b, nkv, rep * t, kt))?;
+        let ctx = probs
+            .matmul(&v_all)?
+            .reshape((b, nh, t, dh))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * dh))?;
+        let x = (x + blk.o.forward(&ctx)?)?;
+        let hn = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
+        let gu = blk.gate_up.forward(&hn)?;
+        let inter = c.intermediate_size;
+        let g = gu.narrow(D::Minus1, 0, inter)?;
+        let u = gu.narrow(D::Minus1, inter, inter)?;
+        let m = (candle_nn::ops::silu(&g)? * u)?;
+        let x = (x + blk.down.forward(&m)?)?;
+        Ok((x, (k, v)))
     }
+}
+
+/// An additive attention mask `[t, p + t]` in f32: 0 where new token `i` may see key `j`
+/// (`p` cached keys, then the `t` new ones), -inf elsewhere. Cached keys are always visible.
+pub(crate) fn attention_mask(
+    t: usize,
+    p: usize,
+    visible: impl Fn(usize, usize) -> bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; t * (p + t)];
+    for i in 0..t {
+        for j in 0..t {
+            if !visible(i, j) {
+                m[i * (p + t) + p + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t, p + t), device)?)
 }
 
 fn check_pooling(p: Pooling) -> Result<()> {

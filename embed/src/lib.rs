@@ -27,7 +27,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 
 pub use error::{EmbedError, Result};
-pub use source::load;
+pub use source::{load, load_decoder};
 pub use tokenize::{TextEncoder, Tokens};
 
 /// How a sequence of hidden states becomes one vector.
@@ -84,6 +84,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Caps the context length below the model's own.
     pub max_len: Option<usize>,
+    /// Loads a decoder's untied output matrix too, for next-token scoring (tied models
+    /// always have it; embedding never needs it).
+    pub lm_head: bool,
 }
 
 impl Default for LoadOptions {
@@ -93,6 +96,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             max_len: None,
+            lm_head: false,
         }
     }
 }

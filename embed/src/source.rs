@@ -168,9 +168,21 @@ fn display_name(spec: &str, path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-/// Loads the embedder for `spec` (a folder, a `.gguf` file, or a hub id), picking the family
-/// from the GGUF metadata or the folder's `config.json` (`model_type`).
-pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
+/// A resolved model: its path, display name, and (for folders) the parsed `config.json`.
+enum Resolved {
+    Gguf {
+        path: PathBuf,
+        id: String,
+    },
+    Folder {
+        path: PathBuf,
+        cfg: serde_json::Value,
+        model_type: String,
+        id: String,
+    },
+}
+
+fn resolve_model(spec: &str) -> Result<Resolved> {
     let path = resolve(spec, hf_cache_dir().as_deref())?;
     let name = display_name(spec, &path);
     if path.is_file() {
@@ -179,7 +191,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
             .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
         {
             let id = format!("{name}@{}", fingerprint(std::slice::from_ref(&path))?);
-            return Ok(Box::new(DecoderEmbedder::load_gguf(&path, opts, &id)?));
+            return Ok(Resolved::Gguf { path, id });
         }
         return Err(invalid(
             &path,
@@ -206,15 +218,37 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
     files.retain(|f| f.exists());
     files.extend(safetensors_files(&path)?);
     let id = format!("{name}@{}", fingerprint(&files)?);
-    match model_type.as_str() {
-        "bert" => Ok(Box::new(BertEmbedder::load(&path, &cfg, opts, &id)?)),
-        "llama" | "mistral" | "qwen2" => {
-            Ok(Box::new(DecoderEmbedder::load_hf(&path, &cfg, opts, &id)?))
-        }
-        other => Err(EmbedError::UnknownArchitecture {
-            path: cfg_path,
-            arch: other.to_string(),
-        }),
+    Ok(Resolved::Folder {
+        path,
+        cfg,
+        model_type,
+        id,
+    })
+}
+
+/// Loads the embedder for `spec` (a folder, a `.gguf` file, or a hub id), picking the family
+/// from the GGUF metadata or the folder's `config.json` (`model_type`).
+pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
+    match resolve_model(spec)? {
+        Resolved::Gguf { path, id } => Ok(Box::new(DecoderEmbedder::load_gguf(&path, opts, &id)?)),
+        Resolved::Folder {
+            path,
+            cfg,
+            model_type,
+            id,
+        } => match model_type.as_str() {
+            "bert" => Ok(Box::new(BertEmbedder::load(&path, &cfg, opts, &id)?)),
+            _ => Ok(Box::new(DecoderEmbedder::load_hf(&path, &cfg, opts, &id)?)),
+        },
+    }
+}
+
+/// Loads a decoder LLM (a folder, a `.gguf` file, or a hub id) as itself, for next-token
+/// scoring; an encoder or unknown family is an error naming its `config.json`.
+pub fn load_decoder(spec: &str, opts: &LoadOptions) -> Result<DecoderEmbedder> {
+    match resolve_model(spec)? {
+        Resolved::Gguf { path, id } => DecoderEmbedder::load_gguf(&path, opts, &id),
+        Resolved::Folder { path, cfg, id, .. } => DecoderEmbedder::load_hf(&path, &cfg, opts, &id),
     }
 }
 

@@ -477,3 +477,78 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
         );
     }
 }
+
+/// Next-token scoring (the LLM baselines): the logits are the last token's final hidden
+/// state times the output rows; packing several sequences into one pass, and continuing a
+/// cached prefix, change nothing; an untied head is loaded only when asked for.
+#[test]
+fn tiny_llama_scores_next_tokens_with_and_without_a_cached_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    decoder_folder(tmp.path(), "llama", DType::F32);
+    let spec = tmp.path().to_str().unwrap();
+    let no_head = gpo_embed::load_decoder(spec, &LoadOptions::default()).unwrap();
+    assert!(!no_head.has_lm_head());
+    assert!(matches!(
+        no_head.next_token_logits(None, &[&[4, 5]], &[8]),
+        Err(EmbedError::Unsupported(_))
+    ));
+    let m = gpo_embed::load_decoder(
+        spec,
+        &LoadOptions {
+            lm_head: true,
+            pooling: Some(Pooling::LastToken),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(m.has_lm_head());
+    let cands = [8u32, 9, 10, 11];
+    let (a, b, p): (&[u32], &[u32], &[u32]) = (&[4, 5, 6, 7], &[13, 14], &[15, 16, 4, 5, 6]);
+
+    // Logits = last hidden · lm_head rows.
+    let weights =
+        candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let head = weights["lm_head.weight"].to_vec2::<f32>().unwrap();
+    let h = m.embed_tokens(&[a]).unwrap();
+    let want: Vec<f32> = cands
+        .iter()
+        .map(|&c| head[c as usize].iter().zip(&h[0]).map(|(x, y)| x * y).sum())
+        .collect();
+    let alone_a = m.next_token_logits(None, &[a], &cands).unwrap();
+    assert!(
+        close(&alone_a[0], &want, 1e-4),
+        "{:?} vs {want:?}",
+        alone_a[0]
+    );
+
+    // Packing two sequences into one pass.
+    let alone_b = m.next_token_logits(None, &[b], &cands).unwrap();
+    let packed = m.next_token_logits(None, &[a, b], &cands).unwrap();
+    assert!(close(&packed[0], &alone_a[0], 1e-5));
+    assert!(close(&packed[1], &alone_b[0], 1e-5));
+
+    // A cached prefix continued by both sequences = the joined sequences from scratch.
+    let cache = m.prefill(p).unwrap();
+    assert_eq!(cache.len(), p.len());
+    let cont = m.next_token_logits(Some(&cache), &[a, b], &cands).unwrap();
+    let pa: Vec<u32> = p.iter().chain(a).copied().collect();
+    let pb: Vec<u32> = p.iter().chain(b).copied().collect();
+    let full = m.next_token_logits(None, &[&pa, &pb], &cands).unwrap();
+    for (c, f) in cont.iter().zip(&full) {
+        assert!(close(c, f, 1e-4), "{c:?} vs {f:?}");
+    }
+    // The renormalized distribution sums to one.
+    let d = gpo_embed::decoder::lm::normalized(&cont[0]);
+    assert!((d.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+
+    // Past the context (16 positions): a clear error, not a panic.
+    let long = [4u32; 12];
+    assert!(matches!(
+        m.next_token_logits(Some(&cache), &[&long], &cands),
+        Err(EmbedError::TooLong { .. })
+    ));
+    assert!(matches!(
+        m.next_token_logits(None, &[a], &[999]),
+        Err(EmbedError::Unsupported(_))
+    ));
+}

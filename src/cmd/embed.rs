@@ -184,6 +184,7 @@ fn load_embedder(a: &Args) -> Result<(Box<dyn Embedder>, usize)> {
         device: dev,
         dtype: a.dtype.as_deref().map(dtype).transpose()?,
         max_len: a.max_len,
+        lm_head: false,
     };
     let t = Instant::now();
     let e =

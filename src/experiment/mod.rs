@@ -3,6 +3,7 @@
 //! paper does), scores it next to the baselines, traces the few-shot curve, and writes
 //! `results.json`, `fewshot.json`, `report.md` and PNG plots.
 
+mod lm;
 mod plots;
 mod report;
 
@@ -15,7 +16,7 @@ use gpo_core::data::Survey;
 use gpo_core::eval::evaluate;
 use gpo_core::features::PointFeatures;
 use gpo_core::io::checkpoint;
-use gpo_core::sampler::{common_questions, eval_episodes};
+use gpo_core::sampler::{common_questions, eval_episodes, subsample_targets};
 use gpo_core::synth::SynthConfig;
 use gpo_worker::Replica;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -52,6 +53,18 @@ pub struct DatasetSpec {
     /// Synthetic survey settings when `data` is absent (its seed is the run seed's).
     #[serde(default)]
     pub synth: Option<SynthConfig>,
+    /// Decoder LLM for the baselines `lm_base`, `lm_steered` and `few_shot` (a GGUF, an HF
+    /// folder or a cached hub id); absent: those baselines are not run.
+    #[serde(default)]
+    pub lm_model: Option<String>,
+    /// Target questions per held-out group the LLM baselines score (one fixed subset of the
+    /// survey's questions; 0: all). Every method is also scored on the same subset.
+    #[serde(default = "default_lm_targets")]
+    pub lm_targets: usize,
+}
+
+fn default_lm_targets() -> usize {
+    100
 }
 
 fn default_preset() -> String {
@@ -164,6 +177,8 @@ pub struct RunRecord {
     pub seed: u64,
     /// The run's summary (scores, curves, checkpoint).
     pub summary: Summary,
+    /// Every method on the LLM baselines' target subset (empty without `lm_model`).
+    pub lm_subset: BTreeMap<String, f64>,
 }
 
 /// One point of the few-shot curve: method → alignment at `k` context questions.
@@ -203,7 +218,29 @@ fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, St
     Ok((gpo_core::presets::restrict(&s, &groups), f, desc))
 }
 
-/// Few-shot curve of one trained run: GPO (best checkpoint) and baselines at each k.
+/// Every method on the LLM baselines' subset of `eps`' targets: GPO from its best
+/// checkpoint, `uniform`, `train_mean`, and the LLM's three.
+fn subset_scores(
+    lm: &mut lm::LmBaselines,
+    targets: usize,
+    model: &gpo_core::model::Gpo,
+    s: &Survey,
+    f: &PointFeatures,
+    train: &[usize],
+    eps: &[gpo_core::sampler::EpisodeSpec],
+) -> Result<BTreeMap<String, f64>> {
+    let sub = subsample_targets(eps, s.questions.len(), targets, 0);
+    let mut methods = evaluate(model, s, f, train, &sub, &Device::Cpu)?.methods;
+    if sub.iter().all(|e| e.context.is_empty()) {
+        methods.remove("gpo");
+    }
+    methods.extend(lm.evaluate(s, &sub)?);
+    Ok(methods)
+}
+
+/// Few-shot curve of one trained run: GPO (best checkpoint) and baselines at each k (all on
+/// the LLM baselines' target subset when an LLM is given).
+#[allow(clippy::too_many_arguments)]
 fn few_shot(
     cfg: &RunConfig,
     s: &Survey,
@@ -211,6 +248,7 @@ fn few_shot(
     best: &Path,
     ks: &[usize],
     dataset: &str,
+    mut lm: Option<(&mut lm::LmBaselines, usize)>,
 ) -> Result<Vec<FewShotPoint>> {
     let c = checkpoint::load(best).map_err(anyhow::Error::msg)?;
     let model = crate::cmd::eval::model_from_checkpoint(&c, &cfg.model)?;
@@ -223,11 +261,11 @@ fn few_shot(
     for &k in ks {
         let eps = eval_episodes(s, cfg.seed, &plan.test, pool.as_deref(), k)
             .map_err(anyhow::Error::msg)?;
-        let mut methods = gpo_core::eval::baselines(s, &plan.train, &eps);
-        if k > 0 {
-            let r = evaluate(&model, s, f, &plan.train, &eps, &Device::Cpu)?;
-            methods.insert("gpo".into(), r.methods["gpo"]);
-        }
+        let methods = match lm.as_mut() {
+            Some((lm, targets)) => subset_scores(lm, *targets, &model, s, f, &plan.train, &eps)?,
+            None if k == 0 => gpo_core::eval::baselines(s, &plan.train, &eps),
+            None => evaluate(&model, s, f, &plan.train, &eps, &Device::Cpu)?.methods,
+        };
         out.push(FewShotPoint {
             dataset: dataset.into(),
             seed: cfg.seed,
@@ -253,6 +291,24 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
     let mut records = Vec::new();
     let mut curve = Vec::new();
     for d in &cfg.datasets {
+        let mut lm = match &d.lm_model {
+            Some(m) => {
+                let t = std::time::Instant::now();
+                let l =
+                    lm::LmBaselines::load(m).with_context(|| format!("dataset `{}`", d.name))?;
+                bar.suspend(|| {
+                    eprintln!(
+                        "{}: LLM baselines with {} (loaded in {:.1} s), {} target questions per group",
+                        d.name,
+                        l.id(),
+                        t.elapsed().as_secs_f64(),
+                        d.lm_targets
+                    )
+                });
+                Some(l)
+            }
+            None => None,
+        };
         for &split in &cfg.splits {
             for &seed in &cfg.seeds {
                 let (survey, features, desc) =
@@ -292,7 +348,33 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                     &mut on_event,
                 )
                 .with_context(|| format!("{} split {split} seed {seed}", d.name))?;
+                let mut lm_subset = BTreeMap::new();
+                if let Some(lm) = lm.as_mut() {
+                    bar.set_message(format!(
+                        "{} split {split} seed {seed}: LLM baselines",
+                        d.name
+                    ));
+                    let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
+                    let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
+                    let plan = RunPlan::new(&rc, &survey)?;
+                    lm_subset = subset_scores(
+                        lm,
+                        d.lm_targets,
+                        &model,
+                        &survey,
+                        &features,
+                        &plan.train,
+                        &plan.eval,
+                    )
+                    .with_context(|| {
+                        format!("{} split {split} seed {seed}: LLM baselines", d.name)
+                    })?;
+                }
                 if (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() {
+                    bar.set_message(format!(
+                        "{} split {split} seed {seed}: few-shot curve",
+                        d.name
+                    ));
                     curve.extend(few_shot(
                         &rc,
                         &survey,
@@ -300,6 +382,7 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                         &summary.checkpoint,
                         &cfg.few_shot,
                         &d.name,
+                        lm.as_mut().map(|l| (l, d.lm_targets)),
                     )?);
                 }
                 records.push(RunRecord {
@@ -307,6 +390,7 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                     split,
                     seed,
                     summary,
+                    lm_subset,
                 });
             }
         }

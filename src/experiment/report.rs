@@ -41,14 +41,33 @@ fn split_key(s: f64) -> String {
     format!("{s}")
 }
 
-/// `{dataset: {split: {method: {mean, std, n}}}}`.
+/// The LLM baselines' methods (scored on the target subset only).
+pub const LM_METHODS: [&str; 3] = ["lm_base", "lm_steered", "few_shot"];
+
+/// The results key of a dataset's LLM-subset comparison.
+pub fn subset_key(dataset: &str) -> String {
+    format!("{dataset} (LLM subset)")
+}
+
+/// `{dataset: {split: {method: {mean, std, n}}}}`. A dataset's entry holds GPO and the simple
+/// baselines on every target, plus the LLM baselines (on their subset); `"<dataset> (LLM
+/// subset)"` holds every method on that same subset.
 pub fn results(records: &[RunRecord]) -> Results {
     let mut raw: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
     for r in records {
-        for (m, v) in &r.summary.methods {
-            raw.entry((r.dataset.clone(), split_key(r.split), m.clone()))
+        let mut push = |d: String, m: &str, v: f64| {
+            raw.entry((d, split_key(r.split), m.to_string()))
                 .or_default()
-                .push(*v);
+                .push(v)
+        };
+        for (m, v) in &r.summary.methods {
+            push(r.dataset.clone(), m, *v);
+        }
+        for (m, v) in &r.lm_subset {
+            if LM_METHODS.contains(&m.as_str()) {
+                push(r.dataset.clone(), m, *v);
+            }
+            push(subset_key(&r.dataset), m, *v);
         }
     }
     let mut out: Results = BTreeMap::new();
@@ -110,9 +129,40 @@ pub fn write(
             .iter()
             .find(|r| &r.dataset == ds)
             .map(|r| r.summary.metric);
+        let metric = metric.or_else(|| {
+            records
+                .iter()
+                .find(|r| subset_key(&r.dataset) == *ds)
+                .map(|r| r.summary.metric)
+        });
         writeln!(md, "## {ds}\n")?;
         if let Some(m) = metric {
             writeln!(md, "Metric: {m:?}.\n")?;
+        }
+        if let Some(d) = cfg
+            .datasets
+            .iter()
+            .find(|d| d.lm_model.is_some() && (d.name == *ds || subset_key(&d.name) == *ds))
+        {
+            let n = if d.lm_targets == 0 {
+                "every target question".to_string()
+            } else {
+                format!(
+                    "at most {} target questions per held-out group",
+                    d.lm_targets
+                )
+            };
+            if d.name == *ds {
+                writeln!(
+                    md,
+                    "`lm_base`, `lm_steered` and `few_shot` use `{}` and are scored on {n} (one fixed \
+                     subset of the questions, the same for every split and seed); the other methods on \
+                     every target. The next table compares all methods on that subset.\n",
+                    d.lm_model.as_deref().unwrap_or_default()
+                )?;
+            } else {
+                writeln!(md, "Every method on the same pairs: {n}.\n")?;
+            }
         }
         let splits: Vec<String> = by_split.keys().cloned().collect();
         let mut methods: Vec<String> = by_split.values().flat_map(|m| m.keys().cloned()).collect();
@@ -202,7 +252,16 @@ pub fn write(
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            writeln!(md, "Few-shot curve (split {}; mean over seeds; GPO needs at least one context question):\n", cfg.few_shot_split.unwrap_or(cfg.splits[0]))?;
+            let on_subset = cfg
+                .datasets
+                .iter()
+                .any(|d| d.name == *ds && d.lm_model.is_some());
+            writeln!(
+                md,
+                "Few-shot curve (split {}; mean over seeds; GPO needs at least one context question{}):\n",
+                cfg.few_shot_split.unwrap_or(cfg.splits[0]),
+                if on_subset { "; every method on the LLM subset" } else { "" }
+            )?;
             writeln!(
                 md,
                 "| method | {} |",
@@ -226,6 +285,9 @@ pub fn write(
         }
 
         let runs: Vec<&RunRecord> = records.iter().filter(|r| &r.dataset == ds).collect();
+        if runs.is_empty() {
+            continue;
+        }
         let loss: Vec<(String, Vec<(f64, f64)>)> = runs
             .iter()
             .map(|r| {
@@ -279,11 +341,15 @@ pub fn write(
             "![training loss]({lf})\n\n![validation alignment]({vf})\n"
         )?;
     }
+    if cfg.datasets.iter().any(|d| d.lm_model.is_none()) {
+        writeln!(
+            md,
+            "Datasets without `lm_model` have no LLM baselines (`lm_base`, `lm_steered`, `few_shot`).\n"
+        )?;
+    }
     writeln!(
         md,
-        "## Not in this report\n\nThe LLM baselines (`lm_base`, `lm_steered`, `few_shot`) need a causal \
-         LM's next-token probabilities (SmolLM2 through the embedding issue's loader); they are not \
-         computed by this version. Per-run details (summary.json, checkpoints) are under `<dataset>/split<s>/seed<n>/`.\n"
+        "Per-run details (summary.json, checkpoints) are under `<dataset>/split<s>/seed<n>/`.\n"
     )?;
     gpo_core::io::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())
         .context("writing report.md")
