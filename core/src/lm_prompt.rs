@@ -35,9 +35,40 @@ pub fn question(q: &Question) -> String {
 }
 
 /// The persona line of `lm_steered` (the prompt then continues with `"\n\n"` and the
-/// question).
+/// question): `Answer as if you were {group}.` An OpinionQA name `ATTRIBUTE:Value` reads as
+/// `Value (attribute)`, e.g. `Democrat (political party)`.
 pub fn persona(group: &str) -> String {
-    format!("Answer as if you were {group}.")
+    format!("Answer as if you were {}.", describe_group(group))
+}
+
+/// A group name as prose: OpinionQA's `ATTRIBUTE:Value` becomes `Value (attribute)` with the
+/// attribute in words; any other name is kept.
+pub fn describe_group(name: &str) -> String {
+    let Some((attr, value)) = name.split_once(':') else {
+        return name.to_string();
+    };
+    let words = match attr.trim() {
+        "CREGION" => "region",
+        "POLPARTY" => "political party",
+        "POLIDEOLOGY" => "political ideology",
+        "EDUCATION" => "education",
+        "INCOME" => "income",
+        "RACE" => "race or ethnicity",
+        "SEX" => "sex",
+        "AGE" => "age",
+        "RELIG" => "religion",
+        "RELIGATTEND" => "religious attendance",
+        "CITIZEN" => "citizenship",
+        "MARITAL" => "marital status",
+        other => {
+            return format!(
+                "{} ({})",
+                value.trim(),
+                other.to_lowercase().replace('_', " ")
+            )
+        }
+    };
+    format!("{} ({words})", value.trim())
 }
 
 /// One answered context question of `few_shot`: the question block, then the group's
@@ -102,6 +133,11 @@ mod tests {
             "Question: Is it good?\nA. Yes\nB. No\nAnswer:"
         );
         assert_eq!(persona("Democrat"), "Answer as if you were Democrat.");
+        assert_eq!(
+            persona("POLPARTY:Democrat"),
+            "Answer as if you were Democrat (political party)."
+        );
+        assert_eq!(describe_group("NEW_ATTR:x"), "x (new attr)");
         assert_eq!(
             shot(&q(), &[0.354, 0.646]),
             "Question: Is it good?\nA. Yes\nB. No\nAnswer: A. 35%, B. 65%"

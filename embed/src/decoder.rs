@@ -299,11 +299,10 @@ impl DecoderEmbedder {
         w: &mut dyn Weights,
         encoder: TextEncoder,
         pooling: Pooling,
-        want_head: bool,
-        dtype: DType,
-        device: &Device,
+        opts: &LoadOptions,
         id: String,
     ) -> Result<DecoderEmbedder> {
+        let (dtype, device, want_head) = (opts.compute_dtype(), &opts.device, opts.lm_head);
         let h = cfg.hidden_size;
         let qd = cfg.num_heads * cfg.head_dim;
         let kvd = cfg.num_kv_heads * cfg.head_dim;
@@ -420,16 +419,7 @@ impl DecoderEmbedder {
         let pooling = opts.pooling.unwrap_or(Pooling::Mean);
         check_pooling(pooling)?;
         let id = format!("{id_base}|{}|{}", pooling.name(), dtype.as_str());
-        DecoderEmbedder::build(
-            cfg,
-            &mut HfWeights { vb },
-            encoder,
-            pooling,
-            opts.lm_head,
-            dtype,
-            &opts.device,
-            id,
-        )
+        DecoderEmbedder::build(cfg, &mut HfWeights { vb }, encoder, pooling, opts, id)
     }
 
     /// Loads a decoder from a GGUF file, dequantizing every tensor.
@@ -517,16 +507,7 @@ impl DecoderEmbedder {
             device: opts.device.clone(),
             path,
         };
-        DecoderEmbedder::build(
-            cfg,
-            &mut w,
-            encoder,
-            pooling,
-            opts.lm_head,
-            dtype,
-            &opts.device,
-            id,
-        )
+        DecoderEmbedder::build(cfg, &mut w, encoder, pooling, opts, id)
     }
 
     /// The model's configuration.

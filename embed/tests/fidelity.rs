@@ -221,3 +221,58 @@ fn smollm2_as_hf_folder_in_f16_matches_transformers() {
         assert!(c >= 0.999, "cosine {c} for {:?}", i["text"]);
     }
 }
+
+/// Next-token scoring (the LLM baselines) against transformers' `AutoModelForCausalLM` on the
+/// same GGUF: the option letters' logits after each prompt, from scratch and continuing the
+/// prompt's cached prefix (everything before its last blank line).
+#[test]
+fn smollm2_next_token_logits_match_transformers() {
+    let p = root().join("tests/fixtures/embed/lm_reference.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let r = &r["smollm2_next"];
+    let m = gpo_embed::load_decoder(
+        smollm_gguf().to_str().unwrap(),
+        &LoadOptions {
+            lm_head: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        m.has_lm_head(),
+        "SmolLM2 ties its output layer to the embeddings"
+    );
+    let tok = m.encoder().tokenizer();
+    let enc = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
+    let cands = ids(&r["candidates"]);
+    for (l, &c) in r["letters"].as_array().unwrap().iter().zip(&cands) {
+        let cue = enc("Answer:");
+        let full = enc(&format!("Answer:{}", l.as_str().unwrap()));
+        assert_eq!(full.strip_prefix(cue.as_slice()), Some(&[c][..]), "{l}");
+    }
+    for item in r["items"].as_array().unwrap() {
+        let prompt = item["prompt"].as_str().unwrap();
+        let want = floats(&item["logits"]);
+        let full = m.encoder().encode(prompt, false).unwrap().ids;
+        assert_eq!(full, ids(&item["ids"]), "token ids of {prompt:?}");
+        let got = &m.next_token_logits(None, &[&full], &cands).unwrap()[0];
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("next-token logits max |diff| {diff:.2e}");
+        assert!(diff < 1e-3, "{got:?} vs {want:?} for {prompt:?}");
+        if let Some(cut) = prompt.rfind("\n\n") {
+            let prefix = m.encoder().encode(&prompt[..cut], false).unwrap().ids;
+            let rest = full
+                .strip_prefix(prefix.as_slice())
+                .expect("prefix tokenizes alone");
+            let cache = m.prefill(&prefix).unwrap();
+            let cont = &m.next_token_logits(Some(&cache), &[rest], &cands).unwrap()[0];
+            for (a, b) in cont.iter().zip(got) {
+                assert!((a - b).abs() < 1e-3, "cached prefix: {cont:?} vs {got:?}");
+            }
+        }
+    }
+}

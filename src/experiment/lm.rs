@@ -34,6 +34,8 @@ pub struct LmBaselines {
     letters: Vec<u32>,
     base: HashMap<usize, Vec<f64>>,
     steered: HashMap<(usize, usize), Vec<f64>>,
+    /// `few_shot` by (group, context questions), then target question.
+    few: HashMap<(usize, Vec<usize>), HashMap<usize, Vec<f64>>>,
     /// Shots dropped (oldest first) to fit the model's context, over all episodes.
     pub dropped_shots: usize,
 }
@@ -75,6 +77,7 @@ impl LmBaselines {
             letters,
             base: HashMap::new(),
             steered: HashMap::new(),
+            few: HashMap::new(),
             dropped_shots: 0,
         })
     }
@@ -104,7 +107,8 @@ impl LmBaselines {
             .collect::<Result<_>>()?;
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| toks[i].len());
-        let parts: Vec<Result<Vec<(usize, Vec<f32>)>>> = order
+        type Scored = Vec<(usize, Vec<f32>)>;
+        let parts: Vec<Result<Scored>> = order
             .par_chunks(PROMPTS_PER_ITEM)
             .map(|idx| {
                 let seqs: Vec<&[u32]> = idx.iter().map(|&i| toks[i].as_slice()).collect();
@@ -184,17 +188,20 @@ impl LmBaselines {
             .unwrap_or(0);
         // Drop the oldest shots until the prefix and any target fit the context.
         let mut first = 0;
-        let (prefix_text, prefix_ids) = loop {
+        let prefix = loop {
+            if first == shots.len() {
+                break None;
+            }
             let text = lm_prompt::few_shot_prefix(
                 shots[first..].iter().map(|&(q, d)| (&s.questions[q], d)),
             );
             let ids = enc.encode(&text, true)?.ids;
-            if ids.len() + longest_target + 4 <= enc.max_len() || first == shots.len() {
-                break (text, ids);
+            if ids.len() + longest_target + 4 <= enc.max_len() {
+                break Some((text, ids));
             }
             first += 1;
         };
-        if first == shots.len() {
+        let Some((prefix_text, prefix_ids)) = prefix else {
             // No shot fits (or none given): the plain prompt, i.e. `lm_base`.
             let prompts: Vec<(String, usize)> = e
                 .target
@@ -202,7 +209,7 @@ impl LmBaselines {
                 .map(|&q| Ok((lm_prompt::question(&s.questions[q]), Self::options(s, q)?)))
                 .collect::<Result<_>>()?;
             return Ok((self.score_prompts(&prompts)?, first));
-        }
+        };
         let cache = self.model.prefill(&prefix_ids)?;
         let mut conts: Vec<Vec<u32>> = Vec::with_capacity(e.target.len());
         for &q in &e.target {
@@ -234,28 +241,56 @@ impl LmBaselines {
     }
 
     /// Scores `lm_base`, `lm_steered` and `few_shot` on `eps` with the survey's metric.
+    /// Without context questions `few_shot`'s prompt is `lm_base`'s; (group, context, target)
+    /// triples already scored (the few-shot curve's k = 20 is the main evaluation) are reused.
     pub fn evaluate(&mut self, s: &Survey, eps: &[EpisodeSpec]) -> Result<BTreeMap<String, f64>> {
         self.fill(s, eps)?;
-        let few: Vec<Result<(Vec<Vec<f64>>, usize)>> = eps
+        let todo: Vec<EpisodeSpec> = eps
+            .iter()
+            .filter(|e| !e.context.is_empty())
+            .filter_map(|e| {
+                let done = self.few.get(&(e.group, e.context.clone()));
+                let target: Vec<usize> = e
+                    .target
+                    .iter()
+                    .copied()
+                    .filter(|q| done.is_none_or(|d| !d.contains_key(q)))
+                    .collect();
+                (!target.is_empty()).then(|| EpisodeSpec {
+                    group: e.group,
+                    context: e.context.clone(),
+                    target,
+                })
+            })
+            .collect();
+        let scored: Vec<Result<(Vec<Vec<f64>>, usize)>> = todo
             .par_iter()
             .map(|e| self.few_shot_episode(s, e))
             .collect();
-        let mut acc: BTreeMap<&str, ScoreAccumulator> = BTreeMap::new();
-        for (e, f) in eps.iter().zip(few) {
-            let (f, dropped) = f.with_context(|| {
+        for (e, r) in todo.iter().zip(scored) {
+            let (preds, dropped) = r.with_context(|| {
                 format!("few-shot prompts for group `{}`", s.groups[e.group].name)
             })?;
             self.dropped_shots += dropped;
-            for (i, &q) in e.target.iter().enumerate() {
+            self.few
+                .entry((e.group, e.context.clone()))
+                .or_default()
+                .extend(e.target.iter().copied().zip(preds));
+        }
+        let mut acc: BTreeMap<&str, ScoreAccumulator> = BTreeMap::new();
+        for e in eps {
+            let few = self.few.get(&(e.group, e.context.clone()));
+            for &q in &e.target {
                 let Some(truth) = &s.answers[e.group][q] else {
                     continue;
                 };
                 let truth: Vec<f64> = truth.iter().map(|&p| p as f64).collect();
                 let ord = s.questions[q].ordinals();
+                let base = &self.base[&q];
                 let preds = [
-                    ("lm_base", &self.base[&q]),
+                    ("lm_base", base),
                     ("lm_steered", &self.steered[&(e.group, q)]),
-                    ("few_shot", &f[i]),
+                    ("few_shot", few.and_then(|f| f.get(&q)).unwrap_or(base)),
                 ];
                 for (m, p) in preds {
                     if let Some(v) = pair_score(s.metric, ord.as_deref(), p, &truth) {

@@ -121,6 +121,10 @@ pub struct ExperimentConfig {
     /// The split the few-shot curve is drawn on (default: the first).
     #[serde(default)]
     pub few_shot_split: Option<f64>,
+    /// The seeds the few-shot curve is drawn for (default: every seed). The LLM baselines'
+    /// few-shot prompts make each point costly on CPU.
+    #[serde(default)]
+    pub few_shot_seeds: Option<Vec<u64>>,
     /// Training settings shared by every run (seed and split are set per run).
     #[serde(default)]
     pub train: RunConfig,
@@ -230,11 +234,18 @@ fn subset_scores(
     eps: &[gpo_core::sampler::EpisodeSpec],
 ) -> Result<BTreeMap<String, f64>> {
     let sub = subsample_targets(eps, s.questions.len(), targets, 0);
-    let mut methods = evaluate(model, s, f, train, &sub, &Device::Cpu)?.methods;
-    if sub.iter().all(|e| e.context.is_empty()) {
-        methods.remove("gpo");
-    }
+    let mut methods = if sub.iter().all(|e| e.context.is_empty()) {
+        gpo_core::eval::baselines(s, train, &sub)
+    } else {
+        evaluate(model, s, f, train, &sub, &Device::Cpu)?.methods
+    };
+    let t = std::time::Instant::now();
     methods.extend(lm.evaluate(s, &sub)?);
+    tracing::info!(
+        "LLM baselines on {} episodes in {:.1} s",
+        sub.len(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(methods)
 }
 
@@ -370,7 +381,11 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                         format!("{} split {split} seed {seed}: LLM baselines", d.name)
                     })?;
                 }
-                if (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() {
+                let curve_seed = cfg
+                    .few_shot_seeds
+                    .as_ref()
+                    .is_none_or(|v| v.contains(&seed));
+                if (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed {
                     bar.set_message(format!(
                         "{} split {split} seed {seed}: few-shot curve",
                         d.name

@@ -258,8 +258,9 @@ pub fn write(
                 .any(|d| d.name == *ds && d.lm_model.is_some());
             writeln!(
                 md,
-                "Few-shot curve (split {}; mean over seeds; GPO needs at least one context question{}):\n",
+                "Few-shot curve (split {}; mean over seeds {:?}; GPO needs at least one context question{}):\n",
                 cfg.few_shot_split.unwrap_or(cfg.splits[0]),
+                cfg.few_shot_seeds.as_ref().unwrap_or(&cfg.seeds),
                 if on_subset { "; every method on the LLM subset" } else { "" }
             )?;
             writeln!(

@@ -214,6 +214,12 @@ impl Gpo {
 
     /// The predictor output for every target point: `[G, Nt, 2]` = (mean, raw std).
     pub fn forward(&self, b: &ModelBatch) -> Result<Tensor> {
+        if b.nc == 0 {
+            candle_core::bail!(
+                "GPO needs at least one context point per group: every point attends only to \
+                 context points"
+            );
+        }
         let mask = match (&b.ctx_mask, self.path) {
             (Some(m), OpPath::Composite) => Some(
                 Tensor::from_slice(m.as_slice(), (b.groups, 1, 1, b.nc), b.device())?

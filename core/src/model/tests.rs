@@ -258,3 +258,22 @@ fn loss_goes_down_under_adam() {
     }
     assert!(last < first - 1.0, "loss went from {first} to {last}");
 }
+
+#[test]
+fn no_context_is_an_error_not_a_panic() {
+    let m = Gpo::new(tiny_cfg(4), 1, &Device::Cpu).unwrap();
+    let b = build_batch(
+        1,
+        4,
+        vec![],
+        vec![0.5; 8],
+        vec![],
+        vec![0.5; 2],
+        &[],
+        vec![vec![(0, 2)]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = m.predict(&b).unwrap_err().to_string();
+    assert!(e.contains("at least one context point"), "{e}");
+}
