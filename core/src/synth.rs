@@ -33,7 +33,8 @@ pub const EMBEDDER: &str = "synthetic-latent/v1";
 
 /// Standard deviation of each stance coordinate: large, so groups differ substantially.
 const STANCE_SD: f64 = 1.5;
-/// How far a question's loading strays from its topic's direction (before normalizing).
+/// How far a question's loading strays from its topic's direction (before normalizing), by
+/// default.
 const LOADING_SPREAD: f64 = 0.7;
 /// Standard deviation of the per-question bias.
 const BIAS_SD: f64 = 0.4;
@@ -79,6 +80,11 @@ pub struct SynthConfig {
     /// latent group, each with a stance drawn around the group's, answering one option per
     /// question (a one-hot distribution sampled from their own); scored by accuracy.
     pub individuals_per_group: usize,
+    /// How far each question's loading strays from its topic's direction (before
+    /// normalizing). The stray part is visible to the labelled-synthetic embeddings but not
+    /// in the question's text, so a lower spread leaves more of the structure to a text
+    /// embedder.
+    pub loading_spread: f64,
 }
 
 impl Default for SynthConfig {
@@ -91,6 +97,7 @@ impl Default for SynthConfig {
             latent: 4,
             noise: 0.05,
             individuals_per_group: 0,
+            loading_spread: LOADING_SPREAD,
         }
     }
 }
@@ -114,6 +121,12 @@ impl SynthConfig {
             return Err(format!(
                 "synthetic `noise` is {}, expected a finite value >= 0",
                 self.noise
+            ));
+        }
+        if !(self.loading_spread.is_finite() && self.loading_spread >= 0.0) {
+            return Err(format!(
+                "synthetic `loading_spread` is {}, expected a finite value >= 0",
+                self.loading_spread
             ));
         }
         Ok(())
@@ -535,7 +548,7 @@ fn build_world(cfg: &SynthConfig) -> World {
         let scale = item.kind.scales()[(first + variant) % 2];
 
         let mut rng = Rng::keyed(&[seed, S_QUESTION, i as u64]);
-        let eps = normals(&mut rng, cfg.latent, LOADING_SPREAD);
+        let eps = normals(&mut rng, cfg.latent, cfg.loading_spread);
         let t: Vec<f64> = topic_dirs[item.topic]
             .iter()
             .zip(&eps)

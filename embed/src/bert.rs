@@ -341,13 +341,13 @@ impl BertEmbedder {
                 .matmul(&k.t()?)?
                 .to_dtype(DType::F32)?
                 .broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let probs = crate::fast::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
             let a = l.attn_out.forward(&ctx)?;
             x = l.attn_norm.forward(&(a + &x)?)?;
             let i = l.inter.forward(&x)?;
             let i = match self.act {
-                Act::Gelu => i.gelu_erf()?,
+                Act::Gelu => crate::fast::gelu_erf(&i)?,
                 Act::GeluTanh => i.gelu()?,
                 Act::Relu => i.relu()?,
             };

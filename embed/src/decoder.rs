@@ -582,7 +582,7 @@ impl DecoderEmbedder {
             .reshape((b, nh, t, kt))?
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+        let probs = crate::fast::softmax_last_dim(&scores)?
             .to_dtype(self.dtype)?
             .reshape((b, nkv, rep * t, kt))?;
         let ctx = probs

@@ -18,6 +18,7 @@
 pub mod bert;
 pub mod decoder;
 pub mod error;
+mod fast;
 pub mod source;
 pub mod tokenize;
 

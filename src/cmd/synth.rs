@@ -33,6 +33,10 @@ pub struct Args {
     /// answering one option per question (scored by accuracy).
     #[arg(long, default_value_t = 0)]
     pub individuals: usize,
+    /// How far each question's loading strays from its topic's direction: the part of the
+    /// structure a text embedder cannot see in the question's wording.
+    #[arg(long, default_value_t = SynthConfig::default().loading_spread)]
+    pub loading_spread: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -44,6 +48,7 @@ pub fn run(a: Args) -> Result<()> {
         latent: a.latent,
         noise: a.noise,
         individuals_per_group: a.individuals,
+        loading_spread: a.loading_spread,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let out = generate(&cfg);
