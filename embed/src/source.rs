@@ -238,8 +238,21 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
             id,
         } => match model_type.as_str() {
             "bert" => Ok(Box::new(BertEmbedder::load(&path, &cfg, opts, &id)?)),
-            _ => Ok(Box::new(DecoderEmbedder::load_hf(&path, &cfg, opts, &id)?)),
+            t if DECODERS.contains(&t) => {
+                Ok(Box::new(DecoderEmbedder::load_hf(&path, &cfg, opts, &id)?))
+            }
+            other => Err(unknown(&path, other)),
         },
+    }
+}
+
+/// The `model_type`s of the decoder families.
+const DECODERS: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+fn unknown(dir: &Path, arch: &str) -> EmbedError {
+    EmbedError::UnknownArchitecture {
+        path: dir.join("config.json"),
+        arch: arch.to_string(),
     }
 }
 
@@ -248,7 +261,17 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
 pub fn load_decoder(spec: &str, opts: &LoadOptions) -> Result<DecoderEmbedder> {
     match resolve_model(spec)? {
         Resolved::Gguf { path, id } => DecoderEmbedder::load_gguf(&path, opts, &id),
-        Resolved::Folder { path, cfg, id, .. } => DecoderEmbedder::load_hf(&path, &cfg, opts, &id),
+        Resolved::Folder {
+            path,
+            cfg,
+            model_type,
+            id,
+        } => {
+            if !DECODERS.contains(&model_type.as_str()) {
+                return Err(unknown(&path, &model_type));
+            }
+            DecoderEmbedder::load_hf(&path, &cfg, opts, &id)
+        }
     }
 }
 

@@ -551,4 +551,11 @@ fn tiny_llama_scores_next_tokens_with_and_without_a_cached_prefix() {
         m.next_token_logits(None, &[a], &[999]),
         Err(EmbedError::Unsupported(_))
     ));
+    // An encoder is not a decoder: named as such, not misread as a broken decoder config.
+    let enc = tempfile::tempdir().unwrap();
+    bert_folder(enc.path(), "", None);
+    assert!(matches!(
+        gpo_embed::load_decoder(enc.path().to_str().unwrap(), &LoadOptions::default()),
+        Err(EmbedError::UnknownArchitecture { .. })
+    ));
 }
