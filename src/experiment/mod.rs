@@ -254,16 +254,13 @@ fn subset_scores(
 #[allow(clippy::too_many_arguments)]
 fn few_shot(
     cfg: &RunConfig,
+    (model, plan): (&gpo_core::model::Gpo, &RunPlan),
     s: &Survey,
     f: &PointFeatures,
-    best: &Path,
     ks: &[usize],
     dataset: &str,
     mut lm: Option<(&mut lm::LmBaselines, usize)>,
 ) -> Result<Vec<FewShotPoint>> {
-    let c = checkpoint::load(best).map_err(anyhow::Error::msg)?;
-    let model = crate::cmd::eval::model_from_checkpoint(&c, &cfg.model)?;
-    let plan = RunPlan::new(cfg, s)?;
     let pool = s
         .metric
         .shares_questions()
@@ -273,9 +270,9 @@ fn few_shot(
         let eps = eval_episodes(s, cfg.seed, &plan.test, pool.as_deref(), k)
             .map_err(anyhow::Error::msg)?;
         let methods = match lm.as_mut() {
-            Some((lm, targets)) => subset_scores(lm, *targets, &model, s, f, &plan.train, &eps)?,
+            Some((lm, targets)) => subset_scores(lm, *targets, model, s, f, &plan.train, &eps)?,
             None if k == 0 => gpo_core::eval::baselines(s, &plan.train, &eps),
-            None => evaluate(&model, s, f, &plan.train, &eps, &Device::Cpu)?.methods,
+            None => evaluate(model, s, f, &plan.train, &eps, &Device::Cpu)?.methods,
         };
         out.push(FewShotPoint {
             dataset: dataset.into(),
@@ -359,19 +356,30 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                     &mut on_event,
                 )
                 .with_context(|| format!("{} split {split} seed {seed}", d.name))?;
+                let curve_seed = cfg
+                    .few_shot_seeds
+                    .as_ref()
+                    .is_none_or(|v| v.contains(&seed));
+                let want_curve =
+                    (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed;
+                // The best checkpoint and the run's plan, once, for what re-scores it.
+                let best = if lm.is_some() || want_curve {
+                    let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
+                    let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
+                    Some((model, RunPlan::new(&rc, &survey)?))
+                } else {
+                    None
+                };
                 let mut lm_subset = BTreeMap::new();
-                if let Some(lm) = lm.as_mut() {
+                if let (Some(lm), Some((model, plan))) = (lm.as_mut(), best.as_ref()) {
                     bar.set_message(format!(
                         "{} split {split} seed {seed}: LLM baselines",
                         d.name
                     ));
-                    let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
-                    let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
-                    let plan = RunPlan::new(&rc, &survey)?;
                     lm_subset = subset_scores(
                         lm,
                         d.lm_targets,
-                        &model,
+                        model,
                         &survey,
                         &features,
                         &plan.train,
@@ -381,20 +389,16 @@ pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
                         format!("{} split {split} seed {seed}: LLM baselines", d.name)
                     })?;
                 }
-                let curve_seed = cfg
-                    .few_shot_seeds
-                    .as_ref()
-                    .is_none_or(|v| v.contains(&seed));
-                if (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed {
+                if let (true, Some((model, plan))) = (want_curve, best.as_ref()) {
                     bar.set_message(format!(
                         "{} split {split} seed {seed}: few-shot curve",
                         d.name
                     ));
                     curve.extend(few_shot(
                         &rc,
+                        (model, plan),
                         &survey,
                         &features,
-                        &summary.checkpoint,
                         &cfg.few_shot,
                         &d.name,
                         lm.as_mut().map(|l| (l, d.lm_targets)),
