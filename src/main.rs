@@ -5,6 +5,7 @@
 mod cmd;
 mod experiment;
 mod inputs;
+mod signals;
 
 use clap::{Parser, Subcommand};
 

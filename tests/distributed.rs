@@ -250,7 +250,7 @@ fn workers_register_show_in_status_and_shut_down_when_the_run_ends() {
     for (w, name) in [(w1, "first"), (w2, "second")] {
         let text = w.finish(name, Duration::from_secs(30));
         assert!(
-            text.contains("20 steps; stopped: the run finished"),
+            text.contains("20 steps, 0 rejoins; stopped: the run finished"),
             "{name}: {text}"
         );
     }
@@ -285,7 +285,7 @@ fn a_worker_started_before_the_coordinator_waits_and_retries() {
     coord.finish("gpo coordinator", Duration::from_secs(120));
     let text = w.finish("early worker", Duration::from_secs(30));
     assert!(
-        text.contains("5 steps; stopped: the run finished"),
+        text.contains("5 steps, 0 rejoins; stopped: the run finished"),
         "{text}"
     );
 }

@@ -4,13 +4,20 @@
 //!
 //! [`run::train`] drives replicas through the [`run::Dispatch`] trait; the single-process
 //! trainer dispatches to one in-process replica ([`run::InProcess`]); the distributed one
-//! serves the `gpo.v1` gRPC API ([`server::CoordinatorService`]) and dispatches to remote
-//! workers ([`server::GrpcDispatch`]).
+//! serves the `gpo.v1` gRPC API ([`service::CoordinatorService`]) and dispatches to remote
+//! workers ([`dispatch::GrpcDispatch`]). Membership, generations, fencing, the step round
+//! and recovery are decided by the pure state machine in [`machine`]; the service and the
+//! dispatch only carry its events and actions.
 
 pub mod config;
+pub mod dispatch;
+pub mod machine;
 pub mod run;
-pub mod server;
+pub mod service;
+mod shared;
+mod status;
 
 pub use config::RunConfig;
+pub use dispatch::{GrpcDispatch, StepTimes};
 pub use run::{train, Dispatch, InProcess, RunEvent, Summary};
-pub use server::{CoordinatorOptions, CoordinatorService, GrpcDispatch, RunInfo};
+pub use service::{new_run_id, CoordinatorOptions, CoordinatorService, RunInfo};

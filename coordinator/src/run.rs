@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a step's episodes go and where the current model can be read back. The
-/// single-process [`InProcess`] and the gRPC [`crate::server::GrpcDispatch`] share the loop
+/// single-process [`InProcess`] and the gRPC [`crate::dispatch::GrpcDispatch`] share the loop
 /// of [`train`] through it.
 pub trait Dispatch {
     /// Runs one data-parallel step over all of `episodes`; returns the batch loss. When
@@ -42,6 +42,10 @@ pub trait Dispatch {
     /// Timings worth keeping in `summary.json` (the distributed dispatch's), if any.
     fn stats(&self) -> Option<serde_json::Value> {
         None
+    }
+    /// The recoveries from failures so far (`summary.json`'s `recoveries`).
+    fn recoveries(&self) -> Vec<serde_json::Value> {
+        Vec::new()
     }
 }
 
@@ -102,13 +106,76 @@ pub enum RunEvent {
     },
 }
 
+/// The error a dispatch returns when the run went back to step `to` (no live worker
+/// held the committed state; the dispatch holds `to`'s): the loop continues from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewound {
+    /// The step the run is back at.
+    pub to: u64,
+}
+
+impl std::fmt::Display for Rewound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the run went back to step {}", self.to)
+    }
+}
+
+impl std::error::Error for Rewound {}
+
+impl Progress {
+    /// Forgets everything after step `to` (its steps run again, identically).
+    pub fn truncate(&mut self, to: u64) {
+        self.step = to;
+        self.loss_history.retain(|(s, _)| *s <= to);
+        self.eval_history.retain(|e| e.step <= to);
+        self.step_times.truncate(self.loss_history.len());
+    }
+}
+
 /// One evaluation in the run's history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EvalPoint {
     /// Step evaluated after (0 = before training).
     pub step: u64,
     /// GPO's alignment.
     pub gpo: f64,
+}
+
+/// The training loop's own state at a step: what a resumed run needs, beyond the
+/// parameters and optimizer state, to continue as if it had never stopped. Saved in every
+/// resume point's metadata.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// The step this progress is at.
+    pub step: u64,
+    /// Mean training loss per step.
+    pub loss_history: Vec<(u64, f64)>,
+    /// Every evaluation.
+    pub eval_history: Vec<EvalPoint>,
+    /// Step of the best checkpoint so far (`best.safetensors`).
+    pub best_step: Option<u64>,
+    /// Seconds per step so far.
+    pub step_times: Vec<f64>,
+    /// The data the run trains on ([`gpo_worker::wire::data_fingerprint`]).
+    pub data_fingerprint: String,
+    /// Recoveries of earlier coordinators of this run.
+    #[serde(default)]
+    pub recoveries: Vec<serde_json::Value>,
+}
+
+/// How the loop keeps resume points and stops early.
+#[derive(Debug, Clone, Default)]
+pub struct LoopOptions {
+    /// Also write a resume point every this many steps (0: only at evaluations, at a stop
+    /// and at the end).
+    pub checkpoint_every: u64,
+    /// Resume points kept in `out/checkpoints/` (the newest; at least 1).
+    pub keep_checkpoints: usize,
+    /// Set (by a signal handler) to stop: the next step brings the state back, a resume
+    /// point is written, and the loop returns a summary with `stopped_at`.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Continue from this progress; the dispatch already holds the state of its step.
+    pub resume: Option<Progress>,
 }
 
 /// The run's summary, written to `summary.json`.
@@ -145,6 +212,15 @@ pub struct Summary {
     /// Workers and step timings of a distributed run (absent for a single-process run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distributed: Option<serde_json::Value>,
+    /// One entry per failure recovered from: step, reason, `detect_s`, `recover_s`,
+    /// `steps_recomputed`.
+    pub recoveries: Vec<serde_json::Value>,
+    /// The step the run was stopped at (SIGTERM) before its end; resume with `--resume`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<u64>,
+    /// The step this run resumed from, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 /// The group split and episode pools of a run, derived from its seed.
@@ -192,14 +268,40 @@ impl RunPlan {
     }
 }
 
-/// Trains GPO on `survey` and writes `out/best.safetensors`, `out/last.safetensors` and
-/// `out/summary.json`.
+/// Trains GPO on `survey` and writes `out/best.safetensors`, `out/last.safetensors`,
+/// resume points in `out/checkpoints/`, and `out/summary.json`.
 pub fn train(
     cfg: &RunConfig,
     survey: Arc<Survey>,
     features: Arc<PointFeatures>,
     dispatch: &mut dyn Dispatch,
     out: &Path,
+    on_event: &mut dyn FnMut(RunEvent),
+) -> Result<Summary> {
+    train_with(
+        cfg,
+        survey,
+        features,
+        dispatch,
+        out,
+        &LoopOptions::default(),
+        on_event,
+    )
+}
+
+/// The folder of a run's resume points.
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// [`train`] with resume points, a stop flag and resume.
+pub fn train_with(
+    cfg: &RunConfig,
+    survey: Arc<Survey>,
+    features: Arc<PointFeatures>,
+    dispatch: &mut dyn Dispatch,
+    out: &Path,
+    opts: &LoopOptions,
     on_event: &mut dyn FnMut(RunEvent),
 ) -> Result<Summary> {
     cfg.validate().map_err(anyhow::Error::msg)?;
@@ -209,9 +311,42 @@ pub fn train(
         .with_context(|| format!("creating output folder {}", out.display()))?;
     let config_json = serde_json::to_value(cfg)?;
     let best_path = out.join("best.safetensors");
+    let ckpt_dir = checkpoints_dir(out);
+    let fingerprint = gpo_worker::wire::data_fingerprint(&survey, &features);
 
-    let mut eval_history = Vec::new();
+    let mut progress = match &opts.resume {
+        Some(p) => {
+            if !p.data_fingerprint.is_empty() && p.data_fingerprint != fingerprint {
+                anyhow::bail!(
+                    "cannot resume: the run trained on data with fingerprint {}, this data's is {fingerprint}",
+                    p.data_fingerprint
+                );
+            }
+            p.clone()
+        }
+        None => Progress {
+            data_fingerprint: fingerprint.clone(),
+            ..Default::default()
+        },
+    };
+    let resumed_from = opts.resume.as_ref().map(|p| p.step);
     let mut best: Option<(u64, EvalReport)> = None;
+    if progress.best_step.is_some() {
+        // The best checkpoint's report, re-scored (evaluation is deterministic). Its own
+        // step counts: it may be newer than the resume point, if the run died between
+        // writing the two; replaying that step then finds it equal, not better.
+        let c = checkpoint::load(&best_path).map_err(anyhow::Error::msg)?;
+        let b = c.step;
+        let model = Gpo::new(cfg.model.clone(), cfg.seed, &device)?;
+        let flat: Vec<f32> = c
+            .params
+            .iter()
+            .flat_map(|p| p.data.iter().copied())
+            .collect();
+        model.params.set_flat(&flat)?;
+        let report = evaluate(&model, &survey, &features, &plan.train, &plan.eval, &device)?;
+        best = Some((b, report));
+    }
     let mut evaluate_now =
         |step: u64, d: &dyn Dispatch, hist: &mut Vec<EvalPoint>| -> Result<(bool, EvalReport)> {
             let report = evaluate(
@@ -232,72 +367,156 @@ pub fn train(
             }
             Ok((improved, report))
         };
+    let save_point = |d: &dyn Dispatch, p: &Progress| -> Result<()> {
+        let mut c = d.checkpoint(p.step, config_json.clone())?;
+        c.progress = Some(serde_json::to_value(p)?);
+        let path = ckpt_dir.join(checkpoint::resume_point_name(p.step));
+        checkpoint::save(&path, &c).map_err(anyhow::Error::msg)?;
+        checkpoint::prune(&ckpt_dir, opts.keep_checkpoints.max(1))
+            .with_context(|| format!("pruning {}", ckpt_dir.display()))
+    };
 
-    let (b, report) = evaluate_now(0, dispatch, &mut eval_history)?;
-    on_event(RunEvent::Eval {
-        step: 0,
-        report,
-        best: b,
-    });
-    let mut loss_history = Vec::new();
-    let mut times = Vec::with_capacity(cfg.steps as usize);
-    for step in 1..=cfg.steps {
+    if resumed_from.is_none() {
+        let (b, report) = evaluate_now(0, dispatch, &mut progress.eval_history)?;
+        if b {
+            progress.best_step = Some(0);
+        }
+        on_event(RunEvent::Eval {
+            step: 0,
+            report,
+            best: b,
+        });
+    }
+    let stop_requested = || {
+        opts.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let mut stopped_at = None;
+    let mut step = progress.step;
+    while step < cfg.steps {
+        step += 1;
         let eps = plan.episodes(cfg, &survey, step)?;
         let t = Instant::now();
+        let stop = stop_requested();
         let eval_due = step % cfg.eval_every == 0 || step == cfg.steps;
-        let loss = dispatch
-            .step(step, cfg.steps, &eps, eval_due)
-            .with_context(|| format!("step {step}"))?;
+        let every = opts.checkpoint_every;
+        let point_due = eval_due || stop || (every > 0 && step % every == 0);
+        let loss = match dispatch.step(step, cfg.steps, &eps, point_due) {
+            Ok(l) => l,
+            Err(e) => match e.downcast_ref::<Rewound>() {
+                Some(r) => {
+                    tracing::warn!("{r}; steps {}..={step} run again", r.to + 1);
+                    progress.truncate(r.to);
+                    step = r.to;
+                    continue;
+                }
+                None => return Err(e.context(format!("step {step}"))),
+            },
+        };
         if !loss.is_finite() {
             anyhow::bail!("step {step}: the loss is {loss}; lower `adam.lr` or check the embeddings for extreme values");
         }
         let secs = t.elapsed().as_secs_f64();
-        times.push(secs);
-        loss_history.push((step, loss));
+        progress.step = step;
+        progress.step_times.push(secs);
+        progress.loss_history.push((step, loss));
         on_event(RunEvent::Step {
             step,
             loss,
             seconds: secs,
         });
         if eval_due {
-            let (b, report) = evaluate_now(step, dispatch, &mut eval_history)?;
+            let (b, report) = evaluate_now(step, dispatch, &mut progress.eval_history)?;
+            if b {
+                progress.best_step = Some(step);
+            }
             on_event(RunEvent::Eval {
                 step,
                 report,
                 best: b,
             });
         }
+        if point_due {
+            save_point(dispatch, &progress)?;
+        }
+        if stop && step < cfg.steps {
+            stopped_at = Some(step);
+            break;
+        }
     }
-    checkpoint::save(
-        &out.join("last.safetensors"),
-        &dispatch.checkpoint(cfg.steps, config_json)?,
-    )
-    .map_err(anyhow::Error::msg)?;
+    if stopped_at.is_none() {
+        checkpoint::save(
+            &out.join("last.safetensors"),
+            &dispatch.checkpoint(cfg.steps, config_json)?,
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     let (best_step, best_report) = best.context("no evaluation ran")?;
+    let mut times = progress.step_times.clone();
     times.sort_by(f64::total_cmp);
     let names = |v: &[usize]| {
         v.iter()
             .map(|&g| survey.groups[g].name.clone())
             .collect::<Vec<_>>()
     };
+    let mut recoveries = progress.recoveries.clone();
+    recoveries.extend(dispatch.recoveries());
     let summary = Summary {
         metric: survey.metric,
         methods: best_report.methods.clone(),
-        steps: cfg.steps,
+        steps: progress.step,
         best_step,
         train_groups: names(&plan.train),
         test_groups: names(&plan.test),
         checkpoint: best_path,
         per_group: best_report.per_group.clone(),
         eval_pairs: best_report.pairs,
-        loss_history,
-        eval_history,
+        loss_history: progress.loss_history,
+        eval_history: progress.eval_history,
         median_step_s: times.get(times.len() / 2).copied().unwrap_or(0.0),
         config: cfg.clone(),
         dataset: survey.name.clone(),
         distributed: dispatch.stats(),
+        recoveries,
+        stopped_at,
+        resumed_from,
     };
     let json = serde_json::to_vec_pretty(&summary)?;
     checkpoint::write_atomic(&out.join("summary.json"), &json).context("writing summary.json")?;
     Ok(summary)
+}
+
+/// Reads a resume point: the run configuration, the progress, and the state for the
+/// replicas. `dir` is a run's output folder. A corrupt newest point falls back to the one
+/// before, with the reason among the returned warnings.
+pub fn load_resume(
+    dir: &Path,
+) -> Result<(
+    RunConfig,
+    Progress,
+    gpo_core::checkpoint::Checkpoint,
+    Vec<String>,
+)> {
+    let (c, path, warnings) =
+        checkpoint::load_newest(&checkpoints_dir(dir)).map_err(anyhow::Error::msg)?;
+    let cfg: RunConfig = serde_json::from_value(c.config.clone()).with_context(|| {
+        format!(
+            "{}: metadata `config` is not a run configuration",
+            path.display()
+        )
+    })?;
+    let progress: Progress = serde_json::from_value(
+        c.progress
+            .clone()
+            .with_context(|| format!("{}: not a resume point (no progress)", path.display()))?,
+    )
+    .with_context(|| format!("{}: metadata `progress`", path.display()))?;
+    if c.adam.is_none() {
+        anyhow::bail!(
+            "{}: a resume point needs the optimizer state",
+            path.display()
+        );
+    }
+    Ok((cfg, progress, c, warnings))
 }

@@ -38,6 +38,10 @@ pub struct Checkpoint {
     pub step: u64,
     /// The run's configuration (JSON), including the model sizes and the seed.
     pub config: serde_json::Value,
+    /// The training loop's progress at this step (histories, best step), so that a run
+    /// resumed from this checkpoint continues as if it had never stopped. `None` for
+    /// checkpoints that are not resume points (the best one, or an exported state_dict).
+    pub progress: Option<serde_json::Value>,
 }
 
 fn bytes_of(v: &[f32]) -> Vec<u8> {
@@ -88,6 +92,9 @@ pub fn encode(c: &Checkpoint) -> Result<Vec<u8>, String> {
                 .join(","),
         ),
     ]);
+    if let Some(p) = &c.progress {
+        meta.insert("progress".into(), p.to_string());
+    }
     if let Some(a) = &c.adam {
         tensors.insert("optim.m".into(), (vec![a.m.len()], bytes_of(&a.m)));
         tensors.insert("optim.v".into(), (vec![a.v.len()], bytes_of(&a.v)));
@@ -198,11 +205,18 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         }
         None => serde_json::Value::Null,
     };
+    let progress = match meta.get("progress") {
+        Some(s) => Some(
+            serde_json::from_str(s).map_err(|e| format!("metadata `progress` is not JSON: {e}"))?,
+        ),
+        None => None,
+    };
     Ok(Checkpoint {
         params,
         adam,
         step,
         config,
+        progress,
     })
 }
 
@@ -232,6 +246,7 @@ mod tests {
             }),
             step: 7,
             config: serde_json::json!({"seed": 3, "model": {"dim_x": 2}}),
+            progress: Some(serde_json::json!({"step": 7, "loss_history": [[7, 0.5]]})),
         }
     }
 

@@ -436,6 +436,8 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         param_count,
         total_steps: a.steps,
         shard_groups: 1,
+        start_step: 0,
+        start_generation: 0,
     };
     let opts = CoordinatorOptions {
         expected_workers: a.workers,
@@ -453,6 +455,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         .build()?;
     let loader: client::DataLoader =
         Arc::new(|_: &pb::DataSource| bail!("simulated workers load no data"));
+    let (_keep_running, stop) = tokio::sync::watch::channel(false);
     let handles: Vec<_> = (0..a.workers)
         .map(|i| {
             let opts = WorkerOptions {
@@ -468,7 +471,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                     ..Default::default()
                 },
             };
-            rt.spawn(client::run(opts, loader.clone()))
+            rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })
         .collect();
     let result = (|| -> Result<(f64, Vec<f64>)> {

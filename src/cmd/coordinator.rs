@@ -4,13 +4,13 @@
 //! single-process `gpo train`). `gpo train --workers N` runs the same code with N worker
 //! processes it starts itself on loopback.
 
-use crate::cmd::train::{self, Prepared, Progress};
+use crate::cmd::train::{self, Progress};
 use crate::inputs::DataArgs;
 use anyhow::{Context, Result};
-use candle_core::Device;
-use gpo_coordinator::{train as train_loop, CoordinatorOptions, CoordinatorService, RunInfo};
+use gpo_coordinator::run::train_with;
+use gpo_coordinator::{CoordinatorOptions, CoordinatorService, RunInfo};
 use gpo_proto::v1 as pb;
-use gpo_worker::{wire, Replica};
+use gpo_worker::wire;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,9 +33,14 @@ pub struct Args {
     /// Milliseconds between worker heartbeats.
     #[arg(long, env = "GPO_HEARTBEAT_MS", default_value_t = 1000)]
     pub heartbeat_ms: u64,
-    /// Seconds of silence after which a worker is considered dead (the run fails).
-    #[arg(long, env = "GPO_HEARTBEAT_TIMEOUT_S", default_value_t = 15.0)]
+    /// Seconds of silence after which a worker is dropped from the run (the step it was
+    /// in is thrown away and rerun on the others).
+    #[arg(long, env = "GPO_HEARTBEAT_TIMEOUT_S", default_value_t = 5.0)]
     pub heartbeat_timeout_s: f64,
+    /// Floor of the step deadline in seconds: a member that has not reported a step
+    /// within max(3 × the median step time, this) is dropped.
+    #[arg(long, env = "GPO_STEP_DEADLINE_S", default_value_t = 5.0)]
+    pub step_deadline_s: f64,
     /// Seconds to wait for the workers to register (default: forever).
     #[arg(long, env = "GPO_REGISTRATION_TIMEOUT_S")]
     pub registration_timeout_s: Option<f64>,
@@ -78,21 +83,22 @@ struct Service {
 }
 
 /// Runs a distributed job: serves the run, optionally spawns `spawn` worker processes on
-/// loopback, trains, and shuts the workers down.
+/// loopback, trains, and shuts the workers down. SIGTERM stops it at the next step with
+/// a resume point written, and it exits 0.
 fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
-    let Prepared {
-        cfg,
-        survey,
-        features,
-    } = train::prepare(a)?;
-    crate::inputs::output_dir(&a.out)?;
+    let stop = crate::signals::stop_flag();
+    let p = train::prepare(a)?;
+    let cfg = &p.cfg;
+    let mirror = p.replica()?;
     let info = RunInfo {
-        config_json: serde_json::to_string(&cfg)?,
+        config_json: serde_json::to_string(cfg)?,
         data: data_source(&a.data, cfg.seed)?,
-        fingerprint: wire::data_fingerprint(&survey, &features),
+        fingerprint: wire::data_fingerprint(&p.survey, &p.features),
         param_count: cfg.model.param_count(),
         total_steps: cfg.steps,
         shard_groups: cfg.shard_groups,
+        start_step: mirror.applied_step(),
+        start_generation: 0,
     };
     let world = service.opts.expected_workers;
     let svc = CoordinatorService::start(service.listen, info, service.opts)?;
@@ -107,43 +113,49 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     }
     let children = Arc::new(Mutex::new(spawn_workers(spawn, addr)?));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A worker process that dies is a lost worker, which the run recovers from; only when
+    // every spawned process has failed can no worker come, and the run fails.
     let watcher = {
         let (children, done, abort) = (children.clone(), done.clone(), svc.aborter());
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut all_failed = spawn > 0;
+                let mut last = String::new();
                 for (i, c) in children.lock().unwrap().iter_mut().enumerate() {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        if !st.success() {
-                            abort(format!("worker process {i} exited early ({st})"));
+                    match c.try_wait() {
+                        Ok(Some(st)) if !st.success() => {
+                            last = format!("worker process {i} exited ({st})")
                         }
+                        _ => all_failed = false,
                     }
+                }
+                if all_failed {
+                    abort(format!("every worker process exited; the last: {last}"));
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
     };
-    let result = (|| {
-        let mirror = Replica::new(
-            cfg.model.clone(),
-            cfg.adam,
-            cfg.seed,
-            survey.clone(),
-            features.clone(),
-            Device::Cpu,
-        )?;
+    let result = {
         let mut dispatch = svc.dispatch(Some(mirror));
         let mut progress = Progress::new(cfg.steps);
-        let s = train_loop(
-            &cfg,
-            survey.clone(),
-            features.clone(),
+        if let Some((r, _)) = &p.resume {
+            progress.bar.set_position(r.step);
+        }
+        let opts = p.loop_options(a, Some(stop));
+        let s = train_with(
+            cfg,
+            p.survey.clone(),
+            p.features.clone(),
             &mut dispatch,
-            &a.out,
+            &p.out,
+            &opts,
             &mut |e| progress.event(e),
         );
         progress.finish();
         s
-    })();
+    };
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
     match &result {
@@ -155,9 +167,9 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     drop(svc);
     let summary = result?;
     if let Some(f) = failed {
-        anyhow::bail!("{f}");
+        tracing::warn!("{f}");
     }
-    train::report(&summary, &a.out);
+    train::finish(&summary, &p.out);
     Ok(())
 }
 
@@ -209,48 +221,63 @@ fn reap(children: &mut [Child], grace: Duration) -> Option<String> {
     failed
 }
 
+fn secs(v: f64, what: &str) -> Result<Duration> {
+    anyhow::ensure!(
+        v.is_finite() && v > 0.0,
+        "`{what}` must be a positive number of seconds, got {v}"
+    );
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The fault-tolerance options the run's flags set.
+fn elastic(a: &train::Args, opts: &mut CoordinatorOptions) -> Result<()> {
+    if let Some(m) = a.min_workers {
+        opts.min_workers = m;
+    }
+    opts.max_wait = a.max_wait_s.map(|s| secs(s, "max_wait_s")).transpose()?;
+    Ok(())
+}
+
 /// `gpo train --workers N`: a coordinator on a free loopback port and N worker processes.
 pub fn run_distributed(a: &train::Args, n: usize, threads: Option<u32>) -> Result<()> {
     let cores = gpo_core::grad::default_threads();
+    let mut opts = CoordinatorOptions {
+        expected_workers: n,
+        collective: a.collective.clone(),
+        worker_threads: threads.unwrap_or((cores / n).max(1) as u32),
+        registration_timeout: Some(Duration::from_secs(300)),
+        ..Default::default()
+    };
+    elastic(a, &mut opts)?;
     let service = Service {
         listen: "127.0.0.1:0".parse().expect("valid address"),
         addr_file: None,
-        opts: CoordinatorOptions {
-            expected_workers: n,
-            collective: a.collective.clone(),
-            worker_threads: threads.unwrap_or((cores / n).max(1) as u32),
-            registration_timeout: Some(Duration::from_secs(300)),
-            ..Default::default()
-        },
+        opts,
     };
     drive(a, service, n)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let secs = |v: f64, what: &str| -> Result<Duration> {
-        anyhow::ensure!(
-            v.is_finite() && v > 0.0,
-            "`{what}` must be a positive number of seconds, got {v}"
-        );
-        Ok(Duration::from_secs_f64(v))
-    };
     let workers = a.train.workers.unwrap_or(1);
     anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+    let mut opts = CoordinatorOptions {
+        expected_workers: workers,
+        heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(10)),
+        heartbeat_timeout: secs(a.heartbeat_timeout_s, "heartbeat_timeout_s")?,
+        step_deadline_min: secs(a.step_deadline_s, "step_deadline_s")?,
+        registration_timeout: a
+            .registration_timeout_s
+            .map(|s| secs(s, "registration_timeout_s"))
+            .transpose()?,
+        collective: a.train.collective.clone(),
+        worker_threads: a.worker_threads.unwrap_or(0),
+        ..Default::default()
+    };
+    elastic(&a.train, &mut opts)?;
     let service = Service {
         listen: a.listen,
         addr_file: a.addr_file.clone(),
-        opts: CoordinatorOptions {
-            expected_workers: workers,
-            heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(10)),
-            heartbeat_timeout: secs(a.heartbeat_timeout_s, "heartbeat_timeout_s")?,
-            registration_timeout: a
-                .registration_timeout_s
-                .map(|s| secs(s, "registration_timeout_s"))
-                .transpose()?,
-            collective: a.train.collective.clone(),
-            worker_threads: a.worker_threads.unwrap_or(0),
-            ..Default::default()
-        },
+        opts,
     };
     drive(&a.train, service, 0)
 }

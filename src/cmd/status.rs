@@ -1,5 +1,5 @@
-//! `gpo status`: a coordinator's run as it stands — step, membership generation, workers
-//! and recent step times.
+//! `gpo status`: a coordinator's run as it stands — step, membership generation, what it
+//! waits for, workers, recent step times, the generation history and the recoveries.
 
 use anyhow::Result;
 use gpo_proto::v1 as pb;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
+    /// The coordinator's address: host:port (as it prints it) or http://host:port.
     #[arg(long, env = "GPO_COORDINATOR")]
     pub coordinator: String,
     /// Print the raw status as JSON-like debug output instead of the table.
@@ -32,6 +32,9 @@ pub fn render(s: &pb::RunStatus) -> String {
     ));
     if !s.error.is_empty() {
         out.push_str(&format!("error: {}\n", s.error));
+    }
+    if !s.waiting_for.is_empty() {
+        out.push_str(&format!("waiting for {}\n", s.waiting_for));
     }
     out.push_str(&format!(
         "{:<4} {:<24} {:>4} {:>6} {:>9} {:>10}  device\n",
@@ -65,7 +68,44 @@ pub fn render(s: &pb::RunStatus) -> String {
             ));
         }
     }
+    if !s.generations.is_empty() {
+        out.push_str("generations:\n");
+        for g in &s.generations {
+            let ids: Vec<String> = g.members.iter().map(u64::to_string).collect();
+            out.push_str(&format!(
+                "  {:>4} at {:>8.2}s  workers [{}]  {}\n",
+                g.generation,
+                g.at_s,
+                ids.join(", "),
+                g.reason
+            ));
+        }
+    }
+    if !s.recoveries.is_empty() {
+        out.push_str("recoveries:\n");
+        for r in &s.recoveries {
+            let rec = if r.recover_s < 0.0 {
+                "recovering".to_string()
+            } else {
+                format!("recovered in {:.2}s", r.recover_s)
+            };
+            out.push_str(&format!(
+                "  step {:>6}: detected in {:.2}s, {rec}, {} step(s) recomputed: {}\n",
+                r.step, r.detect_s, r.steps_recomputed, r.reason
+            ));
+        }
+    }
     out
+}
+
+/// Writes to stdout; a closed pipe (`gpo status | head`) ends quietly instead of panicking.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -80,9 +120,8 @@ pub fn run(a: Args) -> Result<()> {
             .map_err(|s| anyhow::anyhow!("status: {}", s.message()))
     })?;
     if a.raw {
-        println!("{status:#?}");
+        emit(&format!("{status:#?}\n"))
     } else {
-        print!("{}", render(&status));
+        emit(&render(&status))
     }
-    Ok(())
 }

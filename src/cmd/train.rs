@@ -4,12 +4,14 @@
 use crate::inputs::{self, DataArgs};
 use anyhow::{Context, Result};
 use candle_core::Device;
-use gpo_coordinator::{train, InProcess, RunConfig, RunEvent, Summary};
+use gpo_coordinator::run::{load_resume, train_with, LoopOptions, Progress as RunProgress};
+use gpo_coordinator::{InProcess, RunConfig, RunEvent, Summary};
 use gpo_core::data::Survey;
 use gpo_core::features::PointFeatures;
 use gpo_worker::Replica;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Flags of `gpo train`. Precedence: flag, then environment variable, then `--config`
@@ -50,6 +52,27 @@ pub struct Args {
     /// Collective of a distributed run: tcp-ring (CPU) or nccl (workers built with `cuda`).
     #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring")]
     pub collective: String,
+    /// Continue a stopped run from the newest readable resume point in DIR/checkpoints
+    /// (a corrupt newest one falls back to the previous, with a warning). The run's
+    /// configuration comes from the checkpoint; pass the same --data and --embeddings.
+    /// Outputs go to DIR. The result is bitwise that of an uninterrupted run.
+    #[arg(long, env = "GPO_RESUME", value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Also write a resume point every N steps (they are always written at evaluations,
+    /// on SIGTERM and at the end).
+    #[arg(long, env = "GPO_CHECKPOINT_EVERY", default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Resume points kept in OUT/checkpoints (the newest).
+    #[arg(long, env = "GPO_KEEP_CHECKPOINTS", default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// A distributed run goes on while at least this many workers are live (default 1);
+    /// below, it pauses until workers return.
+    #[arg(long, env = "GPO_MIN_WORKERS")]
+    pub min_workers: Option<usize>,
+    /// Seconds a paused distributed run waits for workers before it fails (default:
+    /// forever).
+    #[arg(long, env = "GPO_MAX_WAIT_S")]
+    pub max_wait_s: Option<f64>,
 }
 
 /// The built-in default run (no `--data`, no `--config`): the official module on the
@@ -104,17 +127,96 @@ pub struct Prepared {
     pub cfg: RunConfig,
     pub survey: Arc<Survey>,
     pub features: Arc<PointFeatures>,
+    /// Where outputs go (the resumed run's folder with --resume).
+    pub out: PathBuf,
+    /// The resume point: progress and the state every replica starts from.
+    pub resume: Option<(RunProgress, gpo_core::checkpoint::Checkpoint)>,
+}
+
+impl Prepared {
+    /// The loop's options for this run; `stop` is the signal handlers' flag.
+    pub fn loop_options(&self, a: &Args, stop: Option<Arc<AtomicBool>>) -> LoopOptions {
+        LoopOptions {
+            checkpoint_every: a.checkpoint_every,
+            keep_checkpoints: a.keep_checkpoints,
+            stop,
+            resume: self.resume.as_ref().map(|(p, _)| p.clone()),
+        }
+    }
+
+    /// A replica of this run at its start state (step 0, or the resume point's).
+    pub fn replica(&self) -> Result<Replica> {
+        let mut r = Replica::new(
+            self.cfg.model.clone(),
+            self.cfg.adam,
+            self.cfg.seed,
+            self.survey.clone(),
+            self.features.clone(),
+            Device::Cpu,
+        )?;
+        r.set_shard_groups(self.cfg.shard_groups);
+        if let Some((p, c)) = &self.resume {
+            let flat: Vec<f32> = c
+                .params
+                .iter()
+                .flat_map(|x| x.data.iter().copied())
+                .collect();
+            let adam = c
+                .adam
+                .clone()
+                .context("the resume point has no optimizer state")?;
+            r.set_state(p.step, &flat, adam)?;
+        }
+        Ok(r)
+    }
 }
 
 /// Resolves the configuration, loads the data and prints what will run.
 pub fn prepare(a: &Args) -> Result<Prepared> {
-    let mut cfg = resolve(a)?;
+    let (mut cfg, resume, out) = match &a.resume {
+        Some(dir) => {
+            let given = [
+                ("--config", a.config.is_some()),
+                ("--steps", a.steps.is_some()),
+                ("--seed", a.seed.is_some()),
+                ("--group-split", a.group_split.is_some()),
+                ("--eval-every", a.eval_every.is_some()),
+                ("--batch-groups", a.batch_groups.is_some()),
+                ("--lr", a.lr.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                anyhow::bail!(
+                    "--resume takes the run's configuration from its checkpoint; drop {flag}"
+                );
+            }
+            let (cfg, progress, ckpt, warnings) =
+                load_resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+            for w in warnings {
+                eprintln!("warning: skipped a corrupt resume point: {w}");
+            }
+            eprintln!(
+                "resuming {} from step {} of {}",
+                dir.display(),
+                progress.step,
+                cfg.steps
+            );
+            (cfg, Some((progress, ckpt)), dir.clone())
+        }
+        None => (resolve(a)?, None, a.out.clone()),
+    };
     let (survey, features, desc) = inputs::load(&a.data, cfg.seed)?;
+    if resume.is_some() && features.dim != cfg.model.dim_x {
+        anyhow::bail!(
+            "the resumed run's module reads embeddings of width {}, the data has {}: pass the run's --data and --embeddings",
+            cfg.model.dim_x,
+            features.dim
+        );
+    }
     cfg.model.dim_x = features.dim;
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("run configuration")?;
-    inputs::output_dir(&a.out)?;
+    inputs::output_dir(&out)?;
     eprintln!("data: {desc}");
     eprintln!(
         "model: {} parameters (dim_x {}), {} steps, seed {}, group split {}",
@@ -128,12 +230,14 @@ pub fn prepare(a: &Args) -> Result<Prepared> {
         cfg,
         survey: Arc::new(survey),
         features: Arc::new(features),
+        out,
+        resume,
     })
 }
 
 /// The progress bar and evaluation lines of a training run.
 pub struct Progress {
-    bar: ProgressBar,
+    pub bar: ProgressBar,
     ema: Option<f64>,
 }
 
@@ -192,31 +296,40 @@ pub fn report(summary: &Summary, out: &std::path::Path) {
     println!("summary: {}", out.join("summary.json").display());
 }
 
+/// Prints the summary's table, or how to resume a stopped run.
+pub fn finish(summary: &Summary, out: &std::path::Path) {
+    match summary.stopped_at {
+        Some(step) => eprintln!(
+            "stopped at step {step} of {}; resume point written. Resume with: gpo train --resume {} (and the same --data/--embeddings)",
+            summary.config.steps,
+            out.display()
+        ),
+        None => report(summary, out),
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.workers.filter(|&n| n > 0) {
         return crate::cmd::coordinator::run_distributed(&a, n, None);
     }
-    let Prepared {
-        cfg,
-        survey,
-        features,
-    } = prepare(&a)?;
-    let replica = Replica::new(
-        cfg.model.clone(),
-        cfg.adam,
-        cfg.seed,
-        survey.clone(),
-        features.clone(),
-        Device::Cpu,
+    let stop = crate::signals::stop_flag();
+    let p = prepare(&a)?;
+    let mut dispatch = InProcess::new(p.replica()?);
+    let mut progress = Progress::new(p.cfg.steps);
+    if let Some((r, _)) = &p.resume {
+        progress.bar.set_position(r.step);
+    }
+    let opts = p.loop_options(&a, Some(stop));
+    let summary = train_with(
+        &p.cfg,
+        p.survey.clone(),
+        p.features.clone(),
+        &mut dispatch,
+        &p.out,
+        &opts,
+        &mut |e| progress.event(e),
     )?;
-    let mut replica = replica;
-    replica.set_shard_groups(cfg.shard_groups);
-    let mut dispatch = InProcess::new(replica);
-    let mut progress = Progress::new(cfg.steps);
-    let summary = train(&cfg, survey, features, &mut dispatch, &a.out, &mut |e| {
-        progress.event(e)
-    })?;
     progress.finish();
-    report(&summary, &a.out);
+    finish(&summary, &p.out);
     Ok(())
 }

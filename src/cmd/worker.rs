@@ -17,7 +17,8 @@ use std::time::Duration;
 /// TOML (keys as the flags, with underscores), then defaults.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The coordinator's URL, e.g. http://10.0.0.5:50051.
+    /// The coordinator's address: host:port (as the coordinator prints it) or
+    /// http://host:port.
     #[arg(long, env = "GPO_COORDINATOR")]
     pub coordinator: Option<String>,
     /// This worker's name (default: worker-<host>-<pid>).
@@ -107,7 +108,10 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
         .coordinator
         .clone()
         .or(file.coordinator)
-        .context("no coordinator: pass --coordinator URL (or GPO_COORDINATOR)")?;
+        .context("no coordinator: pass --coordinator HOST:PORT (or GPO_COORDINATOR)")?;
+    gpo_worker::addr::coordinator_url(&coordinator)
+        .map_err(anyhow::Error::msg)
+        .context("--coordinator")?;
     let secs = |v: f64, what: &str| -> Result<Duration> {
         if v.is_finite() && v > 0.0 {
             Ok(Duration::from_secs_f64(v))
@@ -162,10 +166,24 @@ pub fn run(a: Args) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = rt.block_on(client::run(opts, loader()))?;
+    let report = rt.block_on(async {
+        // SIGTERM (Kubernetes' eviction) and Ctrl-C: leave the run cleanly, so it goes on
+        // without waiting for a timeout.
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = tx.send(true);
+        });
+        client::run(opts, loader(), rx).await
+    })?;
     eprintln!(
-        "worker {} of run {}: {} steps; stopped: {}",
-        report.worker_id, report.run_id, report.steps, report.reason
+        "worker {} of run {}: {} steps, {} rejoins; stopped: {}",
+        report.worker_id, report.run_id, report.steps, report.rejoins, report.reason
     );
     Ok(())
 }

@@ -4,6 +4,26 @@
 //! agree (see [`crate::Replica::gradient`]).
 
 use anyhow::Result;
+use std::sync::Arc;
+
+/// Breaks a collective's pending and future calls from another thread.
+#[derive(Clone)]
+pub struct Aborter(Arc<dyn Fn() + Send + Sync>);
+
+impl Aborter {
+    /// An aborter that runs `f`.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Aborter(Arc::new(f))
+    }
+    /// An aborter that does nothing (a collective with nothing to break).
+    pub fn noop() -> Self {
+        Aborter::new(|| {})
+    }
+    /// Breaks the collective.
+    pub fn abort(&self) {
+        (self.0)()
+    }
+}
 
 /// A group of replicas that can sum a buffer across all members.
 pub trait Collective: Send {
@@ -13,6 +33,10 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// Replaces `buf` with the element-wise sum of every replica's `buf`.
     fn all_reduce_sum(&mut self, buf: &mut [f64]) -> Result<()>;
+    /// A handle that breaks this collective's pending and future calls.
+    fn aborter(&self) -> Aborter {
+        Aborter::noop()
+    }
 }
 
 /// A world of one: the all-reduce is the identity.

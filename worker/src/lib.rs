@@ -7,13 +7,15 @@
 //! from a shared path, and all-reduces over a [`ring::TcpRing`] (CPU) or NCCL
 //! (`nccl`, under the `cuda` feature).
 
+pub mod addr;
 pub mod client;
 pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod replica;
 pub mod ring;
+pub mod session;
 pub mod wire;
 
-pub use collective::{Collective, Local};
+pub use collective::{Aborter, Collective, Local};
 pub use replica::{Replica, StepOutcome};

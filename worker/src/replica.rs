@@ -35,6 +35,14 @@ pub struct Replica {
     device: Device,
     threads: usize,
     shard_groups: usize,
+    /// The step whose state this replica holds (0: as built from the seed).
+    step: u64,
+    /// The state before the last step, kept so that a step the run throws away can be
+    /// undone: the parameters and Adam's previous buffers (the update is out of place).
+    prev_params: Vec<f32>,
+    spare_adam: Adam,
+    spare_params: Vec<f32>,
+    can_roll_back: bool,
 }
 
 impl Replica {
@@ -55,15 +63,20 @@ impl Replica {
             );
         }
         let model = Gpo::new(cfg, seed, &device)?;
-        let adam = Adam::new(model.params.count(), adam);
+        let adam_state = Adam::new(model.params.count(), adam);
         Ok(Replica {
             model,
-            adam,
+            adam: adam_state,
             survey,
             features,
             device,
             threads: default_threads(),
             shard_groups: 1,
+            step: 0,
+            prev_params: Vec::new(),
+            spare_adam: Adam::new(0, adam),
+            spare_params: Vec::new(),
+            can_roll_back: false,
         })
     }
 
@@ -100,9 +113,31 @@ impl Replica {
         Ok(self.model.params.flat()?)
     }
 
-    /// Replaces the parameters and optimizer state (a coordinator's mirror of its workers,
-    /// or a resumed run). Buffers must have the module's parameter count.
-    pub fn set_state(&mut self, params: &[f32], adam: Adam) -> Result<()> {
+    /// The step whose state the replica holds (0: as built from the seed).
+    pub fn applied_step(&self) -> u64 {
+        self.step
+    }
+
+    /// Undoes the last step (the run threw it away): the parameters and optimizer state
+    /// go back to what they were before it, bitwise.
+    pub fn roll_back(&mut self) -> Result<()> {
+        if !self.can_roll_back {
+            anyhow::bail!(
+                "cannot roll back: the replica holds step {}'s state and no earlier one",
+                self.step
+            );
+        }
+        self.model.params.set_flat(&self.prev_params)?;
+        std::mem::swap(&mut self.adam, &mut self.spare_adam);
+        self.step -= 1;
+        self.can_roll_back = false;
+        Ok(())
+    }
+
+    /// Replaces the parameters and optimizer state with those of `step` (a coordinator's
+    /// mirror of its workers, a transferred state, or a resumed run). Buffers must have the
+    /// module's parameter count.
+    pub fn set_state(&mut self, step: u64, params: &[f32], adam: Adam) -> Result<()> {
         let n = self.model.params.count();
         if params.len() != n || adam.m.len() != n || adam.v.len() != n {
             anyhow::bail!(
@@ -114,6 +149,8 @@ impl Replica {
         }
         self.model.params.set_flat(params)?;
         self.adam = adam;
+        self.step = step;
+        self.can_roll_back = false;
         Ok(())
     }
 
@@ -146,11 +183,24 @@ impl Replica {
 
     /// Applies an all-reduced gradient with Adam at the cosine-scheduled rate of `step`
     /// (1-based) out of `total_steps`.
+    ///
+    /// The update is written out of place, so the state before it stays available to
+    /// [`Replica::roll_back`] at no extra copy.
     pub fn apply(&mut self, grad: &[f32], step: u64, total_steps: u64) -> Result<()> {
         let lr = cosine_lr(self.adam.cfg.lr, step, total_steps);
-        let mut flat = self.model.params.flat()?;
-        self.adam.step(&mut flat, grad, lr);
-        self.model.params.set_flat(&flat)?;
+        let flat = self.model.params.flat()?;
+        self.adam.step_into(
+            &flat,
+            grad,
+            lr,
+            &mut self.spare_params,
+            &mut self.spare_adam,
+        );
+        self.model.params.set_flat(&self.spare_params)?;
+        std::mem::swap(&mut self.adam, &mut self.spare_adam);
+        self.prev_params = flat;
+        self.step = step;
+        self.can_roll_back = true;
         Ok(())
     }
 
@@ -201,6 +251,7 @@ impl Replica {
             adam: Some(self.adam.clone()),
             step,
             config,
+            progress: None,
         })
     }
 }
