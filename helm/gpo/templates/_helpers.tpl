@@ -50,6 +50,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
+{{/* The run's folder on the checkpoint volume (--out). */}}
+{{- define "gpo.runDir" -}}
+{{- printf "/var/lib/gpo/runs/%s" (default (include "gpo.fullname" .) .Values.run.name) -}}
+{{- end -}}
+
 {{/* The Secret holding the TLS files and the token. */}}
 {{- define "gpo.credentialsSecret" -}}{{ include "gpo.fullname" . }}-credentials{{- end -}}
 {{- define "gpo.tlsSecret" -}}{{ default (include "gpo.credentialsSecret" .) .Values.tls.existingSecret }}{{- end -}}
