@@ -8,6 +8,12 @@ command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # The font `gpo experiment` draws its plots' text with.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+# etcd-client compiles etcd's protos with protoc, which needs the well-known types too.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+# A real etcd for the fault-tolerance tests (membership, leadership, the state pointer).
+command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod etcd;
 pub mod machine;
 pub mod run;
 pub mod service;

@@ -464,6 +464,18 @@ impl CoordinatorService {
         info: RunInfo,
         opts: CoordinatorOptions,
     ) -> Result<CoordinatorService> {
+        let l = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("binding the coordinator on {listen}"))?;
+        Self::start_on(l, info, opts)
+    }
+
+    /// Serves the run in the background on a listener bound already (a coordinator that
+    /// campaigns in etcd binds first, to advertise its address).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        info: RunInfo,
+        opts: CoordinatorOptions,
+    ) -> Result<CoordinatorService> {
         if opts.expected_workers == 0 {
             bail!("a distributed run needs at least one worker");
         }
@@ -485,9 +497,11 @@ impl CoordinatorService {
             .thread_name("gpo-coordinator")
             .enable_all()
             .build()?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(listen))
-            .with_context(|| format!("binding the coordinator on {listen}"))?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _g = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
         let addr = listener.local_addr()?;
         let mcfg = MachineConfig {
             target_workers: opts.expected_workers,
@@ -550,6 +564,17 @@ impl CoordinatorService {
     /// The run's id.
     pub fn run_id(&self) -> &str {
         &self.shared.run_id
+    }
+
+    /// The current membership generation.
+    pub fn generation(&self) -> u64 {
+        self.shared.lock().machine.generation()
+    }
+
+    /// A reader of the current generation for another thread.
+    pub fn generation_reader(&self) -> impl Fn() -> u64 + Send + 'static {
+        let sh = self.shared.clone();
+        move || sh.lock().machine.generation()
     }
 
     /// A handle that fails the run from another thread: waiters wake with `why`.

@@ -470,6 +470,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                     threads: 1,
                     ..Default::default()
                 },
+                etcd: None,
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })

@@ -47,6 +47,21 @@ pub struct Args {
     /// Gradient threads each worker should use (default: the worker's cores).
     #[arg(long, env = "GPO_WORKER_THREADS")]
     pub worker_threads: Option<u32>,
+    /// etcd endpoints (URL[,URL…]): coordinators of the same --run-name campaign for the
+    /// leadership; a standby waits and takes over (from the run's state pointer and its
+    /// newest resume point) when the leader dies. Run them with the same --out.
+    #[arg(long, env = "GPO_ETCD")]
+    pub etcd: Option<String>,
+    /// The run's name in etcd (keys under /gpo/<name>/).
+    #[arg(long, env = "GPO_RUN_NAME", default_value = "gpo")]
+    pub run_name: String,
+    /// Seconds the leadership lease lives without a keep-alive: a dead leader is replaced
+    /// this long after it died.
+    #[arg(long, env = "GPO_ETCD_LEASE_TTL_S", default_value_t = 10)]
+    pub etcd_lease_ttl_s: i64,
+    /// The address workers connect to, announced in etcd (default: the bound address).
+    #[arg(long, env = "GPO_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 /// Where the workers find the run's data: the same path, made absolute, or the seed of the
@@ -80,6 +95,92 @@ struct Service {
     listen: SocketAddr,
     addr_file: Option<PathBuf>,
     opts: CoordinatorOptions,
+    etcd: Option<gpo_worker::etcd::EtcdConfig>,
+    advertise: Option<String>,
+}
+
+/// Leadership through etcd: the runtime that keeps it, the leadership, and the pointer.
+struct Elected {
+    rt: tokio::runtime::Runtime,
+    leadership: Option<gpo_coordinator::etcd::Leadership>,
+    pointer: Option<gpo_coordinator::etcd::StatePointer>,
+}
+
+fn campaign(cfg: gpo_worker::etcd::EtcdConfig, addr: &str) -> Result<Elected> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("gpo-etcd")
+        .enable_all()
+        .build()?;
+    eprintln!("campaigning in etcd for run `{}` as {addr}", cfg.run_name);
+    let (leadership, pointer) =
+        rt.block_on(gpo_coordinator::etcd::Leadership::campaign(cfg, addr))?;
+    eprintln!("elected leader");
+    Ok(Elected {
+        rt,
+        leadership: Some(leadership),
+        pointer,
+    })
+}
+
+/// Writes the state pointer whenever the newest resume point or the generation changes,
+/// and fails the run when the leadership is lost.
+fn pointer_writer(
+    mut lead: gpo_coordinator::etcd::Leadership,
+    handle: tokio::runtime::Handle,
+    svc: &CoordinatorService,
+    base: gpo_coordinator::etcd::StatePointer,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let abort = svc.aborter();
+    let generation = svc.generation_reader();
+    let dir = gpo_coordinator::run::checkpoints_dir(Path::new(&base.out));
+    let lost = lead.lost();
+    std::thread::spawn(move || {
+        let mut last: Option<(u64, u64)> = None;
+        let mut tries = 0;
+        loop {
+            // Read before the write: a final pass after the loop ended still writes.
+            let finished = done.load(std::sync::atomic::Ordering::Relaxed);
+            if lost.load(std::sync::atomic::Ordering::SeqCst) {
+                abort("this coordinator lost its etcd leadership".into());
+                return;
+            }
+            let step = gpo_core::io::checkpoint::resume_points(&dir)
+                .first()
+                .map_or(base.step, |p| p.0);
+            let now = (step, generation().max(base.generation));
+            if last != Some(now) {
+                let p = gpo_coordinator::etcd::StatePointer {
+                    step: now.0,
+                    generation: now.1,
+                    ..base.clone()
+                };
+                match handle.block_on(lead.write(&p)) {
+                    Ok(()) => last = Some(now),
+                    Err(e) if lost.load(std::sync::atomic::Ordering::SeqCst) => {
+                        abort(format!("{e:#}"));
+                        return;
+                    }
+                    Err(e) => tracing::warn!("{e:#}; retrying"),
+                }
+            }
+            if finished && last == Some(now) {
+                return;
+            }
+            if finished {
+                // The run is over but etcd did not take the last pointer: a few more tries.
+                tries += 1;
+                if tries > 10 {
+                    tracing::warn!("etcd: the final state pointer was not written");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
 }
 
 /// Runs a distributed job: serves the run, optionally spawns `spawn` worker processes on
@@ -87,8 +188,43 @@ struct Service {
 /// a resume point written, and it exits 0.
 fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     let stop = crate::signals::stop_flag();
-    let p = train::prepare(a)?;
+    let listener = std::net::TcpListener::bind(service.listen)
+        .with_context(|| format!("binding the coordinator on {}", service.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = service
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    // With etcd, a standby waits here until it is elected; the leader then continues the
+    // run the state pointer names (its newest resume point), or starts it.
+    let mut elected = match service.etcd.clone() {
+        Some(cfg) => Some(campaign(cfg, &advertise)?),
+        None => None,
+    };
+    let pointer = elected.as_ref().and_then(|e| e.pointer.clone());
+    let resume_from = pointer
+        .as_ref()
+        .filter(|ptr| ptr.step > 0)
+        .map(|ptr| PathBuf::from(&ptr.out));
+    if let Some(ptr) = &pointer {
+        eprintln!(
+            "the run's state pointer: step {}, generation {}, written by {}",
+            ptr.step, ptr.generation, ptr.leader
+        );
+    }
+    let p = train::prepare_with(a, resume_from.as_deref())?;
     let cfg = &p.cfg;
+    let config_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(serde_json::to_vec(cfg)?))
+    };
+    if let Some(ptr) = pointer.as_ref().filter(|ptr| ptr.step == 0) {
+        anyhow::ensure!(
+            ptr.config_sha256 == config_sha256,
+            "the run in etcd was started with another configuration (SHA-256 {}, this one's {config_sha256})",
+            ptr.config_sha256
+        );
+    }
     let mirror = p.replica()?;
     let info = RunInfo {
         config_json: serde_json::to_string(cfg)?,
@@ -98,10 +234,26 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         total_steps: cfg.steps,
         shard_groups: cfg.shard_groups,
         start_step: mirror.applied_step(),
-        start_generation: 0,
+        start_generation: pointer.as_ref().map_or(0, |ptr| ptr.generation),
     };
     let world = service.opts.expected_workers;
-    let svc = CoordinatorService::start(service.listen, info, service.opts)?;
+    let start_step = info.start_step;
+    let svc = CoordinatorService::start_on(listener, info, service.opts)?;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = elected.as_mut().map(|e| {
+        let base = gpo_coordinator::etcd::StatePointer {
+            out: std::fs::canonicalize(&p.out)
+                .unwrap_or_else(|_| p.out.clone())
+                .display()
+                .to_string(),
+            step: start_step,
+            generation: pointer.as_ref().map_or(0, |ptr| ptr.generation),
+            config_sha256: config_sha256.clone(),
+            leader: advertise.clone(),
+        };
+        let lead = e.leadership.take().expect("elected");
+        pointer_writer(lead, e.rt.handle().clone(), &svc, base, done.clone())
+    });
     let addr = svc.addr();
     eprintln!(
         "coordinator of run {} listening on {addr}; waiting for {world} worker(s)",
@@ -112,7 +264,6 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
             .with_context(|| format!("writing {}", f.display()))?;
     }
     let children = Arc::new(Mutex::new(spawn_workers(spawn, addr)?));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A worker process that dies is a lost worker, which the run recovers from; only when
     // every spawned process has failed can no worker come, and the run fails.
     let watcher = {
@@ -158,6 +309,9 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     };
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     match &result {
         Ok(_) => svc.finish(None, Duration::from_secs(10)),
         Err(e) => svc.finish(Some(format!("{e:#}")), Duration::from_secs(3)),
@@ -253,6 +407,8 @@ pub fn run_distributed(a: &train::Args, n: usize, threads: Option<u32>) -> Resul
         listen: "127.0.0.1:0".parse().expect("valid address"),
         addr_file: None,
         opts,
+        etcd: None,
+        advertise: None,
     };
     drive(a, service, n)
 }
@@ -274,10 +430,17 @@ pub fn run(a: Args) -> Result<()> {
         ..Default::default()
     };
     elastic(&a.train, &mut opts)?;
+    let etcd = a
+        .etcd
+        .as_deref()
+        .map(|e| gpo_worker::etcd::EtcdConfig::new(e, &a.run_name, a.etcd_lease_ttl_s))
+        .transpose()?;
     let service = Service {
         listen: a.listen,
         addr_file: a.addr_file.clone(),
         opts,
+        etcd,
+        advertise: a.advertise.clone(),
     };
     drive(&a.train, service, 0)
 }

@@ -173,7 +173,14 @@ impl Prepared {
 
 /// Resolves the configuration, loads the data and prints what will run.
 pub fn prepare(a: &Args) -> Result<Prepared> {
-    let (mut cfg, resume, out) = match &a.resume {
+    prepare_with(a, None)
+}
+
+/// [`prepare`], resuming from `resume` when given (a coordinator elected in etcd resumes
+/// the run its state pointer names) even without `--resume`.
+pub fn prepare_with(a: &Args, resume: Option<&std::path::Path>) -> Result<Prepared> {
+    let resume_dir = resume.map(|p| p.to_path_buf()).or(a.resume.clone());
+    let (mut cfg, resume, out) = match &resume_dir {
         Some(dir) => {
             let given = [
                 ("--config", a.config.is_some()),
@@ -184,7 +191,7 @@ pub fn prepare(a: &Args) -> Result<Prepared> {
                 ("--batch-groups", a.batch_groups.is_some()),
                 ("--lr", a.lr.is_some()),
             ];
-            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g && a.resume.is_some()) {
                 anyhow::bail!(
                     "--resume takes the run's configuration from its checkpoint; drop {flag}"
                 );

@@ -36,6 +36,14 @@ pub struct Args {
     /// Gradient threads (default: the coordinator's hint, else all cores).
     #[arg(long, env = "GPO_WORKER_THREADS")]
     pub threads: Option<usize>,
+    /// etcd endpoints (URL[,URL…]): the coordinator is whichever is elected for
+    /// --run-name (no --coordinator needed), and the worker follows a new leader after a
+    /// failover. It also keeps a membership key under a lease.
+    #[arg(long, env = "GPO_ETCD")]
+    pub etcd: Option<String>,
+    /// The run's name in etcd (keys under /gpo/<name>/).
+    #[arg(long, env = "GPO_RUN_NAME", default_value = "gpo")]
+    pub run_name: String,
     /// TOML file with any of the settings above.
     #[arg(long, env = "GPO_WORKER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -104,14 +112,23 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
         }
         None => WorkerFile::default(),
     };
-    let coordinator = a
-        .coordinator
-        .clone()
-        .or(file.coordinator)
-        .context("no coordinator: pass --coordinator HOST:PORT (or GPO_COORDINATOR)")?;
-    gpo_worker::addr::coordinator_url(&coordinator)
-        .map_err(anyhow::Error::msg)
-        .context("--coordinator")?;
+    let etcd = a
+        .etcd
+        .as_deref()
+        .map(|e| gpo_worker::etcd::EtcdConfig::new(e, &a.run_name, 5))
+        .transpose()?;
+    let coordinator = match (a.coordinator.clone().or(file.coordinator), &etcd) {
+        (Some(c), _) => {
+            gpo_worker::addr::coordinator_url(&c)
+                .map_err(anyhow::Error::msg)
+                .context("--coordinator")?;
+            c
+        }
+        (None, Some(_)) => String::new(),
+        (None, None) => anyhow::bail!(
+            "no coordinator: pass --coordinator HOST:PORT (or GPO_COORDINATOR), or --etcd"
+        ),
+    };
     let secs = |v: f64, what: &str| -> Result<Duration> {
         if v.is_finite() && v > 0.0 {
             Ok(Duration::from_secs_f64(v))
@@ -157,6 +174,7 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
             hostname: host,
             version: env!("CARGO_PKG_VERSION").into(),
         },
+        etcd,
     })
 }
 

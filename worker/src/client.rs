@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     pub threads: Option<usize>,
     /// What this worker offers.
     pub capabilities: pb::Capabilities,
+    /// With etcd, the coordinator is whichever is elected (`coordinator` may be empty),
+    /// and the worker keeps a membership key alive.
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 /// Loads the survey and point features a run names (the CLI's I/O edge).
@@ -131,6 +134,30 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<CoordinatorClient<
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
+        }
+    }
+}
+
+/// Connects to the run's coordinator: the elected one when the worker uses etcd (a lost
+/// leader's address is tried until a new one is elected), else `opts.coordinator`.
+pub async fn connect_coordinator(opts: &WorkerOptions) -> Result<CoordinatorClient<Channel>> {
+    let Some(cfg) = &opts.etcd else {
+        return connect(&opts.coordinator, opts.connect_timeout).await;
+    };
+    let start = Instant::now();
+    loop {
+        let left = opts.connect_timeout.saturating_sub(start.elapsed());
+        let addr = crate::etcd::leader_address(cfg, left, None).await?;
+        match connect(&addr, Duration::from_millis(500)).await {
+            Ok(c) => {
+                tracing::info!("coordinator of run `{}` is {addr}", cfg.run_name);
+                return Ok(c);
+            }
+            Err(e) if start.elapsed() < opts.connect_timeout => {
+                tracing::info!("the elected coordinator {addr} is not reachable yet ({e:#})");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -236,7 +263,11 @@ pub async fn run(
     loader: DataLoader,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<WorkerReport> {
-    let mut client = connect(&opts.coordinator, opts.connect_timeout).await?;
+    let mut client = connect_coordinator(&opts).await?;
+    let _presence = opts.etcd.clone().map(|cfg| {
+        let host = opts.capabilities.hostname.clone();
+        crate::etcd::announce(cfg, opts.name.clone(), host)
+    });
     let listener = Arc::new(
         TcpListener::bind(&opts.ring_bind)
             .with_context(|| format!("binding the ring listener on {}", opts.ring_bind))?,
@@ -302,7 +333,7 @@ pub async fn run(
             }
             Ok(Ended::CoordinatorLost(why)) => {
                 tracing::warn!("lost the coordinator ({why}); reconnecting");
-                client = connect(&opts.coordinator, opts.connect_timeout)
+                client = connect_coordinator(&opts)
                     .await
                     .with_context(|| format!("after losing the coordinator ({why})"))?;
                 fresh = false;

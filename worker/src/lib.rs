@@ -10,6 +10,7 @@
 pub mod addr;
 pub mod client;
 pub mod collective;
+pub mod etcd;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod replica;

@@ -1,0 +1,242 @@
+//! Shared by the chaos suites: real `gpo` processes, signals, the undisturbed reference
+//! run, and the two claims every scenario checks (bitwise final state, exact ledger).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Scenarios time heartbeats and deadlines: one at a time.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub const STEPS: u64 = 80;
+
+pub fn gpo() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpo"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GPO_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+pub fn small() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/synthetic-small.toml")
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The run's flags, the same for every scenario and the reference.
+pub fn run_flags(c: &mut Command) -> &mut Command {
+    c.arg("--config")
+        .arg(small())
+        .args(["--steps", &STEPS.to_string(), "--eval-every", "20"])
+}
+
+/// The undisturbed run, in one process (the result does not depend on the worker count),
+/// computed once for every scenario.
+pub fn reference(_dir: &Path) -> PathBuf {
+    static REF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    REF.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        compute_reference(&dir)
+    })
+    .clone()
+}
+
+pub fn compute_reference(dir: &Path) -> PathBuf {
+    let out = dir.join("reference");
+    let o = run_flags(gpo().arg("train"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "reference run failed:\n{}", text(&o));
+    out
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    /// Waits for the process to exit; returns (success, output).
+    pub fn wait(mut self, within: Duration) -> (bool, String) {
+        let deadline = Instant::now() + within;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not finish within {within:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), text(&out))
+    }
+}
+
+/// A coordinator for `workers` on a free port; `extra` flags after the run's.
+pub fn coordinator(dir: &Path, workers: usize, extra: &[&str]) -> (Proc, String) {
+    let addr_file = dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut c = gpo();
+    c.arg("coordinator");
+    if !extra.contains(&"--resume") {
+        run_flags(&mut c);
+    }
+    let child = c
+        .args(["--workers", &workers.to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--heartbeat-ms", "200", "--heartbeat-timeout-s", "3"])
+        .args(extra)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        child,
+        name: "coordinator".into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (p, addr)
+}
+
+pub fn worker(addr: &str, name: &str) -> Proc {
+    Proc {
+        child: gpo()
+            .args(["worker", "--coordinator", addr, "--name", name])
+            .args(["--connect-timeout-s", "30", "--threads", "1"])
+            .args(["--io-timeout-s", "20"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        name: name.into(),
+    }
+}
+
+pub fn status(addr: &str) -> String {
+    let o = gpo()
+        .args(["status", "--coordinator", addr])
+        .output()
+        .unwrap();
+    text(&o)
+}
+
+/// The committed step `gpo status` reports.
+pub fn step_of(status: &str) -> Option<u64> {
+    let rest = status.split(", step ").nth(1)?;
+    rest.split('/').next()?.parse().ok()
+}
+
+/// Waits until the run has committed at least `step`; returns when it saw it.
+pub fn wait_step(addr: &str, step: u64) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(addr);
+        if step_of(&s).is_some_and(|x| x >= step) {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run never reached step {step}; last status:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+pub fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// A checkpoint's content: its parsed header and its data bytes.
+pub fn content(ckpt: &Path) -> (Value, Vec<u8>) {
+    let bytes = std::fs::read(ckpt).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// The scenario's two claims: the final checkpoint is bitwise the reference's, and the
+/// ledger is exact (every step once, in order, with the reference's loss). Returns the
+/// summary.
+pub fn assert_undisturbed(run: &Path, reference: &Path, what: &str) -> Value {
+    let a = content(&run.join("last.safetensors"));
+    let b = content(&reference.join("last.safetensors"));
+    assert!(
+        a.1 == b.1,
+        "{what}: the final parameters differ from the undisturbed run's"
+    );
+    let s = json(&run.join("summary.json"));
+    let r = json(&reference.join("summary.json"));
+    let steps: Vec<u64> = s["loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "{what}: ledger");
+    for (x, y) in s["loss_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["loss_history"].as_array().unwrap())
+    {
+        let (x, y) = (x[1].as_f64().unwrap(), y[1].as_f64().unwrap());
+        // Shares are summed in another grouping than one process's: float rounding only.
+        assert!((x - y).abs() <= 1e-9 * y.abs(), "{what}: loss {x} vs {y}");
+    }
+    assert_eq!(s["eval_history"], r["eval_history"], "{what}: evaluations");
+    s
+}
+
+pub fn report(what: &str, s: &Value) {
+    for r in s["recoveries"].as_array().unwrap() {
+        eprintln!(
+            "chaos: {what}: step {} detect_s={:.3} recover_s={:.3} steps_recomputed={} ({})",
+            r["step"],
+            r["detect_s"].as_f64().unwrap_or(-1.0),
+            r["recover_s"].as_f64().unwrap_or(-1.0),
+            r["steps_recomputed"],
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+}
