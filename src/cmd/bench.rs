@@ -42,6 +42,8 @@ pub enum Bench {
     Ring(RingArgs),
     /// The coordinator driving simulated workers that sleep instead of computing.
     Dispatch(DispatchArgs),
+    /// What fault tolerance costs an undisturbed step (state machine, rollback-ready Adam).
+    Machinery(super::bench_machinery::MachineryArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,7 +108,7 @@ pub struct StepArgs {
 }
 
 /// A random survey at OpinionQA's scale: 684 questions, options drawn 2–5 with mean 3.6.
-fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures) {
+pub(crate) fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures) {
     let mut r = Rng::keyed(&[seed, 0xbe4c]);
     let questions: Vec<Question> = (0..684)
         .map(|i| {
@@ -176,6 +178,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Step(a) => step(a),
         Bench::Ring(a) => ring(a),
         Bench::Dispatch(a) => dispatch(a),
+        Bench::Machinery(a) => super::bench_machinery::machinery(a),
     }
 }
 

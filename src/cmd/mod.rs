@@ -1,6 +1,7 @@
 //! The subcommands, one module each.
 
 pub mod bench;
+pub mod bench_machinery;
 pub mod coordinator;
 pub mod embed;
 pub mod eval;
