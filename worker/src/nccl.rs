@@ -6,15 +6,24 @@
 //! sums it in place across ranks (`ncclAllReduce`, f64) and copies it back. The replica
 //! itself computes on the CPU: this is the collective only.
 //!
+//! The communicator is held as NCCL's raw handle rather than cudarc's `Comm`, because
+//! recovery must be able to abort it from another thread (`ncclCommAbort`, through
+//! [`Collective::aborter`]) and `Comm` keeps its handle private. The handle sits behind a
+//! mutex that is held only while an operation is enqueued or the communicator is aborted
+//! or freed, never while the host waits for the GPU: a call blocked on a dead peer is
+//! waiting in the stream synchronization, which `ncclCommAbort` ends (NCCL's kernels stop).
+//! A failed or aborted call leaves the caller's buffer as it was.
+//!
 //! cudarc loads the driver and NCCL at run time (`fallback-dynamic-loading`) and panics,
 //! rather than returning an error, when the driver is missing; every entry point here
 //! catches that and returns an error instead.
 
-use crate::collective::Collective;
+use crate::collective::{Aborter, Collective};
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use cudarc::nccl::{Comm, Id, ReduceOp};
-use std::sync::Arc;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut};
+use cudarc::nccl::{result, sys, Id};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The CUDA device a worker uses: `GPO_CUDA_DEVICE`, else `LOCAL_RANK`, else 0.
 pub fn device_ordinal() -> usize {
@@ -39,11 +48,57 @@ pub fn unique_id() -> Result<Vec<u8>> {
     })
 }
 
+/// NCCL's communicator handle, shared by the communicator and its aborters.
+struct Handle {
+    /// Null once the communicator has been aborted.
+    comm: Mutex<sys::ncclComm_t>,
+    aborted: AtomicBool,
+}
+
+// SAFETY: the raw handle is only used under the mutex; NCCL allows a communicator to be
+// used from any thread as long as calls on it do not overlap, and `ncclCommAbort` is the
+// documented way to stop one from another thread.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if !comm.is_null() {
+            let c = std::mem::replace(&mut *comm, std::ptr::null_mut());
+            // SAFETY: `c` is a live communicator (non-null under the lock) that nothing
+            // uses again: the null left behind makes every later call fail.
+            let r = guarded("aborting the NCCL communicator", || unsafe {
+                result::comm_abort(c).map_err(|e| anyhow::anyhow!("ncclCommAbort: {e:?}"))
+            });
+            if let Err(e) = r {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Abort rather than destroy: ncclCommDestroy waits for outstanding work, which
+        // never finishes when a peer is gone.
+        self.abort();
+    }
+}
+
+fn aborted_error(rank: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "nccl: the all-reduce of rank {rank} was aborted (its Aborter called ncclCommAbort, so that recovery does not wait on a peer); the communicator must be set up again"
+    )
+}
+
 /// One rank of an NCCL communicator.
 pub struct Nccl {
-    comm: Comm,
+    handle: Arc<Handle>,
     stream: Arc<CudaStream>,
     dev: CudaSlice<f64>,
+    host: Vec<f64>,
     rank: usize,
     world: usize,
 }
@@ -70,22 +125,77 @@ impl Nccl {
             let dev = stream
                 .alloc_zeros::<f64>(buffer_len)
                 .context("allocating the gradient buffer on the device")?;
-            let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
+            let mut comm = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
+            // SAFETY: NCCL writes the new handle through the pointer, which points at
+            // storage for one handle; it is read only after NCCL reported success.
+            let comm = unsafe {
+                result::comm_init_rank(
+                    comm.as_mut_ptr(),
+                    world as std::ffi::c_int,
+                    sys::ncclUniqueId { internal },
+                    rank as std::ffi::c_int,
+                )
                 .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
+                comm.assume_init()
+            };
             Ok(Nccl {
-                comm,
+                handle: Arc::new(Handle {
+                    comm: Mutex::new(comm),
+                    aborted: AtomicBool::new(false),
+                }),
                 stream,
                 dev,
+                host: vec![0.0; buffer_len],
                 rank,
                 world,
             })
         })
     }
+
+    fn aborted_error(&self) -> anyhow::Error {
+        aborted_error(self.rank)
+    }
+
+    fn reduce(&mut self, buf: &[f64]) -> Result<()> {
+        self.stream
+            .memcpy_htod(buf, &mut self.dev)
+            .context("copying the gradient to the device")?;
+        {
+            let count = self.dev.len();
+            let rank = self.rank;
+            let (ptr, _written) = self.dev.device_ptr_mut(&self.stream);
+            let comm = self.handle.comm.lock().unwrap_or_else(|p| p.into_inner());
+            if comm.is_null() {
+                return Err(aborted_error(rank));
+            }
+            // SAFETY: `ptr` is this communicator's device buffer of `count` f64 values,
+            // reduced in place on this communicator's stream; the handle is live (non-null
+            // under the lock) for the duration of the enqueue.
+            unsafe {
+                result::all_reduce(
+                    ptr as _,
+                    ptr as _,
+                    count,
+                    sys::ncclDataType_t::ncclFloat64,
+                    sys::ncclRedOp_t::ncclSum,
+                    *comm,
+                    self.stream.cu_stream() as _,
+                )
+            }
+            .map_err(|e| anyhow::anyhow!("ncclAllReduce: {e:?}"))?;
+        }
+        self.stream
+            .memcpy_dtoh(&self.dev, &mut self.host)
+            .context("copying the gradient back")?;
+        self.stream.synchronize().context("waiting for NCCL")?;
+        Ok(())
+    }
 }
 
 // SAFETY: an NCCL communicator is not bound to the thread that created it; it must only
-// not be used by two threads at once, which `&mut self` on every use guarantees. The worker
-// moves its collective between tokio's blocking threads from one step to the next.
+// not be used by two threads at once, which `&mut self` on every use (and the handle's
+// mutex against aborters) guarantees. The worker moves its collective between tokio's
+// blocking threads from one step to the next.
 unsafe impl Send for Nccl {}
 
 impl Collective for Nccl {
@@ -103,16 +213,21 @@ impl Collective for Nccl {
                 self.dev.len()
             );
         }
-        self.stream
-            .memcpy_htod(&*buf, &mut self.dev)
-            .context("copying the gradient to the device")?;
-        self.comm
-            .all_reduce_in_place(&mut self.dev, &ReduceOp::Sum)
-            .map_err(|e| anyhow::anyhow!("ncclAllReduce: {e:?}"))?;
-        self.stream
-            .memcpy_dtoh(&self.dev, buf)
-            .context("copying the gradient back")?;
-        self.stream.synchronize().context("waiting for NCCL")?;
+        if self.handle.aborted.load(Ordering::SeqCst) {
+            return Err(self.aborted_error());
+        }
+        let r = guarded("nccl all-reduce", || self.reduce(buf));
+        // An abort during the call makes whatever came back meaningless, even "success".
+        if self.handle.aborted.load(Ordering::SeqCst) {
+            return Err(self.aborted_error());
+        }
+        r?;
+        buf.copy_from_slice(&self.host);
         Ok(())
+    }
+
+    fn aborter(&self) -> Aborter {
+        let handle = self.handle.clone();
+        Aborter::new(move || handle.abort())
     }
 }
