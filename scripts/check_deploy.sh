@@ -201,8 +201,7 @@ echo "== gpo flags the manifests pass"
 cat >"$work/flags.py" <<'EOF'
 import re, shlex, sys, yaml
 PENDING = {  # flag -> the issue that adds it
-    "--etcd": "issue 9", "--checkpoint-every": "issue 9", "--resume": "issue 9",
-    "--min-workers": "issue 9", "--metrics-addr": "issue 10", "--token-file": "issue 10",
+    "--metrics-addr": "issue 10", "--token-file": "issue 10",
     "--tls-cert": "issue 10", "--tls-key": "issue 10", "--tls-ca": "issue 10",
     "--log-format": "issue 10",
 }

@@ -50,6 +50,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
+{{/* The run's name (--run-name in etcd; also its folder's name). */}}
+{{- define "gpo.runName" -}}
+{{- default (include "gpo.fullname" .) .Values.run.name -}}
+{{- end -}}
+
 {{/* The run's folder on the checkpoint volume (--out). */}}
 {{- define "gpo.runDir" -}}
 {{- printf "/var/lib/gpo/runs/%s" (default (include "gpo.fullname" .) .Values.run.name) -}}
@@ -85,6 +90,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if ne .Values.etcd.mode "none" }}
 - --etcd
 - {{ include "gpo.etcdEndpoints" . | quote }}
+- --run-name
+- {{ include "gpo.runName" . | quote }}
 {{- end }}
 {{- if .Values.metrics.enabled }}
 - --metrics-addr
