@@ -4,7 +4,7 @@
 //!
 //! [`run::train`] drives replicas through the [`run::Dispatch`] trait; the single-process
 //! trainer dispatches to one in-process replica ([`run::InProcess`]); the distributed one
-//! serves the `gpo.v1` gRPC API ([`service::CoordinatorService`]) and dispatches to remote
+//! serves the `gpo.v1` gRPC API ([`server::CoordinatorService`], [`service`]) and dispatches to remote
 //! workers ([`dispatch::GrpcDispatch`]). Membership, generations, fencing, the step round
 //! and recovery are decided by the pure state machine in [`machine`]; the service and the
 //! dispatch only carry its events and actions.
@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod etcd;
 pub mod machine;
 pub mod run;
+pub mod server;
 pub mod service;
 mod shared;
 mod status;
@@ -21,4 +22,5 @@ mod status;
 pub use config::RunConfig;
 pub use dispatch::{GrpcDispatch, StepTimes};
 pub use run::{train, Dispatch, InProcess, RunEvent, Summary};
-pub use service::{new_run_id, CoordinatorOptions, CoordinatorService, RunInfo};
+pub use server::{new_run_id, CoordinatorService};
+pub use service::{CoordinatorOptions, RunInfo};

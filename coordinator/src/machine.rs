@@ -404,6 +404,7 @@ impl Loss {
 }
 
 mod handle;
+mod round;
 pub use handle::Outcome;
 
 impl Machine {

@@ -1,0 +1,204 @@
+//! The running coordinator: binds its port, serves the gRPC service ([`crate::service`])
+//! on its own tokio runtime, feeds the machine its clock (a tick every 100 ms), and ends
+//! the run by telling every worker. The training loop talks to it through
+//! [`CoordinatorService::dispatch`].
+
+use crate::machine::{Event, Machine, MachineConfig};
+use crate::service::{CoordinatorOptions, RunInfo, Service};
+use crate::shared::Shared;
+use anyhow::{bail, Context, Result};
+use gpo_proto::v1::coordinator_server::CoordinatorServer;
+use gpo_worker::client::MAX_MESSAGE_BYTES;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A running coordinator service. Dropping it stops the service.
+pub struct CoordinatorService {
+    addr: SocketAddr,
+    pub(crate) shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// A run id: unique enough to tell runs apart (time and process).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "run-{:016x}",
+        nanos ^ ((std::process::id() as u64) << 40).rotate_left(7)
+    )
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl CoordinatorService {
+    /// Binds `listen` (port 0: any free port) and serves the run in the background.
+    pub fn start(
+        listen: SocketAddr,
+        info: RunInfo,
+        opts: CoordinatorOptions,
+    ) -> Result<CoordinatorService> {
+        let l = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("binding the coordinator on {listen}"))?;
+        Self::start_on(l, info, opts)
+    }
+
+    /// Serves the run in the background on a listener bound already (a coordinator that
+    /// campaigns in etcd binds first, to advertise its address).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        info: RunInfo,
+        opts: CoordinatorOptions,
+    ) -> Result<CoordinatorService> {
+        if opts.expected_workers == 0 {
+            bail!("a distributed run needs at least one worker");
+        }
+        if opts.min_workers == 0 || opts.min_workers > opts.expected_workers {
+            bail!(
+                "--min-workers must be between 1 and --workers ({}), got {}",
+                opts.expected_workers,
+                opts.min_workers
+            );
+        }
+        if opts.collective != "tcp-ring" && opts.collective != "nccl" {
+            bail!(
+                "unknown collective `{}` (expected tcp-ring or nccl)",
+                opts.collective
+            );
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gpo-coordinator")
+            .enable_all()
+            .build()?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _g = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let addr = listener.local_addr()?;
+        let mcfg = MachineConfig {
+            target_workers: opts.expected_workers,
+            min_workers: opts.min_workers,
+            heartbeat_timeout: ms(opts.heartbeat_timeout),
+            step_deadline_min: ms(opts.step_deadline_min),
+            setup_timeout: ms(opts.setup_timeout),
+            max_wait: opts.max_wait.map(ms),
+            registration_timeout: opts.registration_timeout.map(ms),
+            shard_groups: info.shard_groups.max(1),
+            skip_digest_check: opts.fake_compute_ms > 0,
+            ..Default::default()
+        };
+        let machine = Machine::new(mcfg, 0, info.start_step, info.start_generation);
+        let shared = Arc::new(Shared::new(new_run_id(), info, opts, machine));
+        let svc = CoordinatorServer::new(Service {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        runtime.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("the coordinator's gRPC server stopped: {e}");
+            }
+        });
+        let sh = shared.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut core = sh.lock();
+                let _ = sh.handle(&mut core, Event::Tick);
+                if core.machine.phase().over() {
+                    return;
+                }
+            }
+        });
+        tracing::info!("coordinator of run {} listening on {addr}", shared.run_id);
+        Ok(CoordinatorService {
+            addr,
+            shared,
+            shutdown: Some(tx),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The address the service listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.shared.run_id
+    }
+
+    /// The current membership generation.
+    pub fn generation(&self) -> u64 {
+        self.shared.lock().machine.generation()
+    }
+
+    /// A reader of the current generation for another thread.
+    pub fn generation_reader(&self) -> impl Fn() -> u64 + Send + 'static {
+        let sh = self.shared.clone();
+        move || sh.lock().machine.generation()
+    }
+
+    /// A handle that fails the run from another thread: waiters wake with `why`.
+    pub fn aborter(&self) -> impl Fn(String) + Send + Sync + 'static {
+        let sh = self.shared.clone();
+        move |why| {
+            let mut core = sh.lock();
+            let _ = sh.handle(&mut core, Event::Fail { reason: why });
+        }
+    }
+
+    /// A dispatch for the training loop. `mirror` is a replica built from the run's seed
+    /// (as every worker builds its own), holding the start step's state: the coordinator
+    /// evaluates and checkpoints from it and sends its state to workers that lack it.
+    /// `None` in benchmark mode.
+    pub fn dispatch(&self, mirror: Option<gpo_worker::Replica>) -> crate::GrpcDispatch {
+        crate::dispatch::GrpcDispatch::new(self.shared.clone(), mirror)
+    }
+
+    /// Ends the run: every worker is told to shut down (with `failed`'s reason when it
+    /// failed), and this waits up to `grace` for their streams to close.
+    pub fn finish(&self, failed: Option<String>, grace: Duration) {
+        let sh = &self.shared;
+        let mut core = sh.lock();
+        let ev = match failed {
+            Some(reason) => Event::Fail { reason },
+            None => Event::Finish,
+        };
+        let _ = sh.handle(&mut core, ev);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !core.links.is_empty() {
+            core.links.retain(|_, l| !l.tx.is_closed());
+            core = sh.wait(core, Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for CoordinatorService {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
