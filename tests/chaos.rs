@@ -33,13 +33,18 @@ fn sigkill_of_a_worker_mid_step_continues_on_the_survivors() {
     }
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "SIGKILL");
     report("sigkill", &s);
+    // The survivors' ring may report the broken step before the closed stream is seen:
+    // then the step error is a recovery of its own, and the lost worker's follows.
     let rec = s["recoveries"].as_array().unwrap();
-    assert_eq!(rec.len(), 1, "{rec:?}");
-    let why = rec[0]["reason"].as_str().unwrap();
-    assert!(why.contains("`c`") && why.contains("closed"), "{why}");
-    assert!(rec[0]["detect_s"].as_f64().unwrap() < 1.0, "{rec:?}");
+    let lost = rec
+        .iter()
+        .find(|r| r["reason"].as_str().unwrap().contains("closed its connection"))
+        .unwrap_or_else(|| panic!("no recovery names the killed worker: {rec:?}"));
+    assert!(lost["reason"].as_str().unwrap().contains("`c`"), "{lost}");
+    assert!(lost["detect_s"].as_f64().unwrap() < 1.0, "{lost}");
+    assert!(rec.len() <= 2, "{rec:?}");
     assert_eq!(s["distributed"]["world_size"], 2);
-    assert_eq!(s["distributed"]["generation"], 2);
+    assert!(s["distributed"]["generation"].as_u64().unwrap() >= 2);
 }
 
 #[test]

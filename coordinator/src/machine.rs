@@ -372,6 +372,8 @@ pub struct Machine {
     pending: Option<Pending>,
     round: Option<Round>,
     attempts: u32,
+    /// Rounds thrown away since the last commit (for the recoveries' count).
+    thrown: u64,
     paused_since: Option<Ms>,
     waiting_since: Ms,
     step_times: Vec<Ms>,
@@ -428,6 +430,7 @@ impl Machine {
             pending: None,
             round: None,
             attempts: 0,
+            thrown: 0,
             paused_since: None,
             waiting_since: now,
             step_times: Vec::new(),

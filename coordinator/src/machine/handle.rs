@@ -261,6 +261,16 @@ impl Machine {
             }
             Err(e) => {
                 let why = format!("{} failed step {step}: {e}", self.label(id));
+                if self.recoveries.iter().all(|r| r.recover_ms.is_some()) {
+                    self.recoveries.push(Recovery {
+                        step,
+                        reason: why.clone(),
+                        detect_ms: 0,
+                        detected_at: self.now,
+                        recover_ms: None,
+                        steps_recomputed: 0,
+                    });
+                }
                 self.abort_round(&why, "error", out);
                 self.attempts += 1;
                 if self.attempts >= self.cfg.max_step_attempts {

@@ -108,12 +108,14 @@ impl Machine {
         }
         self.attempts = 0;
         self.pending = None;
+        let thrown = std::mem::take(&mut self.thrown);
         for rec in self
             .recoveries
             .iter_mut()
             .filter(|x| x.recover_ms.is_none())
         {
             rec.recover_ms = Some(self.now - rec.detected_at);
+            rec.steps_recomputed = rec.steps_recomputed.max(thrown);
             self.counters.recoveries += 1;
         }
         out.push(Action::Committed {
@@ -168,6 +170,7 @@ impl Machine {
 
     pub(super) fn abort_round(&mut self, why: &str, kind: &str, out: &mut Vec<Action>) {
         let Some(r) = self.round.take() else { return };
+        self.thrown += 1;
         *self.counters.aborted.entry(kind.to_string()).or_default() += 1;
         for &to in self.members() {
             if self.workers.contains_key(&to) {
