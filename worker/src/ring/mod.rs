@@ -48,9 +48,6 @@ pub(crate) const HEADER_LEN: usize = 4 + 8 + 4 + 4 + 4 + 8;
 /// Values per segment (256 KiB): small enough to pipeline a 9 MiB gradient in dozens of
 /// pieces, large enough that headers and system calls per segment cost nothing.
 pub const SEGMENT: usize = 32 * 1024;
-#[cfg(target_os = "linux")]
-/// Socket buffers asked of the kernel (it caps them at `net.core.{w,r}mem_max`).
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// What identifies one ring: every member must agree on all of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,30 +110,6 @@ fn segments(r: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<u
 fn io_context(e: std::io::Error, what: &str, peer: usize, timeout: Duration) -> anyhow::Error {
     anyhow::anyhow!(io_failure(&e, what, peer, timeout))
 }
-
-/// Larger socket buffers than the defaults, so a whole segment or more fits in flight.
-/// Best effort: a kernel that refuses keeps its own sizes, which only costs speed.
-#[cfg(target_os = "linux")]
-fn set_buffers(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let v = SOCKET_BUFFER as std::ffi::c_int;
-    for opt in [SO_SNDBUF, SO_RCVBUF] {
-        // SAFETY: setsockopt with a valid socket descriptor and a pointer to a c_int of
-        // the length given; it only reads that int.
-        unsafe {
-            setsockopt(
-                s.as_raw_fd(),
-                SOL_SOCKET,
-                opt,
-                (&v as *const std::ffi::c_int).cast(),
-                std::mem::size_of::<std::ffi::c_int>() as u32,
-            );
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_buffers(_: &TcpStream) {}
 
 fn header(call: u64, phase: u32, chunk: usize, seg: usize, values: usize) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
@@ -236,7 +209,6 @@ impl TcpRing {
                     }
                 };
                 stream.set_nodelay(true)?;
-                set_buffers(&stream);
                 stream.set_read_timeout(Some(timeout))?;
                 stream.set_write_timeout(Some(timeout))?;
                 let mut hello = Vec::with_capacity(HELLO_LEN);
@@ -430,7 +402,6 @@ fn accept_pred(
     };
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
-    set_buffers(&stream);
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut h = [0u8; HELLO_LEN];
@@ -520,21 +491,4 @@ impl Drop for TcpRing {
     fn drop(&mut self) {
         self.shared.shutdown();
     }
-}
-
-#[cfg(target_os = "linux")]
-const SOL_SOCKET: std::ffi::c_int = 1;
-#[cfg(target_os = "linux")]
-const SO_SNDBUF: std::ffi::c_int = 7;
-#[cfg(target_os = "linux")]
-const SO_RCVBUF: std::ffi::c_int = 8;
-#[cfg(target_os = "linux")]
-extern "C" {
-    fn setsockopt(
-        fd: std::ffi::c_int,
-        level: std::ffi::c_int,
-        name: std::ffi::c_int,
-        value: *const std::ffi::c_void,
-        len: u32,
-    ) -> std::ffi::c_int;
 }
