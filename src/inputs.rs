@@ -2,27 +2,84 @@
 //! survey), turned into the pure [`Survey`] and [`PointFeatures`] the trainer consumes.
 
 use anyhow::{bail, Context, Result};
-use gpo_core::data::Survey;
+use gpo_core::data::{LoadReport, Survey};
 use gpo_core::features::PointFeatures;
-use gpo_core::io::dataset::{self, Format};
+use gpo_core::io::dataset::{self, Format, LoadOptions};
 use gpo_core::io::store::EmbeddingStore;
 use gpo_core::prompt::Template;
 use gpo_core::synth::{self, SynthConfig};
 use std::path::{Path, PathBuf};
 
 /// Where a run's data comes from.
-#[derive(Debug, Clone, Default, clap::Args)]
+///
+/// The OpinionQA attributes chosen with `--attributes` travel inside `format` (as
+/// `NAME:ATTR,ATTR`, or `:ATTR,ATTR` to keep auto-detection), so that a distributed run's
+/// workers, which receive the coordinator's format string, load the same groups.
+#[derive(Debug, Clone, Default)]
 pub struct DataArgs {
+    /// Dataset path; without it, the built-in synthetic survey.
+    pub data: Option<PathBuf>,
+    /// Dataset layout, optionally with `:ATTR,ATTR` (see the type's documentation).
+    pub format: Option<String>,
+    /// Embedding store folder.
+    pub embeddings: Option<PathBuf>,
+}
+
+/// The flags of [`DataArgs`] as the command line has them.
+#[derive(Debug, Clone, clap::Args)]
+struct DataFlags {
     /// Dataset path (gpo's folder format, an OpinionQA folder, or a CSV). Without it, the
     /// built-in synthetic survey is generated from the seed.
     #[arg(long, env = "GPO_DATA")]
-    pub data: Option<PathBuf>,
+    data: Option<PathBuf>,
     /// Dataset layout, when auto-detection is not wanted: native, opinionqa, weighted, global.
     #[arg(long, env = "GPO_FORMAT")]
-    pub format: Option<String>,
+    format: Option<String>,
     /// Embedding store folder (default: `<data>/embeddings` when it exists).
     #[arg(long, env = "GPO_EMBEDDINGS")]
-    pub embeddings: Option<PathBuf>,
+    embeddings: Option<PathBuf>,
+    /// OpinionQA counts: the attributes to load, comma-separated (default AGE, CREGION,
+    /// EDUCATION, INCOME, POLIDEOLOGY, POLPARTY, RACE, SEX; a wave that lacks some loads
+    /// the others, with a warning naming them).
+    #[arg(long, env = "GPO_ATTRIBUTES", value_delimiter = ',')]
+    attributes: Option<Vec<String>>,
+}
+
+impl From<DataFlags> for DataArgs {
+    fn from(f: DataFlags) -> Self {
+        let format = match f.attributes {
+            Some(a) if !a.is_empty() => Some(format!(
+                "{}:{}",
+                f.format.unwrap_or_default(),
+                a.iter().map(|s| s.trim()).collect::<Vec<_>>().join(",")
+            )),
+            _ => f.format,
+        };
+        DataArgs {
+            data: f.data,
+            format,
+            embeddings: f.embeddings,
+        }
+    }
+}
+
+impl clap::FromArgMatches for DataArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        DataFlags::from_arg_matches(m).map(Into::into)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for DataArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        DataFlags::augment_args(cmd)
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        DataFlags::augment_args_for_update(cmd)
+    }
 }
 
 /// Parses a `--format` value.
@@ -37,6 +94,54 @@ pub fn parse_format(s: &str) -> Result<Format> {
                 names.join(", ")
             )
         })
+}
+
+/// Splits a format string `NAME[:ATTR,ATTR]` into the layout (`None`: detect) and the load
+/// options.
+pub fn parse_format_spec(s: &str) -> Result<(Option<Format>, LoadOptions)> {
+    let (name, attrs) = match s.split_once(':') {
+        Some((n, a)) => (n.trim(), Some(a)),
+        None => (s.trim(), None),
+    };
+    let format = if name.is_empty() {
+        None
+    } else {
+        Some(parse_format(name)?)
+    };
+    let attributes = match attrs {
+        None => None,
+        Some(a) => {
+            let list: Vec<String> = a
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect();
+            if list.is_empty() {
+                bail!("`--attributes` (or `{s}`) names no attribute");
+            }
+            if format.is_some_and(|f| f != Format::OpinionQa) {
+                bail!(
+                    "`--attributes` applies to OpinionQA counts (format opinionqa), not to {name}"
+                );
+            }
+            Some(list)
+        }
+    };
+    Ok((format, LoadOptions { attributes }))
+}
+
+/// Prints a load report's warnings (the first 20) and counts to stderr.
+pub fn print_load_report(what: &str, r: &LoadReport) {
+    const SHOWN: usize = 20;
+    for w in r.warnings.iter().take(SHOWN) {
+        eprintln!("warning: {w}");
+    }
+    if r.warnings.len() > SHOWN {
+        eprintln!("warning: … and {} more warnings", r.warnings.len() - SHOWN);
+    }
+    if let Some(line) = r.counts_line() {
+        eprintln!("{what}: {line}");
+    }
 }
 
 /// Builds point features for a survey from an embedding store, using the store's template.
@@ -94,10 +199,12 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
             format!("built-in synthetic survey (seed {synth_seed})"),
         ));
     };
-    let survey = match &args.format {
-        Some(f) => dataset::load_as(data, parse_format(f)?)?,
-        None => dataset::load(data)?,
+    let (format, opts) = match &args.format {
+        Some(f) => parse_format_spec(f)?,
+        None => (None, LoadOptions::default()),
     };
+    let (survey, report) = dataset::load_with(data, format, &opts)?;
+    print_load_report(&data.display().to_string(), &report);
     let store_dir = match &args.embeddings {
         Some(e) => e.clone(),
         None => {
@@ -146,4 +253,36 @@ pub fn print_table(
 pub fn output_dir(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p)
         .with_context(|| format!("cannot create output folder {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        data: DataArgs,
+    }
+
+    #[test]
+    fn attributes_travel_in_the_format_string() {
+        let c = Cli::parse_from(["x", "--data", "d", "--attributes", "SEX, RACE"]);
+        assert_eq!(c.data.format.as_deref(), Some(":SEX,RACE"));
+        let (f, o) = parse_format_spec(c.data.format.as_deref().unwrap()).unwrap();
+        assert_eq!(f, None);
+        assert_eq!(
+            o.attributes,
+            Some(vec!["SEX".to_string(), "RACE".to_string()])
+        );
+        let c = Cli::parse_from(["x", "--format", "opinionqa", "--attributes", "SEX"]);
+        assert_eq!(c.data.format.as_deref(), Some("opinionqa:SEX"));
+        let c = Cli::parse_from(["x", "--format", "global"]);
+        assert_eq!(c.data.format.as_deref(), Some("global"));
+        assert_eq!(parse_format_spec("global").unwrap().0, Some(Format::Global));
+        let e = parse_format_spec("global:SEX").unwrap_err().to_string();
+        assert!(e.contains("OpinionQA"), "{e}");
+        assert!(parse_format_spec("opinionqa:").is_err());
+    }
 }

@@ -38,7 +38,12 @@ fn sigkill_of_a_worker_mid_step_continues_on_the_survivors() {
     let rec = s["recoveries"].as_array().unwrap();
     let lost = rec
         .iter()
-        .find(|r| r["reason"].as_str().unwrap().contains("closed its connection"))
+        .find(|r| {
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("closed its connection")
+        })
         .unwrap_or_else(|| panic!("no recovery names the killed worker: {rec:?}"));
     assert!(lost["reason"].as_str().unwrap().contains("`c`"), "{lost}");
     assert!(lost["detect_s"].as_f64().unwrap() < 1.0, "{lost}");

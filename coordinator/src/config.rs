@@ -32,6 +32,29 @@ pub struct RunConfig {
     /// embedder output); a smaller one spreads over more workers and threads. The default
     /// 4 gives the official 8-group step two shards, one per core of a 2-core machine.
     pub shard_groups: usize,
+    /// How the reported checkpoint is chosen: `"validation"` (default) by the alignment of
+    /// validation groups carved from the meta-training groups, reporting the test groups'
+    /// score at that checkpoint; `"test"` by the test groups' own alignment, as the paper
+    /// does (optimistic: the same score selects and is reported).
+    pub selection: Selection,
+    /// With `selection = "validation"`: the fraction of the meta-training groups carved out
+    /// for validation (`floor(n · f)`, at least 1), chosen by the seed; they do not train.
+    pub validation_split: f64,
+    /// Groups that answered fewer questions than this are left out of the run (training
+    /// and evaluation), with a note in the summary. Held-out groups that answered no more
+    /// questions than `eval_context` are skipped from evaluation with a warning either way.
+    pub min_questions: usize,
+}
+
+/// How a run selects its reported checkpoint (see [`RunConfig::selection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// By validation groups carved from the meta-training groups.
+    #[default]
+    Validation,
+    /// By the held-out test groups (the paper's way).
+    Test,
 }
 
 impl Default for RunConfig {
@@ -46,6 +69,9 @@ impl Default for RunConfig {
             model: GpoConfig::default(),
             adam: AdamConfig::default(),
             shard_groups: 4,
+            selection: Selection::Validation,
+            validation_split: 0.2,
+            min_questions: 0,
         }
     }
 }
@@ -73,6 +99,12 @@ impl RunConfig {
             return Err(format!(
                 "`sampler` sizes must satisfy 1 ≤ min ≤ max (context {}..{}, target {}..{})",
                 s.min_ctx, s.max_ctx, s.min_tgt, s.max_tgt
+            ));
+        }
+        if !(self.validation_split > 0.0 && self.validation_split < 1.0) {
+            return Err(format!(
+                "`validation_split` must be in (0, 1), got {}",
+                self.validation_split
             ));
         }
         if self.shard_groups == 0 {

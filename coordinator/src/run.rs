@@ -1,7 +1,7 @@
 //! The training loop of a run: episodes out, gradients applied, evaluation on schedule,
 //! the best checkpoint kept, and a summary at the end.
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, Selection};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use gpo_core::data::Survey;
@@ -9,7 +9,10 @@ use gpo_core::eval::{evaluate, EvalReport};
 use gpo_core::features::PointFeatures;
 use gpo_core::io::checkpoint;
 use gpo_core::model::Gpo;
-use gpo_core::sampler::{common_questions, eval_episodes, group_split, step_episodes, EpisodeSpec};
+use gpo_core::sampler::{
+    common_questions, eval_episodes, evaluable_groups, group_split, step_episodes,
+    validation_split, EpisodeSpec,
+};
 use gpo_worker::{Collective, Local, Replica};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -137,8 +140,11 @@ impl Progress {
 pub struct EvalPoint {
     /// Step evaluated after (0 = before training).
     pub step: u64,
-    /// GPO's alignment.
+    /// GPO's alignment on the held-out test groups.
     pub gpo: f64,
+    /// GPO's alignment on the validation groups (`selection = "validation"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<f64>,
 }
 
 /// The training loop's own state at a step: what a resumed run needs, beyond the
@@ -183,16 +189,29 @@ pub struct LoopOptions {
 pub struct Summary {
     /// The alignment metric (`wasserstein`, `jensen_shannon`, `accuracy`).
     pub metric: gpo_core::data::MetricKind,
-    /// Alignment per method on the held-out groups (GPO: the best checkpoint's).
+    /// Alignment per method on the held-out test groups (GPO: the selected checkpoint's).
     pub methods: BTreeMap<String, f64>,
+    /// How the checkpoint was selected (`validation` or `test`).
+    pub selection: Selection,
+    /// Alignment per method on the validation groups at the selected checkpoint
+    /// (`selection = "validation"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<BTreeMap<String, f64>>,
     /// Steps run.
     pub steps: u64,
-    /// Step of the best checkpoint.
+    /// Step of the selected checkpoint.
     pub best_step: u64,
     /// Meta-training group names.
     pub train_groups: Vec<String>,
-    /// Held-out group names.
+    /// Validation group names (carved from the meta-training groups; they do not train).
+    pub validation_groups: Vec<String>,
+    /// Held-out test group names (those evaluated).
     pub test_groups: Vec<String>,
+    /// Groups left out of training or evaluation, and why.
+    pub plan_notes: Vec<String>,
+    /// Test (group, question) pairs whose question no training group answered, where
+    /// `train_mean` falls back to uniform.
+    pub no_train_answer_pairs: usize,
     /// Path of the best checkpoint.
     pub checkpoint: PathBuf,
     /// GPO's alignment per held-out group at the best checkpoint.
@@ -225,32 +244,132 @@ pub struct Summary {
 
 /// The group split and episode pools of a run, derived from its seed.
 pub struct RunPlan {
-    /// Meta-training groups.
+    /// Meta-training groups (without the validation groups).
     pub train: Vec<usize>,
-    /// Held-out groups.
+    /// Validation groups, carved from the meta-training groups (`selection = "validation"`;
+    /// empty otherwise).
+    pub validation: Vec<usize>,
+    /// Held-out test groups that are evaluated.
     pub test: Vec<usize>,
     /// Shared question pool for training (OpinionQA-style data), else `None`.
     pub train_pool: Option<Vec<usize>>,
-    /// Evaluation episodes.
+    /// Evaluation episodes of the test groups.
     pub eval: Vec<EpisodeSpec>,
+    /// Evaluation episodes of the validation groups.
+    pub validation_eval: Vec<EpisodeSpec>,
+    /// How the reported checkpoint is selected.
+    pub selection: Selection,
+    /// Groups left out, and why (also logged as warnings).
+    pub notes: Vec<String>,
+}
+
+/// The scores of one evaluation: the test groups', and the validation groups' when the run
+/// selects on them.
+#[derive(Debug, Clone)]
+pub struct PlanScores {
+    /// Held-out test groups.
+    pub test: EvalReport,
+    /// Validation groups.
+    pub validation: Option<EvalReport>,
+}
+
+impl PlanScores {
+    /// GPO's score that selects the checkpoint.
+    pub fn selection_score(&self) -> f64 {
+        self.validation.as_ref().unwrap_or(&self.test).methods["gpo"]
+    }
+}
+
+/// Evaluation episodes for `groups` with `n_ctx` context questions each: groups that
+/// answered no more than `n_ctx` questions are skipped with a note (`role` names them in
+/// it); the shared pool (OpinionQA-style data) is over the groups kept.
+fn plan_eval(
+    s: &Survey,
+    seed: u64,
+    groups: &[usize],
+    n_ctx: usize,
+    role: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<usize>, Vec<EpisodeSpec>)> {
+    let (keep, skipped) = evaluable_groups(s, groups, n_ctx);
+    for (g, n) in skipped {
+        notes.push(format!(
+            "{role} group `{}` answered {n} questions, not more than the evaluation's {n_ctx} context questions; skipped from evaluation (lower `eval_context`, or leave such groups out with `min_questions`)",
+            s.groups[g].name
+        ));
+    }
+    if keep.is_empty() {
+        anyhow::bail!(
+            "no {role} group answered more than the evaluation's {n_ctx} context questions; lower `eval_context`"
+        );
+    }
+    let pool = s
+        .metric
+        .shares_questions()
+        .then(|| common_questions(s, &keep));
+    let eps = eval_episodes(s, seed, &keep, pool.as_deref(), n_ctx)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("planning the {role} evaluation"))?;
+    Ok((keep, eps))
 }
 
 impl RunPlan {
     /// Plans a run over a survey.
     pub fn new(cfg: &RunConfig, s: &Survey) -> Result<Self> {
+        let mut notes = Vec::new();
+        // `min_questions`: groups that answered too little take no part.
+        let kept: Vec<usize> = (0..s.groups.len())
+            .filter(|&g| {
+                let n = s.answered(g).len();
+                let ok = n >= cfg.min_questions;
+                if !ok {
+                    notes.push(format!(
+                        "group `{}` answered {n} questions, fewer than `min_questions` = {}; left out of the run",
+                        s.groups[g].name, cfg.min_questions
+                    ));
+                }
+                ok
+            })
+            .collect();
         let (train, test) =
-            group_split(s.groups.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
+            group_split(kept.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
+        let (train, test): (Vec<usize>, Vec<usize>) = (
+            train.iter().map(|&i| kept[i]).collect(),
+            test.iter().map(|&i| kept[i]).collect(),
+        );
+        let (train, validation) = match cfg.selection {
+            Selection::Test => (train, Vec::new()),
+            Selection::Validation => validation_split(&train, cfg.validation_split, cfg.seed)
+                .map_err(anyhow::Error::msg)
+                .context("carving the validation groups (`validation_split`)")?,
+        };
         let shares = s.metric.shares_questions();
         let train_pool = shares.then(|| common_questions(s, &train));
-        let test_pool = shares.then(|| common_questions(s, &test));
-        let eval = eval_episodes(s, cfg.seed, &test, test_pool.as_deref(), cfg.eval_context)
-            .map_err(anyhow::Error::msg)
-            .context("planning the evaluation")?;
+        let (test, eval) = plan_eval(s, cfg.seed, &test, cfg.eval_context, "test", &mut notes)?;
+        let (validation, validation_eval) = if validation.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            plan_eval(
+                s,
+                cfg.seed,
+                &validation,
+                cfg.eval_context,
+                "validation",
+                &mut notes,
+            )?
+        };
+        for n in &notes {
+            tracing::warn!("{n}");
+        }
         Ok(RunPlan {
             train,
+            validation,
             test,
             train_pool,
             eval,
+            validation_eval,
+            selection: cfg.selection,
+            notes,
         })
     }
 
@@ -265,6 +384,31 @@ impl RunPlan {
             &cfg.sampler,
         )
         .map_err(anyhow::Error::msg)
+    }
+
+    /// Scores `model` on the test groups, and on the validation groups when the run selects
+    /// on them.
+    pub fn evaluate(
+        &self,
+        model: &Gpo,
+        s: &Survey,
+        f: &PointFeatures,
+        device: &Device,
+    ) -> Result<PlanScores> {
+        let test = evaluate(model, s, f, &self.train, &self.eval, device)?;
+        let validation = if self.validation_eval.is_empty() {
+            None
+        } else {
+            Some(evaluate(
+                model,
+                s,
+                f,
+                &self.train,
+                &self.validation_eval,
+                device,
+            )?)
+        };
+        Ok(PlanScores { test, validation })
     }
 }
 
@@ -330,7 +474,7 @@ pub fn train_with(
         },
     };
     let resumed_from = opts.resume.as_ref().map(|p| p.step);
-    let mut best: Option<(u64, EvalReport)> = None;
+    let mut best: Option<(u64, PlanScores)> = None;
     if progress.best_step.is_some() {
         // The best checkpoint's report, re-scored (evaluation is deterministic). Its own
         // step counts: it may be newer than the resume point, if the run died between
@@ -344,26 +488,26 @@ pub fn train_with(
             .flat_map(|p| p.data.iter().copied())
             .collect();
         model.params.set_flat(&flat)?;
-        let report = evaluate(&model, &survey, &features, &plan.train, &plan.eval, &device)?;
-        best = Some((b, report));
+        let scores = plan.evaluate(&model, &survey, &features, &device)?;
+        best = Some((b, scores));
     }
     let mut evaluate_now =
         |step: u64, d: &dyn Dispatch, hist: &mut Vec<EvalPoint>| -> Result<(bool, EvalReport)> {
-            let report = evaluate(
-                d.model(),
-                &survey,
-                &features,
-                &plan.train,
-                &plan.eval,
-                &device,
-            )?;
-            let gpo = report.methods["gpo"];
-            hist.push(EvalPoint { step, gpo });
-            let improved = best.as_ref().is_none_or(|(_, b)| gpo > b.methods["gpo"]);
+            let scores = plan.evaluate(d.model(), &survey, &features, &device)?;
+            hist.push(EvalPoint {
+                step,
+                gpo: scores.test.methods["gpo"],
+                validation: scores.validation.as_ref().map(|v| v.methods["gpo"]),
+            });
+            let score = scores.selection_score();
+            let improved = best
+                .as_ref()
+                .is_none_or(|(_, b)| score > b.selection_score());
+            let report = scores.test.clone();
             if improved {
                 checkpoint::save(&best_path, &d.checkpoint(step, config_json.clone())?)
                     .map_err(anyhow::Error::msg)?;
-                best = Some((step, report.clone()));
+                best = Some((step, scores));
             }
             Ok((improved, report))
         };
@@ -452,7 +596,8 @@ pub fn train_with(
         )
         .map_err(anyhow::Error::msg)?;
     }
-    let (best_step, best_report) = best.context("no evaluation ran")?;
+    let (best_step, best_scores) = best.context("no evaluation ran")?;
+    let best_report = &best_scores.test;
     let mut times = progress.step_times.clone();
     times.sort_by(f64::total_cmp);
     let names = |v: &[usize]| {
@@ -465,10 +610,15 @@ pub fn train_with(
     let summary = Summary {
         metric: survey.metric,
         methods: best_report.methods.clone(),
+        selection: plan.selection,
+        validation: best_scores.validation.as_ref().map(|v| v.methods.clone()),
         steps: progress.step,
         best_step,
         train_groups: names(&plan.train),
+        validation_groups: names(&plan.validation),
         test_groups: names(&plan.test),
+        plan_notes: plan.notes.clone(),
+        no_train_answer_pairs: best_report.no_train_answer,
         checkpoint: best_path,
         per_group: best_report.per_group.clone(),
         eval_pairs: best_report.pairs,
@@ -519,4 +669,97 @@ pub fn load_resume(
         );
     }
     Ok((cfg, progress, c, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpo_core::data::MetricKind;
+    use gpo_core::synth::{generate, SynthConfig};
+
+    fn survey(metric: MetricKind) -> Survey {
+        let mut s = generate(&SynthConfig {
+            n_questions: 30,
+            n_groups: 10,
+            dim: 4,
+            ..Default::default()
+        })
+        .survey
+        .clone();
+        s.metric = metric;
+        s
+    }
+
+    fn cfg(selection: Selection) -> RunConfig {
+        RunConfig {
+            group_split: 0.6,
+            eval_context: 5,
+            selection,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_groups_are_carved_from_training_and_evaluated() {
+        let s = survey(MetricKind::Wasserstein);
+        let p = RunPlan::new(&cfg(Selection::Validation), &s).unwrap();
+        assert_eq!((p.train.len(), p.validation.len(), p.test.len()), (5, 1, 4));
+        assert!(p
+            .validation
+            .iter()
+            .all(|g| !p.train.contains(g) && !p.test.contains(g)));
+        assert_eq!(p.validation_eval.len(), 1);
+        assert_eq!(p.validation_eval[0].group, p.validation[0]);
+        // The paper's way: no validation, every meta-training group trains.
+        let t = RunPlan::new(&cfg(Selection::Test), &s).unwrap();
+        assert_eq!((t.train.len(), t.validation.len()), (6, 0));
+        assert_eq!(t.test, p.test);
+        let mut all = p.train.clone();
+        all.extend(&p.validation);
+        all.sort_unstable();
+        assert_eq!(all, t.train);
+    }
+
+    /// GlobalOpinionQA-style data where a held-out country answered fewer questions than
+    /// the evaluation's context: skipped with a note, not a refused run; `min_questions`
+    /// leaves such groups out of the run altogether.
+    #[test]
+    fn a_held_out_group_with_few_answers_is_skipped_with_a_note() {
+        let mut s = survey(MetricKind::JensenShannon);
+        let c = cfg(Selection::Test);
+        let test = RunPlan::new(&c, &s).unwrap().test;
+        let poor = test[1];
+        for q in 4..30 {
+            s.answers[poor][q] = None;
+        }
+        let p = RunPlan::new(&c, &s).unwrap();
+        assert!(!p.test.contains(&poor));
+        assert_eq!(p.eval.len(), test.len() - 1);
+        assert_eq!(p.notes.len(), 1, "{:?}", p.notes);
+        let name = &s.groups[poor].name;
+        assert!(
+            p.notes[0].contains(&format!("`{name}` answered 4 questions")),
+            "{:?}",
+            p.notes
+        );
+        let m = RunConfig {
+            min_questions: 10,
+            ..c.clone()
+        };
+        let p = RunPlan::new(&m, &s).unwrap();
+        assert!(p.notes[0].contains("left out of the run"), "{:?}", p.notes);
+        assert!(!p.test.contains(&poor) && !p.train.contains(&poor));
+        // Nobody answered enough: an error that says what to change.
+        let e = RunPlan::new(
+            &RunConfig {
+                eval_context: 40,
+                ..c
+            },
+            &s,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("eval_context"), "{e}");
+    }
 }

@@ -25,6 +25,9 @@ pub struct EvalReport {
     pub per_group: BTreeMap<String, f64>,
     /// (group, question) pairs scored.
     pub pairs: usize,
+    /// Target pairs with an answer whose question no training group answered: `train_mean`
+    /// is uniform there (common on GlobalOpinionQA-style data: countries answer few questions).
+    pub no_train_answer: usize,
 }
 
 /// The training groups' mean distribution for every question (`None` where no training
@@ -46,6 +49,16 @@ pub fn train_mean(s: &Survey, train: &[usize]) -> Vec<Option<Vec<f64>>> {
             acc.map(|a| a.into_iter().map(|x| x / n as f64).collect())
         })
         .collect()
+}
+
+/// Target pairs of `eps` with an answer whose question no group of `train` answered.
+pub fn no_train_answer_pairs(s: &Survey, train: &[usize], eps: &[EpisodeSpec]) -> usize {
+    eps.iter()
+        .flat_map(|e| e.target.iter().map(move |&q| (e.group, q)))
+        .filter(|&(g, q)| {
+            s.answers[g][q].is_some() && train.iter().all(|&t| s.answers[t][q].is_none())
+        })
+        .count()
 }
 
 /// Baseline scores only (no model): `uniform` and `train_mean`.
@@ -145,5 +158,6 @@ pub fn evaluate(
             .map(|(g, v)| (s.groups[g].name.clone(), v))
             .collect(),
         pairs: gpo.count(),
+        no_train_answer: no_train_answer_pairs(s, train, eps),
     })
 }

@@ -5,8 +5,12 @@
 //! two threads were slower than one), shards run in parallel on rayon's pool, and their f32
 //! gradients are summed in f64. A sum of a few f32 values in f64 is exact unless their
 //! exponents span more than 29 bits, so the result does not depend on how shards are spread
-//! over threads or replicas: runs with any world size take the same steps. Each shard's loss
-//! is weighted by its share of the batch, so the sum is the gradient of the batch mean.
+//! over threads or replicas: runs with any world size take the same steps.
+//!
+//! The loss is the official one: the mean over the step's groups × padded target slots
+//! (G × Nt_max, Nt_max the most target points of any episode of the *whole step*). Each
+//! shard divides its summed NLL by that one number ([`StepSize`]), so the shards' losses add
+//! up to the whole step's loss and no shard's graph depends on which others it is with.
 
 use crate::data::Survey;
 use crate::features::{assemble, PointFeatures};
@@ -16,8 +20,75 @@ use crate::sampler::EpisodeSpec;
 use candle_core::{Device, Result};
 use rayon::prelude::*;
 
-/// (loss share, flat gradient in f64) of `episodes`, each weighted by `1 / batch_groups`,
-/// computed in shards of `shard_groups` episodes, in parallel when `parallel`.
+/// The size of a whole step's batch, which every shard's loss is divided by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepSize {
+    /// Episodes (groups) in the step, G.
+    pub groups: usize,
+    /// Target points of the step's longest episode, Nt_max (the padded target width).
+    pub target_slots: usize,
+}
+
+impl StepSize {
+    /// The size of a step made of exactly `episodes`.
+    pub fn of(f: &PointFeatures, episodes: &[EpisodeSpec]) -> Self {
+        StepSize {
+            groups: episodes.len(),
+            target_slots: episodes
+                .iter()
+                .map(|e| f.points(&e.target))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The size of a step of `batch_groups` episodes of which `episodes` are a part, when
+    /// only that part is known (a worker's share of a distributed step). Nt_max is known
+    /// exactly when `episodes` is the whole step, or when the step shares its questions
+    /// (OpinionQA-style data: every episode of a step has the same targets, so the same
+    /// width). Otherwise the other episodes' widths are unknown and this is an error rather
+    /// than a guess that would make the result depend on the world size.
+    pub fn infer(
+        s: &Survey,
+        f: &PointFeatures,
+        episodes: &[EpisodeSpec],
+        batch_groups: usize,
+    ) -> std::result::Result<Self, String> {
+        if episodes.len() > batch_groups {
+            return Err(format!(
+                "{} episodes given for a step of {batch_groups}",
+                episodes.len()
+            ));
+        }
+        if episodes.len() == batch_groups {
+            return Ok(Self::of(f, episodes));
+        }
+        let shared = s.metric.shares_questions()
+            && episodes
+                .iter()
+                .all(|e| e.target == episodes[0].target && e.context == episodes[0].context);
+        if shared && !episodes.is_empty() {
+            return Ok(StepSize {
+                groups: batch_groups,
+                target_slots: f.points(&episodes[0].target),
+            });
+        }
+        Err(format!(
+            "this share ({} of {batch_groups} episodes) of a step whose groups answer different \
+             questions cannot know the step's padded target width, which the official loss \
+             divides by; pass the whole step's `StepSize` (grad::step_gradient)",
+            episodes.len()
+        ))
+    }
+
+    /// G × Nt_max: what the summed NLL is divided by.
+    pub fn denominator(&self) -> f64 {
+        (self.groups * self.target_slots).max(1) as f64
+    }
+}
+
+/// (loss share, flat gradient in f64) of `episodes`, part of a step of `batch_groups`
+/// episodes: [`step_gradient`] with the step's size inferred by [`StepSize::infer`].
 #[allow(clippy::too_many_arguments)]
 pub fn episodes_gradient(
     model: &Gpo,
@@ -29,10 +100,28 @@ pub fn episodes_gradient(
     parallel: bool,
     device: &Device,
 ) -> Result<(f64, Vec<f64>)> {
+    let size = StepSize::infer(s, f, episodes, batch_groups).map_err(candle_core::Error::msg)?;
+    step_gradient(model, s, f, episodes, size, shard_groups, parallel, device)
+}
+
+/// (loss share, flat gradient in f64) of `episodes`, part of a step of size `step`,
+/// computed in shards of `shard_groups` episodes, in parallel when `parallel`. Summed over
+/// every part of the step this is the official loss of the whole step and its gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn step_gradient(
+    model: &Gpo,
+    s: &Survey,
+    f: &PointFeatures,
+    episodes: &[EpisodeSpec],
+    step: StepSize,
+    shard_groups: usize,
+    parallel: bool,
+    device: &Device,
+) -> Result<(f64, Vec<f64>)> {
+    let denom = step.denominator();
     let shard = |eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
         let batch = assemble(s, f, eps, device)?;
-        let weight = eps.len() as f64 / batch_groups as f64;
-        let loss = (model.loss(&batch)? * weight)?;
+        let loss = model.loss_over(&batch, denom)?;
         let grads = loss.backward()?;
         Ok((
             loss.to_scalar::<f32>()? as f64,
@@ -86,6 +175,144 @@ mod tests {
     use crate::model::GpoConfig;
     use crate::sampler::{step_episodes, SamplerConfig};
     use crate::synth::{generate, SynthConfig};
+
+    fn setup(n_groups: usize) -> (crate::synth::SynthOutput, PointFeatures, Gpo) {
+        let out = generate(&SynthConfig {
+            n_questions: 30,
+            n_groups,
+            dim: 8,
+            ..Default::default()
+        });
+        let meta = out.store_meta();
+        let table: std::collections::HashMap<_, _> = out.embeddings.iter().cloned().collect();
+        let f = PointFeatures::build(&out.survey, 8, |q, k| {
+            table
+                .get(&meta.key(&out.template.render(q, k)))
+                .map(|v| v.as_slice())
+        })
+        .unwrap();
+        let cfg = GpoConfig {
+            dim_x: 8,
+            d_model: 16,
+            dim_feedforward: 16,
+            num_layers: 2,
+            ..Default::default()
+        };
+        (out, f, Gpo::new(cfg, 0, &Device::Cpu).unwrap())
+    }
+
+    /// Six episodes with their own questions and different target widths (GlobalOpinionQA-
+    /// style steps, which are padded).
+    fn unshared_episodes(s: &Survey) -> Vec<EpisodeSpec> {
+        let cfg = SamplerConfig {
+            min_ctx: 3,
+            max_ctx: 8,
+            min_tgt: 2,
+            max_tgt: 9,
+            batch_groups: None,
+        };
+        (0..6)
+            .map(|i| crate::sampler::episode(s, 4, 2, i, i, None, &cfg).unwrap())
+            .collect()
+    }
+
+    /// The official reduction across shards and workers: shards of an unshared step, cut
+    /// as 1, 2 or 3 workers would get them, sum to bitwise the same gradient, and that is
+    /// the loss and gradient of the whole step as one padded batch (mean over G × Nt_max).
+    #[test]
+    fn step_loss_is_the_official_mean_whatever_the_world_size() {
+        let (out, f, m) = setup(6);
+        let eps = unshared_episodes(&out.survey);
+        let size = StepSize::of(&f, &eps);
+        let widths: Vec<usize> = eps.iter().map(|e| f.points(&e.target)).collect();
+        assert!(
+            widths.iter().any(|&w| w != size.target_slots),
+            "the test needs padding: widths {widths:?}"
+        );
+        // The whole step as one batch, the official way.
+        let batch = assemble(&out.survey, &f, &eps, &Device::Cpu).unwrap();
+        assert_eq!(batch.nt, size.target_slots);
+        let whole = m.loss(&batch).unwrap();
+        let want = whole.to_scalar::<f32>().unwrap() as f64;
+        let want_grad = flat_grads(&m.params, &whole.backward().unwrap()).unwrap();
+
+        let run = |cuts: &[usize]| -> (f64, Vec<f64>) {
+            let mut loss = 0.0;
+            let mut grad = vec![0f64; m.params.count()];
+            for w in cuts.windows(2) {
+                let (l, g) = step_gradient(
+                    &m,
+                    &out.survey,
+                    &f,
+                    &eps[w[0]..w[1]],
+                    size,
+                    2,
+                    false,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                loss += l;
+                for (a, b) in grad.iter_mut().zip(&g) {
+                    *a += b;
+                }
+            }
+            (loss, grad)
+        };
+        let (l1, g1) = run(&[0, 6]);
+        let (l2, g2) = run(&[0, 4, 6]);
+        let (l3, g3) = run(&[0, 2, 4, 6]);
+        assert_eq!(g1, g2, "2 workers differ from 1");
+        assert_eq!(g1, g3, "3 workers differ from 1");
+        assert!((l1 - l2).abs() <= 1e-6 * l1.abs() && (l1 - l3).abs() <= 1e-6 * l1.abs());
+        assert!(
+            (l1 - want).abs() <= 1e-5 * want.abs(),
+            "sharded step loss {l1}, whole-batch official loss {want}"
+        );
+        let scale = want_grad.iter().fold(0f32, |s, x| s.max(x.abs())) as f64;
+        let worst = g1
+            .iter()
+            .zip(&want_grad)
+            .fold(0f64, |s, (a, b)| s.max((a - *b as f64).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "gradient differs by {worst} (scale {scale})"
+        );
+        // A shard that divided by its own width instead would not add up.
+        let own = StepSize::of(&f, &eps[..2]);
+        assert_ne!(own.target_slots, size.target_slots);
+    }
+
+    #[test]
+    fn a_partial_unshared_step_needs_the_step_size() {
+        let (mut out, f, m) = setup(6);
+        let eps = unshared_episodes(&out.survey);
+        // The whole step: inferred exactly.
+        assert_eq!(
+            StepSize::infer(&out.survey, &f, &eps, 6).unwrap(),
+            StepSize::of(&f, &eps)
+        );
+        // A worker's part of a step over groups with their own questions: refused.
+        out.survey.metric = crate::data::MetricKind::JensenShannon;
+        let e = episodes_gradient(&m, &out.survey, &f, &eps[..2], 6, 2, false, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("padded target width"), "{e}");
+        // A part of a step that shares its questions: every episode has the same width.
+        out.survey.metric = crate::data::MetricKind::Wasserstein;
+        let shared: Vec<EpisodeSpec> = (0..3)
+            .map(|g| EpisodeSpec {
+                group: g,
+                ..eps[0].clone()
+            })
+            .collect();
+        assert_eq!(
+            StepSize::infer(&out.survey, &f, &shared[..1], 3).unwrap(),
+            StepSize {
+                groups: 3,
+                target_slots: f.points(&eps[0].target)
+            }
+        );
+    }
 
     #[test]
     fn sharded_gradient_equals_unsharded() {

@@ -13,6 +13,7 @@ const STREAM_QUESTIONS: u64 = 2;
 const STREAM_SPLIT: u64 = 3;
 const STREAM_EVAL: u64 = 4;
 const STREAM_SUBSET: u64 = 5;
+const STREAM_VALIDATION: u64 = 6;
 
 /// Context/target sizes (in questions) and the meta-batch size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +77,55 @@ pub fn group_split(
     train.sort_unstable();
     test.sort_unstable();
     Ok((train, test))
+}
+
+/// Carves validation groups out of the meta-training groups `train`: `floor(n · frac)` of
+/// them (at least 1), chosen by `seed` on a stream of their own, so the checkpoint can be
+/// selected on groups that neither trained it nor are the reported test groups. Returns
+/// (train, validation), both sorted.
+pub fn validation_split(
+    train: &[usize],
+    frac: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), String> {
+    if !(frac > 0.0 && frac < 1.0) {
+        return Err(format!("validation split must be in (0, 1), got {frac}"));
+    }
+    let n = train.len();
+    let n_val = ((n as f64 * frac).floor() as usize).max(1);
+    if n_val >= n {
+        return Err(format!(
+            "a validation split of {frac} of {n} meta-training groups leaves none to train on; \
+             use more groups, or `selection = \"test\"` (the paper's way)"
+        ));
+    }
+    let perm = Rng::keyed(&[seed, STREAM_VALIDATION]).permutation(n);
+    let mut val: Vec<usize> = perm[..n_val].iter().map(|&i| train[i]).collect();
+    let mut rest: Vec<usize> = perm[n_val..].iter().map(|&i| train[i]).collect();
+    val.sort_unstable();
+    rest.sort_unstable();
+    Ok((rest, val))
+}
+
+/// Splits `groups` into those that answered more than `n_ctx` questions (an evaluation
+/// gives them `n_ctx` as context and scores the rest) and those that did not, with their
+/// answered counts.
+pub fn evaluable_groups(
+    s: &Survey,
+    groups: &[usize],
+    n_ctx: usize,
+) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let mut keep = Vec::new();
+    let mut skip = Vec::new();
+    for &g in groups {
+        let n = s.answered(g).len();
+        if n > n_ctx {
+            keep.push(g);
+        } else {
+            skip.push((g, n));
+        }
+    }
+    (keep, skip)
 }
 
 /// Questions every one of `groups` has answers for (the shared pool of OpinionQA-style data).
@@ -412,5 +462,24 @@ mod tests {
         assert_eq!(subsample_targets(&eps, 40, 0, 0)[0].target, eps[0].target);
         assert_eq!(subsample_targets(&eps, 40, 10, 0)[2].target, sub[2].target);
         assert_ne!(subsample_targets(&eps, 40, 10, 1)[0].target, sub[0].target);
+    }
+
+    #[test]
+    fn validation_is_carved_from_training_groups_by_seed() {
+        let train = [1, 3, 4, 7, 9, 12];
+        let (rest, val) = validation_split(&train, 0.2, 5).unwrap();
+        assert_eq!(val.len(), 1);
+        assert_eq!(rest.len(), 5);
+        let mut all: Vec<usize> = rest.iter().chain(&val).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, train);
+        assert_eq!(validation_split(&train, 0.2, 5).unwrap(), (rest, val));
+        let picks: std::collections::BTreeSet<Vec<usize>> = (0..20)
+            .map(|s| validation_split(&train, 0.34, s).unwrap().1)
+            .collect();
+        assert!(picks.len() > 3, "the seed must choose: {picks:?}");
+        assert_eq!(validation_split(&train, 0.5, 0).unwrap().1.len(), 3);
+        assert!(validation_split(&[2], 0.2, 0).is_err());
+        assert!(validation_split(&train, 0.0, 0).is_err());
     }
 }

@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use gpo_coordinator::run::RunPlan;
 use gpo_coordinator::RunConfig;
-use gpo_core::eval::evaluate;
 use gpo_core::io::checkpoint;
 use gpo_core::model::{Gpo, Params};
 use std::collections::HashMap;
@@ -63,15 +62,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let model = model_from_checkpoint(&c, &cfg.model)?;
     let plan = RunPlan::new(&cfg, &survey)?;
-    let report = evaluate(
-        &model,
-        &survey,
-        &features,
-        &plan.train,
-        &plan.eval,
-        &Device::Cpu,
-    )?;
+    let scores = plan.evaluate(&model, &survey, &features, &Device::Cpu)?;
+    let report = scores.test;
     eprintln!("data: {desc}; checkpoint step {}", c.step);
+    if let Some(v) = &scores.validation {
+        eprintln!(
+            "validation groups ({}, which selected the checkpoint): gpo {:.4}",
+            plan.validation.len(),
+            v.methods["gpo"]
+        );
+    }
     inputs::print_table(
         report.metric,
         &report.methods,

@@ -1,7 +1,9 @@
 //! `gpo experiment`: the paper's protocol in one command. For every dataset, group split
-//! and seed it meta-trains GPO (keeping the best checkpoint by held-out alignment, as the
-//! paper does), scores it next to the baselines, traces the few-shot curve, and writes
-//! `results.json`, `fewshot.json`, `report.md` and PNG plots.
+//! and seed it meta-trains GPO (keeping the checkpoint that scores best on validation groups
+//! carved from the meta-training groups, by default; `train.selection = "test"` selects on
+//! the held-out groups, as the paper does), scores it on the held-out groups next to the
+//! baselines, traces the few-shot curve, and writes `results.json`, `fewshot.json`,
+//! `report.md` and PNG plots.
 
 mod lm;
 mod plots;
@@ -16,7 +18,7 @@ use gpo_core::data::Survey;
 use gpo_core::eval::evaluate;
 use gpo_core::features::PointFeatures;
 use gpo_core::io::checkpoint;
-use gpo_core::sampler::{common_questions, eval_episodes, subsample_targets};
+use gpo_core::sampler::{common_questions, eval_episodes, evaluable_groups, subsample_targets};
 use gpo_core::synth::SynthConfig;
 use gpo_worker::Replica;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -94,8 +96,15 @@ fn ensure_embeddings(d: &DatasetSpec) -> Result<()> {
         d.embed_template.clone().into(),
     ]);
     argv.extend(["--out".into(), store.into()]);
-    if let Some(f) = &d.format {
-        argv.extend(["--format".into(), f.into()]);
+    // `gpo embed` takes the layout only (attributes change which groups load, not texts).
+    if let Some(f) = d
+        .format
+        .as_deref()
+        .map(|f| f.split(':').next().unwrap_or(""))
+    {
+        if !f.is_empty() {
+            argv.extend(["--format".into(), f.into()]);
+        }
     }
     let e = <Embed as clap::Parser>::try_parse_from(argv).context("embedding arguments")?;
     crate::cmd::embed::run(e.args)
@@ -261,14 +270,26 @@ fn few_shot(
     dataset: &str,
     mut lm: Option<(&mut lm::LmBaselines, usize)>,
 ) -> Result<Vec<FewShotPoint>> {
-    let pool = s
-        .metric
-        .shares_questions()
-        .then(|| common_questions(s, &plan.test));
     let mut out = Vec::new();
     for &k in ks {
-        let eps = eval_episodes(s, cfg.seed, &plan.test, pool.as_deref(), k)
-            .map_err(anyhow::Error::msg)?;
+        // Groups that answered no more than k questions have nothing left to score.
+        let (groups, skipped) = evaluable_groups(s, &plan.test, k);
+        if groups.is_empty() {
+            tracing::warn!("few-shot k = {k}: no held-out group answered more than {k} questions; point skipped");
+            continue;
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(
+                "few-shot k = {k}: {} held-out groups answered no more than {k} questions and are left out of this point",
+                skipped.len()
+            );
+        }
+        let pool = s
+            .metric
+            .shares_questions()
+            .then(|| common_questions(s, &groups));
+        let eps =
+            eval_episodes(s, cfg.seed, &groups, pool.as_deref(), k).map_err(anyhow::Error::msg)?;
         let methods = match lm.as_mut() {
             Some((lm, targets)) => subset_scores(lm, *targets, model, s, f, &plan.train, &eps)?,
             None if k == 0 => gpo_core::eval::baselines(s, &plan.train, &eps),

@@ -49,6 +49,9 @@ pub fn subset_key(dataset: &str) -> String {
     format!("{dataset} (LLM subset)")
 }
 
+/// The results' name for GPO's score on the validation groups at the selected checkpoint.
+pub const VALIDATION_METHOD: &str = "gpo (validation groups)";
+
 /// `{dataset: {split: {method: {mean, std, n}}}}`. A dataset's entry holds GPO and the simple
 /// baselines on every target, plus the LLM baselines (on their subset); `"<dataset> (LLM
 /// subset)"` holds every method on that same subset.
@@ -62,6 +65,10 @@ pub fn results(records: &[RunRecord]) -> Results {
         };
         for (m, v) in &r.summary.methods {
             push(r.dataset.clone(), m, *v);
+        }
+        // GPO on the validation groups that selected its checkpoint (not held out groups).
+        if let Some(v) = r.summary.validation.as_ref().and_then(|v| v.get("gpo")) {
+            push(r.dataset.clone(), VALIDATION_METHOD, *v);
         }
         for (m, v) in &r.lm_subset {
             if LM_METHODS.contains(&m.as_str()) {
@@ -117,13 +124,53 @@ pub fn write(
 
     let mut md = String::new();
     writeln!(md, "# {}\n", cfg.name)?;
+    let selection = match cfg.train.selection {
+        gpo_coordinator::config::Selection::Validation => format!(
+            "the checkpoint is selected by GPO's alignment on validation groups carved from the \
+             meta-training groups ({} of them, by seed; they do not train) and the held-out test \
+             groups' scores at that checkpoint are reported (`{VALIDATION_METHOD}` is the \
+             validation score itself)",
+            cfg.train.validation_split
+        ),
+        gpo_coordinator::config::Selection::Test => "the best checkpoint by held-out alignment is \
+             kept and that same score reported, as in the paper (optimistic)"
+            .to_string(),
+    };
     writeln!(
         md,
         "Protocol: meta-train on a fraction of the groups (splits {:?}), seeds {:?}, {} steps each \
-         (lr {}, evaluation every {} steps); held-out groups get {} context questions; the best \
-         checkpoint by held-out alignment is kept, as in the paper. Scores are mean ± std over seeds.\n",
+         (lr {}, evaluation every {} steps); held-out groups get {} context questions; {selection}. \
+         Scores are mean ± std over seeds.\n",
         cfg.splits, cfg.seeds, cfg.train.steps, cfg.train.adam.lr, cfg.train.eval_every, cfg.train.eval_context
     )?;
+    let no_train: usize = records
+        .iter()
+        .map(|r| r.summary.no_train_answer_pairs)
+        .sum();
+    let pairs: usize = records.iter().map(|r| r.summary.eval_pairs).sum();
+    if no_train > 0 {
+        writeln!(
+            md,
+            "On {no_train} of {pairs} scored (group, question) pairs (all runs together) no \
+             meta-training group answered the question, so `train_mean` is the uniform \
+             distribution there.\n"
+        )?;
+    }
+    let notes: Vec<&String> = records.iter().flat_map(|r| &r.summary.plan_notes).collect();
+    if !notes.is_empty() {
+        writeln!(
+            md,
+            "Groups left out ({} notes over all runs):\n",
+            notes.len()
+        )?;
+        let mut uniq: Vec<&String> = notes.clone();
+        uniq.sort();
+        uniq.dedup();
+        for n in uniq.iter().take(20) {
+            writeln!(md, "- {n}")?;
+        }
+        writeln!(md)?;
+    }
     for (ds, by_split) in &res {
         let metric = records
             .iter()

@@ -21,8 +21,11 @@ The model, as described:
   attends only to the (non-padding) context points;
 * predictor: Linear(d, ffn) ReLU Linear(ffn, 2) -> (mean, log std) for the targets;
 * mean is softmaxed over the options of each target question (``tarqlen``);
-* loss: minus the Gaussian log-likelihood of the true option probabilities, summed over
-  the real target points of a group and averaged over groups.
+* loss: minus the Gaussian log-likelihood of the true option probabilities, with padded
+  target slots set to 0, averaged over groups *and* target slots: the mean over
+  G x Nt_max, padded slots in the denominator (the official ``GPO.forward`` takes
+  ``masked_log_probs.sum(-1).mean()`` over ``[G, Nt, dim_y]``, and the sum is over
+  dim_y = 1).
 
 A point is padding iff its x sums to exactly 0. CI has no torch: the committed fixtures
 under tests/fixtures/reference/ are what it uses (see tools/reference/README.md).
@@ -107,7 +110,25 @@ def gpo_loss(model, xc, yc, xt, yt, tarqlen):
     real_len = (xt.sum(-1) != 0).sum(-1)  # non-padding target points per group
     keep = torch.arange(xt.shape[1])[None, :] < real_len[:, None]
     masked = torch.where(keep[..., None], log_probs, torch.zeros_like(log_probs))
-    return -masked.sum(dim=(1, 2)).mean()
+    # Sum over dim_y (of size 1), then the mean over groups and padded target slots.
+    return -masked.sum(-1).mean()
+
+
+def official_style_loss(model, xc, yc, xt, yt, tarqlen):
+    """The same loss computed step by step the way the official ``GPO.forward`` is
+    described: per-group masking of the first ``real_len`` target slots, the std clamped at
+    1e-6, then ``masked.sum(-1).mean()``. ``cmd_export`` asserts it equals ``gpo_loss``."""
+    out = model.predict(xc, yc, xt)
+    mean, raw = torch.chunk(out, 2, dim=-1)
+    mean = segment_softmax(mean, tarqlen)
+    std = torch.clamp(torch.exp(raw), min=1e-6)
+    log_probs = torch.distributions.Normal(mean, std).log_prob(yt)
+    real_len = (xt.sum(-1) != 0).sum(1)
+    assert int(real_len.max()) == yt.shape[1], "Nt must be the longest group's target count"
+    masked = torch.zeros_like(log_probs)
+    for i, n in enumerate(real_len.tolist()):
+        masked[i, :n] = log_probs[i, :n]
+    return -(masked.sum(-1).mean())
 
 
 def param_count(model):
@@ -189,6 +210,8 @@ def cmd_export(a):
         model64.train()
         b64 = [batch[n].double() if batch[n].is_floating_point() else batch[n] for n in names]
         loss64 = gpo_loss(model64, *b64).item()
+        check = official_style_loss(model64, *b64).item()
+        assert abs(check - loss64) <= 1e-12 * abs(loss64), (check, loss64)
 
     os.makedirs(a.out, exist_ok=True)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}

@@ -82,6 +82,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::jsontext::json_error;
 use super::{check_distribution, DataError, DataResult, Group, MetricKind, Question, Survey};
 
 /// The value of the `format` key.
@@ -154,14 +155,8 @@ pub fn parse(
     answers_file: &str,
 ) -> DataResult<Survey> {
     let sf = survey_file;
-    let head: serde_json::Value = serde_json::from_str(survey_json).map_err(|e| {
-        DataError::at(
-            sf,
-            (e.line() > 0).then_some(e.line()),
-            None,
-            format!("invalid JSON: {e}"),
-        )
-    })?;
+    let head: serde_json::Value =
+        serde_json::from_str(survey_json).map_err(|e| json_error(sf, survey_json, &e))?;
     let obj = head.as_object().ok_or_else(|| {
         DataError::file(sf, "expected a JSON object with \"format\": \"gpo-survey\"")
     })?;
@@ -193,8 +188,8 @@ pub fn parse(
             ))
         }
     }
-    let file: SurveyFile = serde_json::from_str(survey_json)
-        .map_err(|e| DataError::at(sf, (e.line() > 0).then_some(e.line()), None, format!("{e}")))?;
+    let file: SurveyFile =
+        serde_json::from_str(survey_json).map_err(|e| json_error(sf, survey_json, &e))?;
 
     let mut qidx: HashMap<&str, usize> = HashMap::new();
     for (i, q) in file.questions.iter().enumerate() {
@@ -244,8 +239,9 @@ pub fn parse(
         }
         let at = |field: Option<&str>, msg: String| DataError::at(af, Some(line), field, msg);
         let a: AnswerIn = serde_json::from_str(text).map_err(|e| {
+            let located = json_error(af, text, &e);
             at(
-                None,
+                located.field.as_deref(),
                 format!("{e}; expected {{\"group\": ..., \"question\": ..., \"dist\": [...]}}"),
             )
         })?;
@@ -414,7 +410,7 @@ mod tests {
         assert!(e.message.contains("finite"), "{e}");
         let e =
             answers_err("{\"group\": \"SEX:Female\", \"question\": \"Q1\", \"dist\": [NaN, 1]}\n");
-        assert_eq!((e.line, e.field.as_deref()), (Some(1), None));
+        assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("dist[0]")));
         let e = answers_err("{\"group\": \"SEX:Female\", \"dist\": [1]}\n");
         assert!(e.message.contains("question"), "{e}");
     }
@@ -443,6 +439,8 @@ mod tests {
         assert!(e.message.contains("euclid"), "{e}");
         let e = survey_err("{\"format\": \"gpo-survey\",\n \"version\": 1,\n}");
         assert_eq!(e.line, Some(3));
+        let e = survey_err("{\"format\": \"gpo-survey\", \"groups\": [{\"name\": x}]}");
+        assert_eq!(e.field.as_deref(), Some("groups[0][\"name\"]"));
         let e = survey_err(
             r#"{"format": "gpo-survey", "version": 1, "name": "n", "metric": "accuracy",
             "questions": [{"id": "q", "text": "t", "options": [{"text": "R", "refusal": true}]}], "groups": []}"#,

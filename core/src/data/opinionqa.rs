@@ -39,8 +39,10 @@ use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
+use super::csvtext::{column, csv_error, csv_with_headers, Lines};
+use super::jsontext::{json_error, json_path, locate_line};
 use super::pylit::{self, PyValue};
-use super::{AnswerOption, DataError, DataResult, Group, MetricKind, Question, Survey};
+use super::{AnswerOption, DataError, DataResult, Group, LoadReport, MetricKind, Question, Survey};
 
 /// The attributes whose files cover every question with counts in every wave:
 /// 34 groups once [`EXCLUDED_GROUP_VALUES`] are left out.
@@ -102,41 +104,6 @@ pub struct Info {
     by_key: HashMap<String, Vec<usize>>,
 }
 
-/// Opens CSV text whose first line is a header.
-pub(crate) fn csv_with_headers<'a>(
-    text: &'a str,
-    file: &str,
-) -> DataResult<(csv::Reader<&'a [u8]>, csv::StringRecord)> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(text.as_bytes());
-    let headers = rdr
-        .headers()
-        .map_err(|e| DataError::at(file, Some(1), None, format!("malformed CSV header: {e}")))?
-        .clone();
-    Ok((rdr, headers))
-}
-
-/// Index of column `name`, or an error naming the file and the columns the layout needs.
-pub(crate) fn column(
-    headers: &csv::StringRecord,
-    name: &str,
-    file: &str,
-    layout: &str,
-) -> DataResult<usize> {
-    headers
-        .iter()
-        .position(|h| h.trim() == name)
-        .ok_or_else(|| {
-            DataError::at(
-                file,
-                Some(1),
-                Some(name),
-                format!("missing column `{name}` ({layout})"),
-            )
-        })
-}
-
 /// Groups in first-seen order, looked up by name: every parser meets group names row by
 /// row and needs a stable index for each.
 #[derive(Default)]
@@ -175,7 +142,8 @@ impl QuestionSlots {
         if let Some(&s) = self.by_row.get(&row) {
             return Ok(s);
         }
-        let q = row_question(&info.rows[row], &info.file)?;
+        let mut q = row_question(&info.rows[row], &info.file)?;
+        q.id = info.row_id(row);
         self.slots.push((row, q));
         self.by_row.insert(row, self.slots.len() - 1);
         Ok(self.slots.len() - 1)
@@ -200,9 +168,10 @@ impl Info {
         );
         let mut rows = Vec::new();
         let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut lines = Lines::new(text);
         for rec in rdr.records() {
-            let rec = rec.map_err(|e| csv_error(file, &e))?;
-            let line = rec.position().map_or(0, |p| p.line() as usize);
+            let rec = rec.map_err(|e| csv_error(file, text, &headers, &e))?;
+            let line = lines.of(&rec);
             let get = |i: usize| rec.get(i).unwrap_or("").to_string();
             let key = get(ck).trim().to_string();
             if key.is_empty() {
@@ -230,23 +199,65 @@ impl Info {
         })
     }
 
+    /// Indices in [`Info::rows`] of the rows with this key (several when a wave's
+    /// `info.csv` gives one key to sub-questions told apart only by their text); empty when
+    /// the key is unknown.
+    pub fn rows_of(&self, key: &str) -> &[usize] {
+        self.by_key.get(key).map_or(&[], Vec::as_slice)
+    }
+
     /// Index in [`Info::rows`] of the question with this key, or an error when the key is on
     /// several rows; `None` when the key is unknown.
     pub fn row_index(&self, key: &str) -> Option<DataResult<usize>> {
         let idx = self.by_key.get(key)?;
         if idx.len() > 1 {
-            let lines: Vec<String> = idx.iter().map(|&i| self.rows[i].line.to_string()).collect();
-            return Some(Err(DataError::at(
-                &self.file,
-                Some(self.rows[idx[1]].line),
-                Some("key"),
-                format!(
-                    "question key `{key}` is on several rows (lines {}); expected one",
-                    lines.join(", ")
-                ),
-            )));
+            return Some(Err(self.ambiguous(key)));
         }
         Some(Ok(idx[0]))
+    }
+
+    /// The error (or warning) for a key on several rows.
+    pub fn ambiguous(&self, key: &str) -> DataError {
+        let idx = self.rows_of(key);
+        let lines: Vec<String> = idx.iter().map(|&i| self.rows[i].line.to_string()).collect();
+        DataError::at(
+            &self.file,
+            idx.get(1).map(|&i| self.rows[i].line),
+            Some("key"),
+            format!(
+                "question key `{key}` is on {} rows (lines {}) that the data cannot tell apart",
+                idx.len(),
+                lines.join(", ")
+            ),
+        )
+    }
+
+    /// The row among those of `key` whose question text is `text` (whitespace-normalized),
+    /// if exactly one is.
+    pub fn row_by_text(&self, key: &str, text: &str) -> Option<usize> {
+        let norm = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+        let want = norm(text);
+        let mut hits = self
+            .rows_of(key)
+            .iter()
+            .filter(|&&i| norm(&self.rows[i].text) == want);
+        match (hits.next(), hits.next()) {
+            (Some(&i), None) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The question id of row `row`: its key, or `KEY#k` (k-th row of the key, from 1) when
+    /// the key is on several rows.
+    pub fn row_id(&self, row: usize) -> String {
+        let key = &self.rows[row].key;
+        let idx = self.rows_of(key);
+        if idx.len() > 1 {
+            let k = idx.iter().position(|&i| i == row).unwrap_or(0) + 1;
+            format!("{key}#{k}")
+        } else {
+            key.clone()
+        }
     }
 
     /// The [`Question`] of a key (see the module's rules), or `None` for an unknown key.
@@ -261,12 +272,6 @@ impl Info {
 /// Parses an `info.csv` (see [`Info::parse`]).
 pub fn parse_info(text: &str, file: &str) -> DataResult<Info> {
     Info::parse(text, file)
-}
-
-/// Turns a CSV error into a located [`DataError`].
-pub(crate) fn csv_error(file: &str, e: &csv::Error) -> DataError {
-    let line = e.position().map(|p| p.line() as usize);
-    DataError::at(file, line, None, format!("malformed CSV row: {e}"))
 }
 
 fn lit(text: &str, file: &str, line: usize, field: &str, what: &str) -> DataResult<PyValue> {
@@ -421,68 +426,6 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
     }
 }
 
-/// A located error for a serde_json failure, with a clearer message for the non-JSON
-/// `NaN`/`Infinity` tokens Python's `json.dump` writes.
-pub(crate) fn json_error(file: &str, text: &str, e: &serde_json::Error) -> DataError {
-    let line = e.line();
-    let mut msg = format!("invalid JSON: {e}");
-    if line > 0 {
-        if let Some(l) = text.lines().nth(line - 1) {
-            let col = e.column().saturating_sub(1);
-            let lo = col.saturating_sub(2);
-            let window = l.get(lo..(col + 10).min(l.len())).unwrap_or("");
-            if window.contains("NaN") || window.contains("Infinity") {
-                msg = format!(
-                    "a count is NaN or infinite (written as a bare `NaN`/`Infinity`, which is not JSON); expected a non-negative number ({e})"
-                );
-            }
-        }
-    }
-    DataError::at(file, (line > 0).then_some(line), None, msg)
-}
-
-/// Best-effort line of a JSON path: searches for each key (as a JSON string followed by `:`)
-/// after the previous one. `None` when the first key is not found.
-pub(crate) fn locate_line(text: &str, path: &[&str]) -> Option<usize> {
-    let mut pos = 0;
-    let mut found = None;
-    for key in path {
-        let needle = serde_json::to_string(key).ok()?;
-        let mut from = pos;
-        let hit = loop {
-            let Some(i) = text.get(from..).and_then(|t| t.find(&needle)) else {
-                break None;
-            };
-            let at = from + i;
-            let after = text[at + needle.len()..].trim_start();
-            if after.starts_with(':') {
-                break Some(at);
-            }
-            from = at + needle.len();
-        };
-        match hit {
-            Some(at) => {
-                pos = at + needle.len();
-                found = Some(at);
-            }
-            None => break,
-        }
-    }
-    found.map(|at| text[..at].matches('\n').count() + 1)
-}
-
-/// A JSON path for error messages: `QKEY["group"]["option"]`.
-fn json_path(qkey: &str, rest: &[&str]) -> String {
-    let mut s = qkey.to_string();
-    for k in rest {
-        s.push_str(&format!(
-            "[{}]",
-            serde_json::to_string(k).unwrap_or_else(|_| format!("\"{k}\""))
-        ));
-    }
-    s
-}
-
 /// Index of the option a count key names: exact match, else a unique case-insensitive one.
 fn match_option(q: &Question, key: &str) -> Option<usize> {
     if let Some(i) = q.options.iter().position(|o| o.text == key) {
@@ -508,7 +451,21 @@ pub fn parse_wave(
     info_file: &str,
     attributes: &[AttributeFile],
 ) -> DataResult<Survey> {
+    parse_wave_report(name, info_csv, info_file, attributes).map(|(s, _)| s)
+}
+
+/// [`parse_wave`], with what it skipped: a question whose key is on several `info.csv`
+/// rows has one count entry for all of them, which cannot be told apart, so it is left out
+/// with one warning naming it (the rest of the wave loads).
+pub fn parse_wave_report(
+    name: &str,
+    info_csv: &str,
+    info_file: &str,
+    attributes: &[AttributeFile],
+) -> DataResult<(Survey, LoadReport)> {
     let info = Info::parse(info_csv, info_file)?;
+    let mut report = LoadReport::default();
+    let mut warned: HashSet<String> = HashSet::new();
     // Questions by info row, built on first use.
     let mut qslots = QuestionSlots::default();
     let mut groups = GroupNames::default();
@@ -544,7 +501,16 @@ pub fn parse_wave(
                         format!("question key `{qkey}` is not in {}", info.file),
                     ))
                 }
-                Some(r) => r?,
+                Some(Err(_)) => {
+                    if warned.insert(qkey.clone()) {
+                        report.warn(format!(
+                            "{}; its counts in {file} cannot be matched to one of them, so the question is skipped",
+                            info.ambiguous(qkey)
+                        ));
+                    }
+                    continue;
+                }
+                Some(Ok(r)) => r,
             };
             let slot = qslots.slot(&info, row)?;
             let q = &qslots.slots[slot].1;
@@ -672,13 +638,14 @@ pub fn parse_wave(
     }
     let mut slot_opts: Vec<Option<Question>> = slots.into_iter().map(|(_, q)| Some(q)).collect();
     let questions = order.iter().filter_map(|&s| slot_opts[s].take()).collect();
-    Ok(Survey {
+    let survey = Survey {
         name: name.to_string(),
         metric: MetricKind::Wasserstein,
         questions,
         groups: groups.groups,
         answers: matrix,
-    })
+    };
+    Ok((survey, report))
 }
 
 /// Merges waves into one survey named `name`: questions concatenated in the order given,
@@ -977,11 +944,6 @@ mod tests {
             "{HDR}Q,t,\"['a', 'b']\",\"{{}}\",\"[1.0, nan]\"\n"
         ));
         assert!(e.message.contains("finite"), "{e}");
-        // Duplicate key used.
-        let e = info_err(&format!(
-            "{HDR}Q,t,\"['a']\",\"{{}}\",\"[1]\"\nQ,t,\"['a']\",\"{{}}\",\"[1]\"\n"
-        ));
-        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("key")));
         // Duplicate option texts.
         let e = info_err(&format!("{HDR}Q,t,\"['a', 'a']\",\"{{}}\",\"[1]\"\n"));
         assert!(e.message.contains("twice"), "{e}");
@@ -1016,11 +978,63 @@ mod tests {
         assert_eq!(s.answers[0][0], Some(vec![0.25, 0.75]));
     }
 
+    /// A wave whose info.csv gives one key to two sub-questions (IDIMPORT_W43-style): the
+    /// one count entry cannot be matched to either, so that question is skipped with one
+    /// warning naming it, and the rest of the wave loads.
     #[test]
-    fn locate_line_finds_nested_keys() {
-        let t = "{\"A\": {\"x\": 1},\n \"B\": {\n  \"x\": 2}}";
-        assert_eq!(locate_line(t, &["A", "x"]), Some(1));
-        assert_eq!(locate_line(t, &["B", "x"]), Some(3));
-        assert_eq!(locate_line(t, &["C"]), None);
+    fn a_key_on_several_info_rows_is_skipped_with_one_warning() {
+        let info = format!(
+            "{HDR}IMP_W1,How important is A?,\"['Very', 'Not']\",\"{{}}\",\"[1, 2]\"\r\n\
+             IMP_W1,How important is B?,\"['Very', 'Not']\",\"{{}}\",\"[1, 2]\"\r\n\
+             OK_W1,Fine?,\"['Yes', 'No']\",\"{{}}\",\"[1, 2]\"\r\n"
+        );
+        let j = r#"{"IMP_W1": {"Female": {"Very": 1.0}}, "OK_W1": {"Female": {"Yes": 1.0, "No": 3.0}}}"#;
+        let files = [
+            AttributeFile {
+                attribute: "SEX",
+                file: "SEX_data.json",
+                json: j,
+            },
+            AttributeFile {
+                attribute: "AGE",
+                file: "AGE_data.json",
+                json: j,
+            },
+        ];
+        let (s, report) = parse_wave_report("W", &info, "info.csv", &files).unwrap();
+        let ids: Vec<&str> = s.questions.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["OK_W1"]);
+        assert_eq!(s.answers[0][0], Some(vec![0.25, 0.75]));
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        let w = &report.warnings[0];
+        // CRLF line endings: the rows are on lines 2 and 3.
+        assert!(
+            w.contains("IMP_W1") && w.contains("lines 2, 3") && w.contains("skipped"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn crlf_info_errors_have_the_right_line() {
+        let info = format!(
+            "{HDR}A,t,\"['a']\",\"{{}}\",\"[1]\"\nQ,t,\"['a', 'b']\",\"{{}}\",\"[1.0, 'x']\"\n"
+        );
+        assert_eq!(info_err(&info).line, Some(3));
+        assert_eq!(info_err(&info.replace('\n', "\r\n")).line, Some(3));
+        // A structure error names the first missing column.
+        let e = info_err(&format!("{HDR}Q,text,\"['a']\",\"{{}}\"\r\n"));
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(2), Some("option_ordinal"))
+        );
+    }
+
+    #[test]
+    fn json_syntax_errors_name_a_path() {
+        let e = one("{\"SAFE_W1\": {\"Female\": {\"Very safe\": 1.0 2.0}}}");
+        assert_eq!(
+            e.field.as_deref(),
+            Some("SAFE_W1[\"Female\"][\"Very safe\"]")
+        );
     }
 }

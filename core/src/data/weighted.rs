@@ -13,13 +13,25 @@
 //!
 //! Group names are `attribute:group` (e.g. `SEX:Female`, `Overall:Overall`), in first-seen
 //! order; every row is kept. Questions are those with at least one row, in `info.csv` order.
-//! Errors name the file, the CSV line and the column.
+//! `D_H` is checked in f64 and may sum to 1 within the rounding of its values to three
+//! decimals; such rows are renormalized and counted in the [`LoadReport`]; an all-zero row
+//! is skipped with a warning.
+//!
+//! A wave's `info.csv` may give one key to several rows: sub-questions told apart only by
+//! their text (W43's `IDIMPORT_W43`). A row of the CSV is matched to one of them by its
+//! `question` column when it has one (whitespace-normalized text), and the question's id
+//! becomes `KEY#k` (its k-th row); otherwise the rows of that key are skipped with one
+//! warning naming it. Errors name the file, the CSV line and the column.
 
 use std::collections::HashMap;
 
-use super::opinionqa::{column, csv_error, csv_with_headers, GroupNames, Info, QuestionSlots};
+use std::collections::BTreeMap;
+
+use super::csvtext::{column, csv_error, csv_with_headers, Lines};
+use super::opinionqa::{GroupNames, Info, QuestionSlots};
 use super::pylit;
-use super::{check_distribution, DataError, DataResult, MetricKind, Question, Survey};
+use super::report::{published_distribution, Published};
+use super::{DataError, DataResult, LoadReport, MetricKind, Question, Survey};
 
 /// Parses a weighted CSV against its wave's `info.csv` text. The survey is named after
 /// `csv_file`.
@@ -29,27 +41,51 @@ pub fn parse(
     info_csv: &str,
     info_file: &str,
 ) -> DataResult<Survey> {
+    parse_report(csv_text, csv_file, info_csv, info_file).map(|(s, _)| s)
+}
+
+/// [`parse`], with what was renormalized or skipped.
+pub fn parse_report(
+    csv_text: &str,
+    csv_file: &str,
+    info_csv: &str,
+    info_file: &str,
+) -> DataResult<(Survey, LoadReport)> {
     let info = Info::parse(info_csv, info_file)?;
-    parse_with_info(csv_text, csv_file, &info)
+    parse_with_info_report(csv_text, csv_file, &info)
 }
 
 /// Parses a weighted CSV against an already parsed `info.csv`.
 pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResult<Survey> {
+    parse_with_info_report(csv_text, csv_file, info).map(|(s, _)| s)
+}
+
+/// [`parse_with_info`], with what was renormalized or skipped.
+pub fn parse_with_info_report(
+    csv_text: &str,
+    csv_file: &str,
+    info: &Info,
+) -> DataResult<(Survey, LoadReport)> {
     let file = csv_file;
     let (mut rdr, headers) = csv_with_headers(csv_text, file)?;
     let layout = "a weighted OpinionQA CSV has qkey, attribute, group, D_H";
     let col = |name: &str| column(&headers, name, file, layout);
     let (cq, ca, cg, cd) = (col("qkey")?, col("attribute")?, col("group")?, col("D_H")?);
+    let ctext = col("question").ok();
 
     // Questions by info row.
     let mut qslots = QuestionSlots::default();
     let mut groups = GroupNames::default();
     // (group, slot) -> (distribution, line).
     let mut answers: HashMap<(usize, usize), (Vec<f32>, usize)> = HashMap::new();
+    let mut report = LoadReport::default();
+    // Keys on several info rows that a row could not be matched for: key -> (rows, first line).
+    let mut unmatched: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut lines = Lines::new(csv_text);
 
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| csv_error(file, &e))?;
-        let line = rec.position().map_or(0, |p| p.line() as usize);
+        let rec = rec.map_err(|e| csv_error(file, csv_text, &headers, &e))?;
+        let line = lines.of(&rec);
         let at = |field: &str, msg: String| DataError::at(file, Some(line), Some(field), msg);
         let get = |i: usize| rec.get(i).unwrap_or("").trim();
         let (qkey, attr, gval, dh) = (get(cq), get(ca), get(cg), get(cd));
@@ -59,14 +95,22 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
         if gval.is_empty() {
             return Err(at("group", "empty group".into()));
         }
-        let row = match info.row_index(qkey) {
-            None => {
+        let row = match info.rows_of(qkey) {
+            [] => {
                 return Err(at(
                     "qkey",
                     format!("unknown question key `{qkey}`: not in {}", info.file),
                 ))
             }
-            Some(r) => r?,
+            [r] => *r,
+            _ => match ctext.and_then(|c| info.row_by_text(qkey, get(c))) {
+                Some(r) => r,
+                None => {
+                    let e = unmatched.entry(qkey.to_string()).or_insert((0, line));
+                    e.0 += 1;
+                    continue;
+                }
+            },
         };
         let slot = qslots.slot(info, row)?;
         let q = &qslots.slots[slot].1;
@@ -82,9 +126,21 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
                 ),
             ));
         }
-        let d: Vec<f32> = d.iter().map(|&x| x as f32).collect();
-        check_distribution(&d, n).map_err(|m| at("D_H", m))?;
         let gname = format!("{attr}:{gval}");
+        let d = match published_distribution(&d, n).map_err(|m| at("D_H", m))? {
+            Published::Exact(d) => d,
+            Published::Renormalized(d) => {
+                report.renormalized += 1;
+                d
+            }
+            Published::AllZero => {
+                report.all_zero += 1;
+                report.warn(format!(
+                    "{file}:{line}: group `{gname}`, question `{qkey}`: D_H is all zero; skipped (no answer)"
+                ));
+                continue;
+            }
+        };
         let (g, _) = groups.index(&gname);
         if let Some((_, prev)) = answers.insert((g, slot), (d, line)) {
             return Err(at(
@@ -92,6 +148,17 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
                 format!("group `{gname}` already has a row for question `{qkey}` (line {prev})"),
             ));
         }
+    }
+    for (key, (n, first)) in unmatched {
+        let how = if ctext.is_some() {
+            "their `question` text matches none of them, or several"
+        } else {
+            "this file has no `question` column to tell them apart"
+        };
+        report.warn(format!(
+            "{}; {n} rows of {file} (from line {first}) have that key and {how}, so they are skipped",
+            info.ambiguous(&key)
+        ));
     }
 
     let slots = qslots.slots;
@@ -107,13 +174,14 @@ pub fn parse_with_info(csv_text: &str, csv_file: &str, info: &Info) -> DataResul
     }
     let mut qs: Vec<Option<Question>> = slots.into_iter().map(|(_, q)| Some(q)).collect();
     let questions = order.iter().filter_map(|&s| qs[s].take()).collect();
-    Ok(Survey {
+    let survey = Survey {
         name: csv_file.to_string(),
         metric: MetricKind::Wasserstein,
         questions,
         groups: groups.groups,
         answers: matrix,
-    })
+    };
+    Ok((survey, report))
 }
 
 /// Parses a list of numbers written either as a Python list (`[0.1, 0.9]`) or as numpy
@@ -251,5 +319,70 @@ DEG_W1,Degree?,"[""Associate's degree"", 'College', 'Not sure', 'Refused']","{1.
         assert!(parse_number_list("[nan 1.]").unwrap()[0].is_nan());
         assert!(parse_number_list("[0.1 zz]").is_err());
         assert!(parse_number_list("0.1 0.9").is_err());
+    }
+
+    /// W43's `IDIMPORT_W43`: one key on several info rows, sub-questions told apart only by
+    /// their text.
+    const INFO_DUP: &str = "key,question,references,option_mapping,option_ordinal\r\n\
+        IMP_W43,How important is A?,\"['Very', 'Not']\",\"{}\",\"[1, 2]\"\r\n\
+        IMP_W43,How important  is B?,\"['Very', 'Not']\",\"{}\",\"[1, 2]\"\r\n\
+        OK_W43,Fine?,\"['Yes', 'No']\",\"{}\",\"[1, 2]\"\r\n";
+
+    #[test]
+    fn a_key_on_several_info_rows_is_told_apart_by_question_text() {
+        let csv = "qkey,question,attribute,group,D_H\r\n\
+            IMP_W43,How important is B?,SEX,Female,[0.2 0.8]\r\n\
+            IMP_W43,How important is A?,SEX,Female,[0.6 0.4]\r\n\
+            OK_W43,Fine?,SEX,Female,[0.5 0.5]\r\n";
+        let (s, report) = parse_report(csv, "w.csv", INFO_DUP, "info.csv").unwrap();
+        s.validate().unwrap();
+        let ids: Vec<&str> = s.questions.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["IMP_W43#1", "IMP_W43#2", "OK_W43"]);
+        assert_eq!(s.questions[1].text, "How important  is B?");
+        assert_eq!(s.answers[0][0], Some(vec![0.6, 0.4]));
+        assert_eq!(s.answers[0][1], Some(vec![0.2, 0.8]));
+        assert!(report.is_empty(), "{report:?}");
+    }
+
+    #[test]
+    fn a_key_on_several_info_rows_without_question_text_is_skipped_with_one_warning() {
+        let csv = "qkey,attribute,group,D_H\r\n\
+            IMP_W43,SEX,Female,[0.2 0.8]\r\n\
+            IMP_W43,SEX,Female,[0.6 0.4]\r\n\
+            OK_W43,SEX,Female,[0.5 0.5]\r\n";
+        let (s, report) = parse_report(csv, "w.csv", INFO_DUP, "info.csv").unwrap();
+        let ids: Vec<&str> = s.questions.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["OK_W43"]);
+        assert_eq!(report.warnings.len(), 1, "{report:?}");
+        let w = &report.warnings[0];
+        assert!(
+            w.contains("IMP_W43")
+                && w.contains("lines 2, 3")
+                && w.contains("2 rows of w.csv (from line 2)"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn rounded_rows_are_renormalized_and_zero_rows_skipped() {
+        let csv = "qkey,attribute,group,D_H\r\n\
+            SAFE_W1,SEX,Female,[0.3335 0.666]\r\n\
+            SAFE_W1,SEX,Male,[0. 0.]\r\n\
+            SAFE_W1,AGE,65+,[0.5 0.5]\r\n\
+            SAFE_W1,AGE,18-29,[0.5 0.7]\r\n";
+        let e = err(csv);
+        // CRLF: the bad row is on line 5.
+        assert_eq!((e.line, e.field.as_deref()), (Some(5), Some("D_H")));
+        let ok = csv.rsplit_once("SAFE_W1,AGE,18").unwrap().0;
+        let (s, report) = parse_report(ok, "w.csv", INFO, "info.csv").unwrap();
+        s.validate().unwrap();
+        assert_eq!(report.renormalized, 1);
+        assert_eq!(report.all_zero, 1);
+        assert!(
+            report.warnings[0].starts_with("w.csv:3: group `SEX:Male`"),
+            "{report:?}"
+        );
+        let names: Vec<&str> = s.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["SEX:Female", "AGE:65+"]);
     }
 }

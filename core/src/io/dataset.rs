@@ -12,8 +12,10 @@
 //! * a `.csv` file whose header has `D_H`: OpinionQA's weighted layout, with the `info.csv`
 //!   of the same directory (or use [`load_weighted`] to name it).
 //!
-//! [`load_as`] skips detection for an explicit `--format`. Errors are [`DataError`]s naming
-//! the file; a file that cannot be read gives `cannot read <file>: <reason>`.
+//! [`load_as`] skips detection for an explicit `--format`; [`load_with`] also takes
+//! [`LoadOptions`] (which OpinionQA attributes) and returns the [`LoadReport`] of what was
+//! skipped, renormalized or missing. Errors are [`DataError`]s naming the file; a file that
+//! cannot be read gives `cannot read <file>: <reason>`.
 
 use std::fmt;
 use std::fs;
@@ -21,7 +23,15 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::data::opinionqa::{self, AttributeFile, DEFAULT_ATTRIBUTES};
-use crate::data::{global, native, weighted, DataError, Survey};
+use crate::data::{global, native, weighted, DataError, LoadReport, Survey};
+
+/// Choices a load can take beyond the path and format.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// OpinionQA counts: the attributes whose `<ATTR>_data.json` files to read (default
+    /// [`DEFAULT_ATTRIBUTES`]). Those a wave lacks are named in the report.
+    pub attributes: Option<Vec<String>>,
+}
 
 /// The subdirectory name prefix of an OpinionQA wave.
 pub const WAVE_PREFIX: &str = "American_Trends_Panel_W";
@@ -187,9 +197,29 @@ pub fn load(path: &Path) -> Result<Survey, DataError> {
 
 /// Loads a dataset in the given format.
 pub fn load_as(path: &Path, format: Format) -> Result<Survey, DataError> {
+    load_with(path, Some(format), &LoadOptions::default()).map(|(s, _)| s)
+}
+
+/// Loads a dataset in `format` (detected when `None`) with `opts`, and reports what was
+/// skipped, renormalized or missing.
+pub fn load_with(
+    path: &Path,
+    format: Option<Format>,
+    opts: &LoadOptions,
+) -> Result<(Survey, LoadReport), DataError> {
+    let format = match format {
+        Some(f) => f,
+        None => detect(path)?,
+    };
     match format {
-        Format::Native => load_native(path),
-        Format::OpinionQa => load_opinionqa(path, &DEFAULT_ATTRIBUTES),
+        Format::Native => Ok((load_native(path)?, LoadReport::default())),
+        Format::OpinionQa => {
+            let attrs: Vec<&str> = match &opts.attributes {
+                Some(a) => a.iter().map(String::as_str).collect(),
+                None => DEFAULT_ATTRIBUTES.to_vec(),
+            };
+            load_opinionqa_report(path, &attrs)
+        }
         Format::Weighted => {
             let info = path.parent().unwrap_or(Path::new(".")).join("info.csv");
             if !info.is_file() {
@@ -201,11 +231,11 @@ pub fn load_as(path: &Path, format: Format) -> Result<Survey, DataError> {
                     ),
                 ));
             }
-            load_weighted(path, &info)
+            load_weighted_report(path, &info)
         }
         Format::Global => {
             let text = read(path)?;
-            global::parse(&text, &name(path))
+            global::parse_report(&text, &name(path))
         }
     }
 }
@@ -221,10 +251,29 @@ pub fn load_native(dir: &Path) -> Result<Survey, DataError> {
 
 /// Loads OpinionQA counts with the given attributes (e.g. [`DEFAULT_ATTRIBUTES`]): `path` is
 /// one wave directory, or a directory of `American_Trends_Panel_W*` waves (merged in wave
-/// order). Every wave must have an `<ATTR>_data.json` for every attribute.
+/// order). See [`load_opinionqa_report`] for attributes a wave lacks.
 pub fn load_opinionqa(path: &Path, attributes: &[&str]) -> Result<Survey, DataError> {
+    load_opinionqa_report(path, attributes).map(|(s, _)| s)
+}
+
+/// [`load_opinionqa`], with the report: a wave that lacks some of the attributes' files is
+/// loaded from those it has, and the missing ones are named in a warning. A wave with none
+/// of them is an error when it is the only one, else skipped with a warning; no wave with
+/// any of them is an error.
+pub fn load_opinionqa_report(
+    path: &Path,
+    attributes: &[&str],
+) -> Result<(Survey, LoadReport), DataError> {
+    if attributes.is_empty() {
+        return Err(DataError::file(
+            name(path),
+            "no attributes to load; name at least one (e.g. SEX)",
+        ));
+    }
+    let mut report = LoadReport::default();
     if path.join("info.csv").is_file() {
-        return load_wave(path, attributes);
+        let s = load_wave(path, attributes, &mut report)??;
+        return Ok((s, report));
     }
     let waves = wave_dirs(path)?;
     if waves.is_empty() {
@@ -236,29 +285,66 @@ pub fn load_opinionqa(path: &Path, attributes: &[&str]) -> Result<Survey, DataEr
             ),
         ));
     }
-    let surveys = waves
-        .iter()
-        .map(|w| load_wave(w, attributes))
-        .collect::<Result<Vec<_>, _>>()?;
-    opinionqa::merge_waves(&name(path), surveys)
+    let mut surveys = Vec::new();
+    let mut first_missing = None;
+    for w in &waves {
+        match load_wave(w, attributes, &mut report)? {
+            Ok(s) => surveys.push(s),
+            Err(e) => {
+                report.warn(format!("{e}; wave skipped"));
+                first_missing.get_or_insert(e);
+            }
+        }
+    }
+    if surveys.is_empty() {
+        return Err(first_missing.expect("a wave was skipped"));
+    }
+    Ok((opinionqa::merge_waves(&name(path), surveys)?, report))
 }
 
-fn load_wave(dir: &Path, attributes: &[&str]) -> Result<Survey, DataError> {
+/// One wave from the attribute files it has; `Ok(Err(e))` when it has none of them.
+fn load_wave(
+    dir: &Path,
+    attributes: &[&str],
+    report: &mut LoadReport,
+) -> Result<Result<Survey, DataError>, DataError> {
     let info_path = dir.join("info.csv");
     let info = read(&info_path)?;
     let mut texts = Vec::new();
+    let mut missing = Vec::new();
     for a in attributes {
         let p = dir.join(format!("{a}_data.json"));
-        if !p.is_file() {
-            return Err(DataError::file(
-                name(&p),
-                format!(
-                    "cannot read {}: missing counts file for attribute {a}",
-                    name(&p)
-                ),
-            ));
+        if p.is_file() {
+            texts.push((*a, name(&p), read(&p)?));
+        } else {
+            missing.push(*a);
         }
-        texts.push((*a, name(&p), read(&p)?));
+    }
+    if texts.is_empty() {
+        let first = dir.join(format!("{}_data.json", missing[0]));
+        return Ok(Err(DataError::file(
+            name(&first),
+            format!(
+                "cannot read {}: no counts file for any of the attributes {} in {} (choose others with --attributes)",
+                name(&first),
+                missing.join(", "),
+                name(dir)
+            ),
+        )));
+    }
+    if !missing.is_empty() {
+        let loaded: Vec<&str> = texts.iter().map(|(a, _, _)| *a).collect();
+        report.warn(format!(
+            "{}: no counts files for {} (expected {}); loaded {} (choose with --attributes)",
+            name(dir),
+            missing.join(", "),
+            missing
+                .iter()
+                .map(|a| format!("{a}_data.json"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            loaded.join(", ")
+        ));
     }
     let files: Vec<AttributeFile> = texts
         .iter()
@@ -268,14 +354,24 @@ fn load_wave(dir: &Path, attributes: &[&str]) -> Result<Survey, DataError> {
             json: t,
         })
         .collect();
-    opinionqa::parse_wave(&name(dir), &info, &name(&info_path), &files)
+    let (s, r) = opinionqa::parse_wave_report(&name(dir), &info, &name(&info_path), &files)?;
+    report.merge(r);
+    Ok(Ok(s))
 }
 
 /// Loads an OpinionQA weighted CSV with its wave's `info.csv`.
 pub fn load_weighted(csv: &Path, info_csv: &Path) -> Result<Survey, DataError> {
+    load_weighted_report(csv, info_csv).map(|(s, _)| s)
+}
+
+/// [`load_weighted`], with the report.
+pub fn load_weighted_report(
+    csv: &Path,
+    info_csv: &Path,
+) -> Result<(Survey, LoadReport), DataError> {
     let text = read(csv)?;
     let info = read(info_csv)?;
-    weighted::parse(&text, &name(csv), &info, &name(info_csv))
+    weighted::parse_report(&text, &name(csv), &info, &name(info_csv))
 }
 
 /// Writes a survey in gpo's native format: creates `dir` (and parents) and writes
@@ -424,5 +520,51 @@ mod tests {
             e.file.ends_with("x.csv") && e.message.contains("missing column"),
             "{e}"
         );
+    }
+
+    /// A published wave folder with only some attributes' files (POLPARTY, RACE, SEX):
+    /// loads what is there, names what is missing, and `attributes` chooses.
+    #[test]
+    fn a_wave_with_some_attribute_files_loads_and_names_the_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hr = tmp.path().join("hr");
+        let w1 = hr.join("American_Trends_Panel_W1");
+        make_wave(&w1, "Q_W1");
+        for a in DEFAULT_ATTRIBUTES {
+            if !["POLPARTY", "RACE", "SEX"].contains(&a) {
+                fs::remove_file(w1.join(format!("{a}_data.json"))).unwrap();
+            }
+        }
+        let (s, report) = load_with(&w1, None, &LoadOptions::default()).unwrap();
+        let names: Vec<&str> = s.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["POLPARTY:v1", "RACE:v1", "SEX:v1"]);
+        assert_eq!(report.warnings.len(), 1, "{report:?}");
+        let w = &report.warnings[0];
+        assert!(
+            w.contains("AGE, CREGION, EDUCATION, INCOME, POLIDEOLOGY")
+                && w.contains("loaded POLPARTY, RACE, SEX"),
+            "{w}"
+        );
+        // Choosing attributes: only those, no warning.
+        let opts = LoadOptions {
+            attributes: Some(vec!["SEX".into(), "RACE".into()]),
+        };
+        let (s, report) = load_with(&w1, Some(Format::OpinionQa), &opts).unwrap();
+        assert_eq!(s.groups.len(), 2);
+        assert!(report.is_empty(), "{report:?}");
+        // A second wave with none of the chosen attributes is skipped with a warning.
+        let w2 = hr.join("American_Trends_Panel_W2");
+        make_wave(&w2, "Q_W2");
+        fs::remove_file(w2.join("SEX_data.json")).unwrap();
+        fs::remove_file(w2.join("RACE_data.json")).unwrap();
+        let (s, report) = load_with(&hr, None, &opts).unwrap();
+        assert_eq!(s.questions.len(), 1);
+        assert!(report.warnings[0].contains("wave skipped"), "{report:?}");
+        // None of them anywhere: an error naming a file it looked for.
+        let opts = LoadOptions {
+            attributes: Some(vec!["RELIG".into()]),
+        };
+        let e = load_with(&hr, None, &opts).unwrap_err();
+        assert!(e.file.ends_with("RELIG_data.json"), "{e}");
     }
 }

@@ -52,9 +52,9 @@ pub fn segment_softmax(mean: &Tensor, b: &ModelBatch) -> Result<(Tensor, Tensor)
 }
 
 /// GPO's loss from the predictor output `[G, Nt, 2]`: Gaussian NLL of the true option
-/// probabilities under N(softmaxed mean, exp(raw)²), summed over real targets, averaged
-/// over groups.
-pub fn segment_nll(out: &Tensor, b: &ModelBatch) -> Result<Tensor> {
+/// probabilities under N(softmaxed mean, exp(raw)²), summed over real targets and divided
+/// by `denom` (G × Nt_max for the official mean over groups and padded target slots).
+pub fn segment_nll(out: &Tensor, b: &ModelBatch, denom: f64) -> Result<Tensor> {
     let mean = out.narrow(2, 0, 1)?.squeeze(2)?;
     let raw = out.narrow(2, 1, 1)?.squeeze(2)?;
     let (p, valid) = segment_softmax(&mean, b)?;
@@ -62,5 +62,5 @@ pub fn segment_nll(out: &Tensor, b: &ModelBatch) -> Result<Tensor> {
         .to_dtype(out.dtype())?;
     let z = ((y - p)? * raw.neg()?.exp()?)?;
     let nll = (((z.sqr()? * 0.5)? + raw)? + 0.5 * (2.0 * std::f64::consts::PI).ln())?;
-    (nll * valid)?.sum_all()? / b.groups as f64
+    (nll * valid)?.sum_all()? / denom
 }

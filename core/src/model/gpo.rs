@@ -240,8 +240,21 @@ impl Gpo {
         self.linear(&f, "predictor.2", false)
     }
 
-    /// The GPO loss of a batch (a scalar tensor that backpropagates to the parameters).
+    /// The official GPO loss of a batch: minus the Gaussian log-likelihood of every target
+    /// slot, padded slots counting as 0, averaged over groups **and** the padded target
+    /// slots (the mean over `G × Nt`, as the official `GPO.forward`'s
+    /// `masked_log_probs.sum(-1).mean()`). A scalar that backpropagates to the parameters.
     pub fn loss(&self, b: &ModelBatch) -> Result<Tensor> {
+        self.loss_over(b, (b.groups * b.nt).max(1) as f64)
+    }
+
+    /// The summed NLL of the real target points of `b`, divided by `denom`. A shard of a
+    /// larger step passes the step's `G × Nt_max`, so that the shards' losses add up to the
+    /// official loss of the whole step.
+    pub fn loss_over(&self, b: &ModelBatch, denom: f64) -> Result<Tensor> {
+        if !(denom > 0.0 && denom.is_finite()) {
+            candle_core::bail!("the loss denominator must be positive, got {denom}");
+        }
         let out = self.forward(b)?;
         match self.path {
             OpPath::Fused => out
@@ -249,8 +262,9 @@ impl Gpo {
                 .apply_op1_arc(Arc::new(Box::new(ops::SegmentNll {
                     y: b.yt.clone(),
                     segments: b.segments.clone(),
+                    denom,
                 }))),
-            OpPath::Composite => composite::segment_nll(&out, b),
+            OpPath::Composite => composite::segment_nll(&out, b, denom),
         }
     }
 

@@ -531,6 +531,9 @@ pub struct SegmentNll {
     pub y: std::sync::Arc<Vec<f32>>,
     /// Question segments per group: `(start, len)` over target points; padding is in none.
     pub segments: std::sync::Arc<Vec<Vec<(usize, usize)>>>,
+    /// What the summed NLL is divided by: G × Nt_max for the official mean over groups and
+    /// padded target slots (a shard passes its whole step's G × Nt_max).
+    pub denom: f64,
 }
 
 const HALF_LN_2PI: f32 = 0.918_938_5;
@@ -579,13 +582,13 @@ impl CustomOp1 for SegmentNll {
                 }
             }
         }
-        let loss = (total / self.segments.len().max(1) as f64) as f32;
+        let loss = (total / self.denom) as f32;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let out = values(arg)?;
-        let scale = grad.to_scalar::<f32>()? / self.segments.len().max(1) as f32;
+        let scale = (grad.to_scalar::<f32>()? as f64 / self.denom) as f32;
         let nt = arg.dims()[1];
         let p = self.probs(&out, nt);
         let mut d = vec![0f32; out.len()];

@@ -277,3 +277,61 @@ fn no_context_is_an_error_not_a_panic() {
     let e = m.predict(&b).unwrap_err().to_string();
     assert!(e.contains("at least one context point"), "{e}");
 }
+
+/// The official reduction: the summed NLL of each group on its own, divided by
+/// G × Nt_max of the padded batch (padded target slots count in the denominator).
+#[test]
+fn loss_is_the_mean_over_groups_and_padded_target_slots() {
+    let b = random_batch(13, 3, 4, false, true);
+    let real = b.real_targets();
+    assert!(
+        real.iter().any(|&n| n < b.nt),
+        "the test needs padded targets: {real:?} of {}",
+        b.nt
+    );
+    let m = Gpo::new(tiny_cfg(4), 4, &Device::Cpu).unwrap();
+    let mut per_group = 0f64;
+    for g in 0..b.groups {
+        let one = build_batch(
+            1,
+            4,
+            b.xc.get(g)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            b.xt.get(g)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            b.yc.get(g)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            b.yt[g * b.nt..(g + 1) * b.nt].to_vec(),
+            &b.ctx_mask.as_ref().unwrap()[g * b.nc..(g + 1) * b.nc]
+                .iter()
+                .map(|v| *v == 0.0)
+                .collect::<Vec<_>>(),
+            vec![b.segments[g].clone()],
+            &Device::Cpu,
+        )
+        .unwrap();
+        per_group += m.loss_over(&one, 1.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    let want = per_group / (b.groups * b.nt) as f64;
+    for path in [OpPath::Fused, OpPath::Composite] {
+        let mut m = m.clone();
+        m.path = path;
+        let got = m.loss(&b).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{path:?}: loss {got}, mean over G × Nt_max {want}"
+        );
+    }
+}
