@@ -45,9 +45,25 @@ fn keys(kv: &[(String, f64)]) -> Vec<&str> {
 fn bench_ring_prints_throughput_next_to_memcpy() {
     for world in ["2", "3"] {
         let kv = last_line(&["ring", "--world", world, "--mib", "0.25", "--iters", "3"]);
-        assert_eq!(keys(&kv), ["ring_gbps", "memcpy_gbps", "ratio"]);
+        assert_eq!(
+            keys(&kv),
+            [
+                "ring_gbps",
+                "tcp_pair_gbps",
+                "ratio",
+                "memcpy_gbps",
+                "memcpy_ratio"
+            ]
+        );
         assert!(kv.iter().all(|(_, v)| v.is_finite() && *v > 0.0), "{kv:?}");
     }
+}
+
+#[test]
+fn bench_machinery_prints_its_cost_next_to_the_step() {
+    let kv = last_line(&["machinery", "--iters", "1"]);
+    assert_eq!(keys(&kv), ["machinery_s", "step_s", "ratio"]);
+    assert!(kv.iter().all(|(_, v)| v.is_finite() && *v > 0.0), "{kv:?}");
 }
 
 #[test]
