@@ -286,14 +286,26 @@ embed_model = "{minilm}"
         assert!((0.0..=1.0).contains(&v), "weighted {m}: {results}");
     }
     assert!(results["weighted"]["0.5"].get("lm_base").is_none());
-    // The preset keeps the paper's 14 countries: 7 for meta-training, 7 held out.
+    // The preset keeps the paper's 14 countries: 7 for meta-training, of which one
+    // validates (selection on validation groups is the default), and 7 held out.
     let summary: serde_json::Value = serde_json::from_slice(
         &std::fs::read(out.join("globalqa/split0.5/seed3/summary.json")).unwrap(),
     )
     .unwrap();
     let train = summary["train_groups"].as_array().unwrap();
-    assert_eq!(train.len(), 7, "{train:?}");
-    assert!(!train.iter().any(|g| g == "Kenya" || g == "Mexico"));
+    let val = summary["validation_groups"].as_array().unwrap();
+    assert_eq!((train.len(), val.len()), (6, 1), "{train:?} {val:?}");
+    assert!(!train
+        .iter()
+        .chain(val)
+        .any(|g| g == "Kenya" || g == "Mexico"));
+    assert_eq!(summary["selection"], "validation");
+    assert!(summary["validation"]["gpo"].as_f64().is_some(), "{summary}");
+    assert!(
+        results["globalqa"]["0.5"]["gpo (validation groups)"]["mean"]
+            .as_f64()
+            .is_some()
+    );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         report.contains("JensenShannon") && report.contains("Wasserstein"),

@@ -123,3 +123,119 @@ fn trains_and_scores_nominal_data_with_jensen_shannon() {
         .sum();
     assert_eq!(summary["eval_pairs"].as_u64().unwrap() as usize, answered);
 }
+
+/// A GlobalOpinionQA CSV as published: three-decimal distributions (sums 0.999–1.001),
+/// an all-zero row, Windows line endings, and two countries that answered fewer questions
+/// than the evaluation's 20 context questions. `gpo train` loads it (renormalizing and
+/// warning), skips such countries from evaluation with a note instead of stopping, selects
+/// the checkpoint on validation groups and reports both scores.
+#[test]
+fn published_global_csv_with_thin_countries_trains_with_validation_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("global.csv");
+    let mut text = String::from("question,selections,options,source\r\n");
+    let countries: Vec<String> = (0..8).map(|c| format!("Country {c}")).collect();
+    for q in 0..40 {
+        let mut sel = Vec::new();
+        for (c, name) in countries.iter().enumerate() {
+            if c >= 6 && q >= 10 {
+                continue; // thin countries: 10 answered questions
+            }
+            let d = match (q + c) % 4 {
+                0 => "[0.333, 0.333, 0.333]".to_string(),
+                1 => "[0.251, 0.25, 0.5]".to_string(),
+                2 if q == 5 && c == 1 => "[0.0, 0.0, 0.0]".to_string(),
+                _ => format!(
+                    "[{:.3}, {:.3}, 0.5]",
+                    0.1 + 0.01 * c as f64,
+                    0.4 - 0.01 * c as f64
+                ),
+            };
+            sel.push(format!("'{name}': {d}"));
+        }
+        text.push_str(&format!(
+            "\"Question {q} about topic {}?\",\"defaultdict(<class 'list'>, {{{}}})\",\"['Yes', 'No', 'Maybe']\",WVS\r\n",
+            q % 5,
+            sel.join(", ")
+        ));
+    }
+    std::fs::write(&csv, &text).unwrap();
+    let s = gpo_core::data::global::parse(&text, "global.csv").unwrap();
+    let meta = StoreMeta {
+        embedder: "test-random".into(),
+        template: "plain".into(),
+        dim: 8,
+        synthetic: true,
+    };
+    let mut w = StoreWriter::new(meta.clone());
+    let mut r = Rng::new(3);
+    for q in &s.questions {
+        for k in 0..q.options.len() {
+            let v: Vec<f32> = (0..8).map(|_| r.normal() as f32).collect();
+            w.insert(meta.key(&Template::Plain.render(q, k)), &v)
+                .unwrap();
+        }
+    }
+    let store = dir.path().join("embeddings");
+    w.write(&store).unwrap();
+
+    let out = dir.path().join("run");
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args([
+            "train",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--group-split",
+            "0.5",
+        ])
+        .arg("--data")
+        .arg(&csv)
+        .arg("--embeddings")
+        .arg(&store)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("global.csv:7: country `Country 1`: the distribution is all zero"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("renormalized"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["selection"], "validation");
+    let names = |k: &str| -> Vec<String> {
+        summary[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (train, val, test) = (
+        names("train_groups"),
+        names("validation_groups"),
+        names("test_groups"),
+    );
+    assert_eq!(val.len(), 1, "{summary}");
+    assert!(summary["validation"]["gpo"].as_f64().is_some(), "{summary}");
+    let notes = names("plan_notes");
+    for thin in ["Country 6", "Country 7"] {
+        assert!(!test.contains(&thin.to_string()) && !val.contains(&thin.to_string()));
+        if !train.contains(&thin.to_string()) {
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.contains(&format!("`{thin}` answered 10 questions"))),
+                "{notes:?}"
+            );
+        }
+    }
+    assert!(summary["no_train_answer_pairs"].as_u64().is_some());
+    let hist = summary["eval_history"].as_array().unwrap();
+    assert!(hist.iter().all(|e| e["validation"].as_f64().is_some()));
+}

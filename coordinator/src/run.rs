@@ -246,8 +246,8 @@ pub struct Summary {
 pub struct RunPlan {
     /// Meta-training groups (without the validation groups).
     pub train: Vec<usize>,
-    /// Validation groups, carved from the meta-training groups (`selection = "validation"`;
-    /// empty otherwise).
+    /// Validation groups, carved by seed from the meta-training groups that answered more
+    /// than `eval_context` questions (`selection = "validation"`; empty otherwise).
     pub validation: Vec<usize>,
     /// Held-out test groups that are evaluated.
     pub test: Vec<usize>,
@@ -339,9 +339,16 @@ impl RunPlan {
         );
         let (train, validation) = match cfg.selection {
             Selection::Test => (train, Vec::new()),
-            Selection::Validation => validation_split(&train, cfg.validation_split, cfg.seed)
-                .map_err(anyhow::Error::msg)
-                .context("carving the validation groups (`validation_split`)")?,
+            Selection::Validation => {
+                // Only groups that can be evaluated can validate; the others still train.
+                let (able, thin) = evaluable_groups(s, &train, cfg.eval_context);
+                let (mut rest, val) = validation_split(&able, cfg.validation_split, cfg.seed)
+                    .map_err(anyhow::Error::msg)
+                    .context("carving the validation groups (`validation_split`) from the meta-training groups that answered more than `eval_context` questions")?;
+                rest.extend(thin.iter().map(|&(g, _)| g));
+                rest.sort_unstable();
+                (rest, val)
+            }
         };
         let shares = s.metric.shares_questions();
         let train_pool = shares.then(|| common_questions(s, &train));

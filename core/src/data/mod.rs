@@ -11,6 +11,7 @@ pub use survey::{check_distribution, AnswerOption, Group, MetricKind, Question, 
 
 pub(crate) mod csvtext;
 pub mod global;
+pub mod info;
 pub(crate) mod jsontext;
 pub mod native;
 pub mod opinionqa;
