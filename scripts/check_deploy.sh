@@ -209,7 +209,7 @@ def flags_of(*files):
     out = set()
     for f in files:
         src = open(f).read()
-        for attr, field in re.findall(r"#\[arg\(([^\]]*)\)\]\s*(?:///[^\n]*\n\s*)*pub (\w+):", src):
+        for attr, field in re.findall(r"#\[arg\(([^\]]*)\)\]\s*(?:///[^\n]*\n\s*)*(?:pub )?(\w+):", src):
             if re.search(r"\blong\b", attr):
                 m = re.search(r'long\s*=\s*"([^"]+)"', attr)
                 out.add("--" + (m.group(1) if m else field.replace("_", "-")))
