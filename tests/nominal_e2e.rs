@@ -122,6 +122,40 @@ fn trains_and_scores_nominal_data_with_jensen_shannon() {
         })
         .sum();
     assert_eq!(summary["eval_pairs"].as_u64().unwrap() as usize, answered);
+
+    // Two workers see only their own episodes, whose questions differ: the coordinator
+    // names the step's padded target width, and the result is the single process's.
+    let out2 = dir.path().join("run2");
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args([
+            "train",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--group-split",
+            "0.5",
+        ])
+        .args(["--workers", "2", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let tensors = |p: &std::path::Path| {
+        let b = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        b[8 + n..].to_vec()
+    };
+    assert!(
+        tensors(&out.join("last.safetensors")) == tensors(&out2.join("last.safetensors")),
+        "2 workers ended with other parameters than one process"
+    );
 }
 
 /// A GlobalOpinionQA CSV as published: three-decimal distributions (sums 0.999–1.001),

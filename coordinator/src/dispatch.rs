@@ -117,6 +117,9 @@ impl GrpcDispatch {
         let mut core = sh.lock();
         core.episodes = episodes.to_vec();
         core.total_steps = total_steps;
+        core.target_slots = self.mirror.as_ref().map_or(0, |m| {
+            gpo_core::grad::StepSize::of(m.features(), episodes).target_slots as u64
+        });
         core.results.clear();
         core.commits.retain(|c| c.step > step);
         sh.handle(

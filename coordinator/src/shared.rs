@@ -50,6 +50,8 @@ pub(crate) struct Core {
     /// The submitted step's episodes and the run's length.
     pub episodes: Vec<EpisodeSpec>,
     pub total_steps: u64,
+    /// The submitted step's padded target width (0: the workers infer it).
+    pub target_slots: u64,
     /// Accepted results of the running step, by worker.
     pub results: BTreeMap<WorkerId, pb::StepResult>,
     /// Completed collective setups: generation → (members, addresses).
@@ -90,6 +92,7 @@ impl Shared {
                 links: BTreeMap::new(),
                 episodes: Vec::new(),
                 total_steps: 0,
+                target_slots: 0,
                 results: BTreeMap::new(),
                 setups: BTreeMap::new(),
                 commits: VecDeque::new(),
@@ -217,6 +220,7 @@ impl Shared {
                     first_index: first as u32,
                     episodes,
                     want_state,
+                    target_slots: core.target_slots,
                 };
                 Self::send(core, to, Kind::Step(msg))
             }

@@ -43,6 +43,8 @@ pub struct Replica {
     spare_adam: Adam,
     spare_params: Vec<f32>,
     can_roll_back: bool,
+    /// The padded target width of the whole step, when the coordinator names it.
+    target_slots: Option<usize>,
 }
 
 impl Replica {
@@ -77,6 +79,7 @@ impl Replica {
             spare_adam: Adam::new(0, adam),
             spare_params: Vec::new(),
             can_roll_back: false,
+            target_slots: None,
         })
     }
 
@@ -169,6 +172,22 @@ impl Replica {
         episodes: &[EpisodeSpec],
         batch_groups: usize,
     ) -> Result<(f64, Vec<f64>)> {
+        if let Some(target_slots) = self.target_slots {
+            let size = gpo_core::grad::StepSize {
+                groups: batch_groups,
+                target_slots,
+            };
+            return Ok(gpo_core::grad::step_gradient(
+                &self.model,
+                &self.survey,
+                &self.features,
+                episodes,
+                size,
+                self.shard_groups,
+                self.threads > 1,
+                &self.device,
+            )?);
+        }
         Ok(episodes_gradient(
             &self.model,
             &self.survey,
@@ -179,6 +198,18 @@ impl Replica {
             self.threads > 1,
             &self.device,
         )?)
+    }
+
+    /// Sets the padded target width (Nt_max) of the next steps' whole batch, as the
+    /// coordinator names it for a worker that holds only part of a step (`None`: inferred,
+    /// which needs episodes that share their questions).
+    pub fn set_target_slots(&mut self, n: Option<usize>) {
+        self.target_slots = n;
+    }
+
+    /// The point features episodes are read from.
+    pub fn features(&self) -> &Arc<PointFeatures> {
+        &self.features
     }
 
     /// Applies an all-reduced gradient with Adam at the cosine-scheduled rate of `step`

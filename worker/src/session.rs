@@ -433,6 +433,7 @@ fn step(mut w: Work, a: pb::StepAssignment) -> (Work, Result<pb::StepResult>) {
                 replica.applied_step()
             );
         }
+        replica.set_target_slots((a.target_slots > 0).then_some(a.target_slots as usize));
         let survey = replica.survey().clone();
         let episodes = a
             .episodes
