@@ -25,12 +25,7 @@ fn sigkill_of_a_worker_mid_step_continues_on_the_survivors() {
     let victim = ws.pop().unwrap();
     victim.signal("KILL");
     drop(victim);
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "a surviving worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the coordinator failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "SIGKILL");
     report("sigkill", &s);
     // The survivors' ring may report the broken step before the closed stream is seen:
@@ -65,12 +60,7 @@ fn a_stopped_worker_is_fenced_then_rejoins() {
     // receives the committed state.
     std::thread::sleep(Duration::from_secs(5));
     ws[2].signal("CONT");
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the coordinator failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "SIGSTOP");
     report("sigstop", &s);
     let rec = s["recoveries"].as_array().unwrap();
@@ -93,12 +83,7 @@ fn a_worker_joins_in_the_middle_of_the_run() {
     let mut ws: Vec<Proc> = ["a", "b"].iter().map(|n| worker(&addr, n)).collect();
     wait_step(&addr, 15);
     ws.push(worker(&addr, "late"));
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the coordinator failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "join");
     assert_eq!(s["distributed"]["world_size"], 3);
     assert_eq!(s["distributed"]["counters"]["joins"], 1);
@@ -128,12 +113,7 @@ fn sigterm_of_the_coordinator_then_resume() {
     assert!((25..STEPS).contains(&stopped));
     let (coord, addr) = coordinator(dir.path(), 2, &["--resume", run.to_str().unwrap()]);
     let ws: Vec<Proc> = ["c", "d"].iter().map(|n| worker(&addr, n)).collect();
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the resumed coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the resumed coordinator failed");
     let s = assert_undisturbed(&run, &reference, "SIGTERM + resume");
     assert_eq!(s["resumed_from"].as_u64().unwrap(), stopped);
     eprintln!("chaos: sigterm: stopped at {stopped}, resumed, 0 steps recomputed");
@@ -157,12 +137,7 @@ fn sigkill_of_every_process_then_resume_from_the_checkpoint() {
     let run = dir.path().join("run");
     let (coord, addr) = coordinator(dir.path(), 2, &["--resume", run.to_str().unwrap()]);
     let ws: Vec<Proc> = ["c", "d"].iter().map(|n| worker(&addr, n)).collect();
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the resumed coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the resumed coordinator failed");
     let s = assert_undisturbed(&run, &reference, "SIGKILL all + resume");
     let from = s["resumed_from"].as_u64().unwrap();
     assert!(from <= killed_after && from >= 7, "resumed from {from}");
@@ -183,12 +158,7 @@ fn a_coordinator_paused_past_the_heartbeat_timeout_blames_nobody() {
     coord.signal("STOP");
     std::thread::sleep(Duration::from_secs(6));
     coord.signal("CONT");
-    let (ok, out) = coord.wait(Duration::from_secs(180));
-    assert!(ok, "the coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(coord, ws, "the coordinator failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "coordinator SIGSTOP");
     assert!(
         s["recoveries"].as_array().unwrap().is_empty(),

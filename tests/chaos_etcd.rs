@@ -186,12 +186,7 @@ fn sigkill_of_the_leader_coordinator_hands_the_run_to_the_standby() {
     let from = ptr["step"].as_u64().unwrap();
     wait_step(&addr_b, from + 1);
     let recovered = t_kill.elapsed().as_secs_f64();
-    let (ok, out) = standby.wait(Duration::from_secs(180));
-    assert!(ok, "the standby failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(standby, ws, "the standby failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "leader SIGKILL");
     let resumed = s["resumed_from"].as_u64().unwrap();
     assert!(resumed <= killed_after + 1, "{resumed} {killed_after}");
@@ -221,12 +216,7 @@ fn etcd_stopped_for_five_seconds_does_not_disturb_the_run() {
     std::thread::sleep(Duration::from_secs(5));
     let during = step_of(&status(&addr)).unwrap();
     etcd.run();
-    let (ok, out) = leader.wait(Duration::from_secs(180));
-    assert!(ok, "the coordinator failed:\n{out}");
-    for w in ws {
-        let (ok, out) = w.wait(Duration::from_secs(30));
-        assert!(ok, "worker failed:\n{out}");
-    }
+    all_succeed(leader, ws, "the coordinator failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "etcd stop");
     assert!(
         s["recoveries"].as_array().unwrap().is_empty(),

@@ -9,7 +9,6 @@ use crate::run::Dispatch;
 use crate::shared::{Shared, StateBlob};
 use anyhow::{bail, Context, Result};
 use gpo_core::model::Gpo;
-use gpo_core::optim::Adam;
 use gpo_core::sampler::EpisodeSpec;
 use gpo_proto::v1 as pb;
 use gpo_worker::{wire, Replica};
@@ -190,8 +189,8 @@ impl GrpcDispatch {
 
 /// Loads a wire state into a replica after checking it against its checksum.
 pub(crate) fn load_state(r: &mut Replica, blob: &StateBlob, n: usize) -> Result<()> {
-    let s = &blob.state;
-    let p = wire::f32_from_bytes("params", &s.params, n).map_err(anyhow::Error::msg)?;
+    let (p, adam) =
+        wire::state_from_pb(&blob.state, n, r.adam().cfg).map_err(anyhow::Error::msg)?;
     if wire::params_sha256(&p) != blob.sha {
         bail!(
             "step {}'s state does not match its checksum {}",
@@ -199,12 +198,6 @@ pub(crate) fn load_state(r: &mut Replica, blob: &StateBlob, n: usize) -> Result<
             blob.sha
         );
     }
-    let adam = Adam {
-        cfg: r.adam().cfg,
-        m: wire::f32_from_bytes("adam_m", &s.adam_m, n).map_err(anyhow::Error::msg)?,
-        v: wire::f32_from_bytes("adam_v", &s.adam_v, n).map_err(anyhow::Error::msg)?,
-        t: s.adam_t,
-    };
     r.set_state(blob.step, &p, adam)
 }
 

@@ -240,3 +240,15 @@ pub fn report(what: &str, s: &Value) {
         );
     }
 }
+
+/// Waits for the coordinator, then for every worker: each must exit 0. `what` names the
+/// coordinator in the failure message.
+pub fn all_succeed(coord: Proc, workers: Vec<Proc>, what: &str) {
+    let (ok, out) = coord.wait(Duration::from_secs(180));
+    assert!(ok, "{what}:\n{out}");
+    for w in workers {
+        let name = w.name.clone();
+        let (ok, out) = w.wait(Duration::from_secs(30));
+        assert!(ok, "worker {name} failed:\n{out}");
+    }
+}

@@ -14,7 +14,6 @@ use crate::replica::Replica;
 use crate::ring::{run_tag, RingId, TcpRing};
 use crate::wire;
 use anyhow::{bail, Context, Result};
-use gpo_core::optim::Adam;
 use gpo_proto::v1 as pb;
 use gpo_proto::v1::coordinator_client::CoordinatorClient;
 use std::net::{SocketAddr, TcpListener};
@@ -384,7 +383,7 @@ fn adopt(w: &mut Work, m: &pb::Membership, n: usize, fake: bool) -> Result<()> {
     };
     let c = m.committed_step;
     if let Some(s) = &m.state {
-        let p = wire::f32_from_bytes("params", &s.params, n).map_err(anyhow::Error::msg)?;
+        let (p, adam) = wire::state_from_pb(s, n, r.adam().cfg).map_err(anyhow::Error::msg)?;
         let sha = wire::params_sha256(&p);
         if !m.params_sha256.is_empty() && sha != m.params_sha256 {
             bail!(
@@ -392,12 +391,6 @@ fn adopt(w: &mut Work, m: &pb::Membership, n: usize, fake: bool) -> Result<()> {
                 m.params_sha256
             );
         }
-        let adam = Adam {
-            cfg: r.adam().cfg,
-            m: wire::f32_from_bytes("adam_m", &s.adam_m, n).map_err(anyhow::Error::msg)?,
-            v: wire::f32_from_bytes("adam_v", &s.adam_v, n).map_err(anyhow::Error::msg)?,
-            t: s.adam_t,
-        };
         r.set_state(c, &p, adam)?;
         tracing::info!("loaded step {c}'s state from the coordinator");
         return Ok(());

@@ -76,6 +76,23 @@ pub fn f32_from_bytes(what: &str, b: &[u8], n: usize) -> Result<Vec<f32>, String
         .collect())
 }
 
+/// A replica's state from the wire: its parameters and Adam's state (with `cfg`, which the
+/// wire does not carry), each buffer checked to hold `n` values.
+pub fn state_from_pb(
+    s: &pb::ReplicaState,
+    n: usize,
+    cfg: gpo_core::optim::AdamConfig,
+) -> Result<(Vec<f32>, gpo_core::optim::Adam), String> {
+    let params = f32_from_bytes("params", &s.params, n)?;
+    let adam = gpo_core::optim::Adam {
+        cfg,
+        m: f32_from_bytes("adam_m", &s.adam_m, n)?,
+        v: f32_from_bytes("adam_v", &s.adam_v, n)?,
+        t: s.adam_t,
+    };
+    Ok((params, adam))
+}
+
 /// An episode spec as it travels.
 pub fn episode_to_pb(e: &EpisodeSpec) -> pb::EpisodeSpec {
     pb::EpisodeSpec {
