@@ -13,6 +13,8 @@ pub mod config;
 pub mod dispatch;
 pub mod etcd;
 pub mod machine;
+mod plan;
+mod resume;
 pub mod run;
 pub mod server;
 pub mod service;
