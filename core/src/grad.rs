@@ -316,28 +316,7 @@ mod tests {
 
     #[test]
     fn sharded_gradient_equals_unsharded() {
-        let out = generate(&SynthConfig {
-            n_questions: 30,
-            n_groups: 5,
-            dim: 8,
-            ..Default::default()
-        });
-        let meta = out.store_meta();
-        let table: std::collections::HashMap<_, _> = out.embeddings.iter().cloned().collect();
-        let f = PointFeatures::build(&out.survey, 8, |q, k| {
-            table
-                .get(&meta.key(&out.template.render(q, k)))
-                .map(|v| v.as_slice())
-        })
-        .unwrap();
-        let cfg = GpoConfig {
-            dim_x: 8,
-            d_model: 16,
-            dim_feedforward: 16,
-            num_layers: 2,
-            ..Default::default()
-        };
-        let m = Gpo::new(cfg, 0, &Device::Cpu).unwrap();
+        let (out, f, m) = setup(5);
         let cfgs = SamplerConfig {
             min_ctx: 5,
             max_ctx: 10,
