@@ -59,6 +59,32 @@ fn nominal_survey(seed: u64) -> Survey {
     }
 }
 
+/// `gpo train` for 4 steps on `data` into `out`, with `extra` flags; it must succeed.
+fn train_small(data: &std::path::Path, out: &std::path::Path, extra: &[&str]) {
+    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args([
+            "train",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--group-split",
+            "0.5",
+        ])
+        .args(extra)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
 #[test]
 fn trains_and_scores_nominal_data_with_jensen_shannon() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,27 +109,7 @@ fn trains_and_scores_nominal_data_with_jensen_shannon() {
     w.write(&data.join("embeddings")).unwrap();
 
     let out = dir.path().join("run");
-    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
-        .args([
-            "train",
-            "--steps",
-            "4",
-            "--eval-every",
-            "2",
-            "--group-split",
-            "0.5",
-            "--data",
-        ])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    train_small(&data, &out, &[]);
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["metric"], "jensen_shannon");
@@ -126,27 +132,7 @@ fn trains_and_scores_nominal_data_with_jensen_shannon() {
     // Two workers see only their own episodes, whose questions differ: the coordinator
     // names the step's padded target width, and the result is the single process's.
     let out2 = dir.path().join("run2");
-    let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
-        .args([
-            "train",
-            "--steps",
-            "4",
-            "--eval-every",
-            "2",
-            "--group-split",
-            "0.5",
-        ])
-        .args(["--workers", "2", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out2)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    train_small(&data, &out2, &["--workers", "2"]);
     let tensors = |p: &std::path::Path| {
         let b = std::fs::read(p).unwrap();
         let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
