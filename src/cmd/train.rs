@@ -17,6 +17,7 @@ use std::sync::Arc;
 /// Flags of `gpo train`. Precedence: flag, then environment variable, then `--config`
 /// TOML, then defaults.
 #[derive(Debug, clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     #[command(flatten)]
     pub data: DataArgs,
@@ -50,7 +51,7 @@ pub struct Args {
     #[arg(long, env = "GPO_WORKERS")]
     pub workers: Option<usize>,
     /// Collective of a distributed run: tcp-ring (CPU) or nccl (workers built with `cuda`).
-    #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring")]
+    #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring", value_parser = ["tcp-ring", "nccl"])]
     pub collective: String,
     /// Continue a stopped run from the newest readable resume point in DIR/checkpoints
     /// (a corrupt newest one falls back to the previous, with a warning). The run's
@@ -315,8 +316,20 @@ pub fn finish(summary: &Summary, out: &std::path::Path) {
     }
 }
 
+/// Refuses `--collective nccl` for workers this binary would start when it was built without
+/// NCCL, before any data is read or any file written.
+pub fn check_local_collective(collective: &str) -> Result<()> {
+    if collective == "nccl" && !cfg!(feature = "nccl") {
+        anyhow::bail!(
+            "--collective nccl: this gpo was built without NCCL (rebuild with `--features nccl` on a machine with CUDA), or use --collective tcp-ring"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.workers.filter(|&n| n > 0) {
+        check_local_collective(&a.collective)?;
         return crate::cmd::coordinator::run_distributed(&a, n, None);
     }
     let stop = crate::signals::stop_flag();

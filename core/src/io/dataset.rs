@@ -15,7 +15,7 @@
 //! [`load_as`] skips detection for an explicit `--format`; [`load_with`] also takes
 //! [`LoadOptions`] (which OpinionQA attributes) and returns the [`LoadReport`] of what was
 //! skipped, renormalized or missing. Errors are [`DataError`]s naming the file; a file that
-//! cannot be read gives `cannot read <file>: <reason>`.
+//! cannot be read gives `<file>: cannot read: <reason>`.
 
 use std::fmt;
 use std::fs;
@@ -89,17 +89,15 @@ fn name(p: &Path) -> String {
 }
 
 fn read(p: &Path) -> Result<String, DataError> {
-    fs::read_to_string(p)
-        .map_err(|e| DataError::file(name(p), format!("cannot read {}: {e}", name(p))))
+    fs::read_to_string(p).map_err(|e| DataError::file(name(p), format!("cannot read: {e}")))
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let rd = fs::read_dir(dir)
-        .map_err(|e| DataError::file(name(dir), format!("cannot read {}: {e}", name(dir))))?;
+    let rd =
+        fs::read_dir(dir).map_err(|e| DataError::file(name(dir), format!("cannot read: {e}")))?;
     let mut out = Vec::new();
     for ent in rd {
-        let ent =
-            ent.map_err(|e| DataError::file(name(dir), format!("cannot read {}: {e}", name(dir))))?;
+        let ent = ent.map_err(|e| DataError::file(name(dir), format!("cannot read: {e}")))?;
         out.push(ent.path());
     }
     out.sort();
@@ -157,15 +155,14 @@ pub fn detect(path: &Path) -> Result<Format, DataError> {
         return Err(DataError::file(
             name(path),
             format!(
-                "cannot tell the dataset format of directory {}: expected survey.json (native), info.csv with *_data.json (an OpinionQA wave), or {WAVE_PREFIX}* subdirectories (OpinionQA human_resp)",
-                name(path)
+                "cannot tell the dataset format of this directory: expected survey.json (native), info.csv with *_data.json (an OpinionQA wave), or {WAVE_PREFIX}* subdirectories (OpinionQA human_resp)"
             ),
         ));
     }
     if !path.exists() {
         return Err(DataError::file(
             name(path),
-            format!("cannot read {}: no such file or directory", name(path)),
+            "cannot read: no such file or directory".to_string(),
         ));
     }
     let is_csv = path
@@ -325,8 +322,7 @@ fn load_wave(
         return Ok(Err(DataError::file(
             name(&first),
             format!(
-                "cannot read {}: no counts file for any of the attributes {} in {} (choose others with --attributes)",
-                name(&first),
+                "cannot read: no counts file for any of the attributes {} in {} (choose others with --attributes)",
                 missing.join(", "),
                 name(dir)
             ),

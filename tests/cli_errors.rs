@@ -1,0 +1,136 @@
+//! What a new user types wrong, and what the CLI says back: each case is refused at once,
+//! before any data is read or any output folder is created, with one message that names the
+//! flag or path and what to do instead.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args(args)
+        .env_remove("GPO_LOG")
+        .output()
+        .expect("run gpo")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_negative_number_is_a_value_and_validation_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = gpo(&["train", "--lr", "-1", "--out", out.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(!e.contains("unexpected argument"), "{e}");
+    assert!(e.contains("`adam.lr` must be positive, got -1"), "{e}");
+}
+
+#[test]
+fn an_unknown_collective_is_refused_by_the_parser_with_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = gpo(&[
+        "train",
+        "--workers",
+        "2",
+        "--collective",
+        "tcp",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(e.contains("tcp-ring"), "{e}");
+    assert!(!out.exists(), "the output folder was created: {e}");
+}
+
+#[test]
+fn nccl_without_an_nccl_build_is_refused_before_any_work() {
+    if cfg!(feature = "nccl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = gpo(&[
+        "train",
+        "--workers",
+        "2",
+        "--collective",
+        "nccl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(e.contains("built without NCCL"), "{e}");
+    assert_eq!(
+        e.matches("built without NCCL").count(),
+        1,
+        "the cause printed more than once: {e}"
+    );
+    assert!(!e.contains("data:"), "data was loaded first: {e}");
+    assert!(!out.exists(), "the output folder was created: {e}");
+}
+
+#[test]
+fn a_missing_path_is_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-survey");
+    let m = missing.to_str().unwrap();
+    let o = gpo(&[
+        "train",
+        "--data",
+        m,
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert_eq!(e.matches(m).count(), 1, "{e}");
+    assert!(e.contains("cannot read"), "{e}");
+}
+
+/// A dataset with no store next to it, and a folder given as `--embeddings` that is not a
+/// store, both say what a store is and give the `gpo embed` line that makes one (into a
+/// folder of the user's choosing, not the dataset's, which may be read-only).
+#[test]
+fn a_missing_or_wrong_store_gives_the_gpo_embed_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("survey");
+    let o = gpo(&["synth", "--out", data.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(data.join("embeddings")).unwrap();
+    let out = dir.path().join("o");
+    let o = gpo(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(e.contains("gpo embed --data"), "{e}");
+    assert!(e.contains("--out STORE"), "{e}");
+
+    let not_a_store = dir.path().join("empty");
+    std::fs::create_dir(&not_a_store).unwrap();
+    let o = gpo(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--embeddings",
+        not_a_store.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(e.contains("is not an embedding store"), "{e}");
+    assert!(e.contains("gpo embed --data"), "{e}");
+    assert!(!e.contains("No such file or directory"), "{e}");
+    assert!(!Path::new(&out).exists(), "{e}");
+}
