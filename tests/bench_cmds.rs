@@ -93,3 +93,46 @@ fn bench_dispatch_drives_simulated_workers() {
     assert!((kv[0].1 - 0.06).abs() < 1e-9, "{kv:?}");
     assert!(kv[1].1 > 0.0 && kv[2].1.is_finite(), "{kv:?}");
 }
+
+/// `gpo bench step` states its roofline: the operations it counted, the speed it reached,
+/// the measured GEMM peak on the same shapes, and their ratio (a fraction in (0, 1.5]:
+/// above 1 would mean the count or the peak is wrong; a little slack for a noisy machine).
+#[test]
+fn bench_step_prints_its_roofline() {
+    let out = gpo()
+        .args([
+            "bench", "step", "--dim-x", "32", "--groups", "2", "--iters", "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in:\n{stdout}"));
+        line[key.len() + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (flops, achieved, peak, frac) = (
+        value("flops_per_step"),
+        value("achieved_gflops"),
+        value("gemm_peak_gflops"),
+        value("fraction_of_peak"),
+    );
+    assert!(flops > 1e6 && achieved > 0.0 && peak > 0.0, "{stdout}");
+    assert!(
+        (frac - achieved / peak).abs() < 0.01 * frac.max(1e-3) + 1e-3,
+        "{stdout}"
+    );
+    assert!(frac > 0.0 && frac <= 1.5, "{stdout}");
+}

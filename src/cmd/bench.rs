@@ -18,12 +18,14 @@
 //! episode specs through the assignment stream, sleep `compute_ms` instead of computing,
 //! skip the collective and report. Measured wall time is set against steps × compute.
 
+use super::roofline;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 use gpo_coordinator::{CoordinatorOptions, CoordinatorService, RunInfo};
 use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
-use gpo_core::features::PointFeatures;
+use gpo_core::features::{assemble, PointFeatures};
 use gpo_core::grad::episodes_gradient;
+use gpo_core::model::flops::{step_flops, step_gemms, BatchShape, Gemm};
 use gpo_core::model::{Gpo, GpoConfig, OpPath};
 use gpo_core::optim::{Adam, AdamConfig};
 use gpo_core::rng::Rng;
@@ -196,6 +198,9 @@ fn step(a: StepArgs) -> Result<()> {
     let mut adam = Adam::new(model.params.count(), AdamConfig::default());
     let mut times = Vec::new();
     let mut points = Vec::new();
+    // Per timed step: (operations forward + backward, its matrix products).
+    let mut work: Vec<(f64, f64, Vec<Gemm>)> = Vec::new();
+    let shard = a.groups.div_ceil(a.threads.max(1));
     for it in 0..a.iters + 2 {
         let eps = step_episodes(
             &survey,
@@ -230,12 +235,30 @@ fn step(a: StepArgs) -> Result<()> {
         if it >= 2 {
             times.push(s);
             points.push(nc + nt);
+            let (mut fw, mut bw, mut gemms) = (0.0, 0.0, Vec::new());
+            for part in eps.chunks(shard.max(1)) {
+                let shape = BatchShape::of(&assemble(&survey, &features, part, &dev)?);
+                let (f, b) = step_flops(&model.cfg, shape);
+                fw += f;
+                bw += b;
+                gemms.extend(step_gemms(&model.cfg, shape).into_iter().map(|(_, g)| g));
+            }
+            work.push((fw, bw, gemms));
         }
         println!(
             "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}",
             if it < 2 { " warm-up" } else { "" }
         );
     }
+    let total_s: f64 = times.iter().sum();
+    let n = work.len().max(1) as f64;
+    let (fw, bw) = work
+        .iter()
+        .fold((0.0, 0.0), |(f, b), w| (f + w.0 / n, b + w.1 / n));
+    // The peak is measured on the products of the median-time step.
+    let mut order: Vec<usize> = (0..times.len()).collect();
+    order.sort_by(|&i, &j| times[i].total_cmp(&times[j]));
+    let median_step = order[order.len() / 2];
     times.sort_by(f64::total_cmp);
     let mean_points = points.iter().sum::<usize>() as f64 / points.len().max(1) as f64;
     println!(
@@ -246,6 +269,20 @@ fn step(a: StepArgs) -> Result<()> {
         mean_points,
         a.threads
     );
+    let achieved = (fw + bw) * n / total_s / 1e9;
+    let parallel = a.threads.max(1).min(a.groups.div_ceil(shard.max(1)));
+    let (peak, shapes) = roofline::weighted_peak(&work[median_step].2, parallel)?;
+    println!(
+        "flops_per_step={:.3e} (forward {:.3} GFLOP, backward {:.3} GFLOP; matrix products only)",
+        fw + bw,
+        fw / 1e9,
+        bw / 1e9
+    );
+    println!("achieved_gflops={achieved:.2}");
+    println!(
+        "gemm_peak_gflops={peak:.2} ({parallel} threads at once, the median step's {shapes} distinct product shapes, weighted by their operations)"
+    );
+    println!("fraction_of_peak={:.3}", achieved / peak);
     println!("median_step_s={:.4}", times[times.len() / 2]);
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! The GPO module (a Transformer Neural Process over preference points) in candle:
 //! configuration and official parameter names ([`params`]), its input ([`batch`]), the
 //! forward pass and loss ([`gpo`]), and the fused ops with their backward ([`ops`]) next
-//! to their composite references ([`composite`]).
+//! to their composite references ([`composite`]); what a step costs in operations ([`flops`]).
 
 pub mod batch;
 pub mod composite;
+pub mod flops;
 pub mod gpo;
 pub mod ops;
 pub mod params;

@@ -1,0 +1,183 @@
+//! The floating-point work of a training step, counted from the shapes the module executes,
+//! so a benchmark can say how far a step is from the machine's matrix-multiply roofline.
+//!
+//! Every matrix product of the forward pass ([`super::Gpo::forward`]) and of its backward
+//! is listed as a [`Gemm`]: `batch` independent products of an `m × k` by a `k × n` matrix,
+//! `2·batch·m·k·n` operations. A linear layer over `rows` inputs is `(rows, in, out)` forward,
+//! then `(out, rows, in)` for its weight's gradient and `(rows, out, in)` for its input's,
+//! except the embedder's first layer, whose input is data. Attention is two products per
+//! head forward (scores, then weights × values) and four backward. Elementwise work (layer
+//! norms, softmax, the loss, Adam) is left out: it is a few percent of the operations and
+//! none of it runs on the matrix kernels.
+
+use super::GpoConfig;
+
+/// The shape of one meta-batch as [`super::ModelBatch`] holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Groups G.
+    pub groups: usize,
+    /// Groups that own their x (1 when every group shares the points, else G).
+    pub gx: usize,
+    /// Context points per group (padded).
+    pub nc: usize,
+    /// Target points per group (padded).
+    pub nt: usize,
+}
+
+impl BatchShape {
+    /// The shape of a batch the module would consume.
+    pub fn of(b: &super::ModelBatch) -> Self {
+        BatchShape {
+            groups: b.groups,
+            gx: b.xc.dims()[0],
+            nc: b.nc,
+            nt: b.nt,
+        }
+    }
+}
+
+/// `batch` products of an `m × k` and a `k × n` matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Gemm {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Gemm {
+    /// Multiply-adds counted as two operations.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.m as f64 * self.k as f64 * self.n as f64
+    }
+}
+
+/// Which pass a product belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The matrix products of one forward and backward pass over a batch of shape `s`.
+pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
+    let (d, f, dx) = (cfg.d_model, cfg.dim_feedforward, cfg.dim_x);
+    let (g, gx, nc, nt) = (s.groups, s.gx, s.nc, s.nt);
+    let n_all = nc + nt;
+    let mut v = Vec::new();
+    let mut linear = |rows: usize, i: usize, o: usize, input_grad: bool| {
+        let one = |m, k, n| Gemm { batch: 1, m, k, n };
+        v.push((Pass::Forward, one(rows, i, o)));
+        v.push((Pass::Backward, one(o, rows, i)));
+        if input_grad {
+            v.push((Pass::Backward, one(rows, o, i)));
+        }
+    };
+    // The embedder: x's part of the first layer once per distinct x; y's is elementwise.
+    linear(gx * nc, dx, d, false);
+    linear(gx * nt, dx, d, false);
+    for _ in 1..cfg.emb_depth {
+        linear(g * nc, d, d, true);
+        linear(gx * nt, d, d, true);
+    }
+    let mut attention = Vec::new();
+    for l in 0..cfg.num_layers {
+        // The last layer reads only the targets' rows: nothing after it uses the context's.
+        let nq = if l + 1 == cfg.num_layers { nt } else { n_all };
+        linear(g * nq, d, d, true); // queries
+        linear(g * nc, d, 2 * d, true); // keys and values of the context points
+        attention.push(nq);
+        linear(g * nq, d, d, true); // out_proj
+        linear(g * nq, d, f, true);
+        linear(g * nq, f, d, true);
+    }
+    linear(g * nt, d, f, true);
+    linear(g * nt, f, 2 * cfg.dim_y, true);
+    let (h, dh) = (cfg.nhead, d / cfg.nhead);
+    for nq in attention {
+        let b = |m, k, n| Gemm {
+            batch: g * h,
+            m,
+            k,
+            n,
+        };
+        v.push((Pass::Forward, b(nq, dh, nc))); // scores = Q Kᵀ
+        v.push((Pass::Forward, b(nq, nc, dh))); // weights × V
+        v.push((Pass::Backward, b(nq, dh, nc))); // d weights = dO Vᵀ
+        v.push((Pass::Backward, b(nc, nq, dh))); // dV = weightsᵀ dO
+        v.push((Pass::Backward, b(nq, nc, dh))); // dQ = dS K
+        v.push((Pass::Backward, b(nc, nq, dh))); // dK = dSᵀ Q
+    }
+    v
+}
+
+/// Forward and backward operations of a batch of shape `s`.
+pub fn step_flops(cfg: &GpoConfig, s: BatchShape) -> (f64, f64) {
+    step_gemms(cfg, s)
+        .iter()
+        .fold((0.0, 0.0), |(fw, bw), (p, m)| match p {
+            Pass::Forward => (fw + m.flops(), bw),
+            Pass::Backward => (fw, bw + m.flops()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward count by hand for one group of 3 context and 2 target points, a module
+    /// with one layer and a two-layer embedder: every term written out.
+    #[test]
+    fn forward_flops_by_hand() {
+        let cfg = GpoConfig {
+            dim_x: 5,
+            d_model: 8,
+            emb_depth: 2,
+            dim_feedforward: 6,
+            nhead: 2,
+            num_layers: 1,
+            ..Default::default()
+        };
+        let s = BatchShape {
+            groups: 1,
+            gx: 1,
+            nc: 3,
+            nt: 2,
+        };
+        let mm = |m: f64, k: f64, n: f64| 2.0 * m * k * n;
+        let embed = mm(3., 5., 8.) + mm(2., 5., 8.) + mm(3., 8., 8.) + mm(2., 8., 8.);
+        // One (the last) layer: queries of the 2 targets over the 3 context points.
+        let layer = mm(2., 8., 8.)
+            + mm(3., 8., 16.)
+            + 2.0 * (mm(2., 4., 3.) + mm(2., 3., 4.))
+            + mm(2., 8., 8.)
+            + mm(2., 8., 6.)
+            + mm(2., 6., 8.);
+        let head = mm(2., 8., 6.) + mm(2., 6., 2.);
+        let (fw, bw) = step_flops(&cfg, s);
+        assert_eq!(fw, embed + layer + head);
+        // Backward: twice the forward, less the input gradient of the data-fed first layer.
+        assert_eq!(bw, 2.0 * fw - mm(3., 5., 8.) - mm(2., 5., 8.));
+    }
+
+    /// Shared x (OpinionQA steps) saves exactly the x-only work of the other groups.
+    #[test]
+    fn shared_points_count_the_x_work_once() {
+        let cfg = GpoConfig::official(384);
+        let own = BatchShape {
+            groups: 4,
+            gx: 4,
+            nc: 200,
+            nt: 150,
+        };
+        let shared = BatchShape { gx: 1, ..own };
+        let (a, _) = step_flops(&cfg, own);
+        let (b, _) = step_flops(&cfg, shared);
+        let x_only = |rows: f64, k: f64| 2.0 * rows * k * 128.0;
+        // First layer on context and targets, and the target tail (3 layers of 128 × 128).
+        let saved =
+            3.0 * (x_only(200.0, 384.0) + x_only(150.0, 384.0) + 3.0 * x_only(150.0, 128.0));
+        assert!((a - b - saved).abs() < 1e-6 * a, "{a} {b} {saved}");
+    }
+}

@@ -1,0 +1,90 @@
+//! The roofline of `gpo bench step`: how many operations a step does, how fast it does
+//! them, and how fast this machine's matrix kernels can go on the same shapes, so the gap
+//! between a step and the hardware is a measured ratio and not a guess.
+//!
+//! The peak is measured, not looked up: every distinct matrix product of one step
+//! ([`gpo_core::model::flops::step_gemms`]) runs through candle's CPU matmul (the kernel the
+//! step uses, single-threaded as the trainer runs it), on `threads` threads at once so that
+//! they share caches and memory bandwidth as the step's shards do. Operands are contiguous:
+//! the backward's transposed products are timed as plain ones of the same sizes.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use gpo_core::model::flops::Gemm;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// Operations per second of `threads` concurrent copies of `g`, in GFLOP/s (all threads).
+pub fn gemm_gflops(g: Gemm, threads: usize) -> Result<f64> {
+    let threads = threads.max(1);
+    let start = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let start = start.clone();
+            std::thread::spawn(move || -> Result<(u32, Duration)> {
+                let dev = Device::Cpu;
+                let a = Tensor::randn(0f32, 1.0, (g.batch, g.m, g.k), &dev)?;
+                let b = Tensor::randn(t as f32 * 1e-3, 1.0, (g.batch, g.k, g.n), &dev)?;
+                a.matmul(&b)?; // warm-up: page in the operands and the output
+                start.wait();
+                let t0 = Instant::now();
+                let mut reps = 0u32;
+                while reps < 3 || t0.elapsed() < Duration::from_millis(25) {
+                    std::hint::black_box(a.matmul(&b)?);
+                    reps += 1;
+                }
+                Ok((reps, t0.elapsed()))
+            })
+        })
+        .collect();
+    let mut ops = 0.0;
+    let mut secs: f64 = 0.0;
+    for h in handles {
+        let (reps, d) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a GEMM benchmark thread panicked"))??;
+        ops += reps as f64 * g.flops();
+        secs = secs.max(d.as_secs_f64());
+    }
+    Ok(ops / secs / 1e9)
+}
+
+/// The peak of a set of products weighted by their operations: the speed at which the
+/// whole set would run if every product ran at its own measured speed (total operations
+/// over the sum of each product's time at that speed).
+pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, usize)> {
+    let mut by_shape: BTreeMap<Gemm, f64> = BTreeMap::new();
+    for g in gemms {
+        *by_shape.entry(*g).or_default() += g.flops();
+    }
+    let (mut ops, mut secs) = (0.0, 0.0);
+    for (g, f) in &by_shape {
+        let speed = gemm_gflops(*g, threads)? * 1e9;
+        ops += f;
+        secs += f / speed;
+    }
+    Ok((ops / secs / 1e9, by_shape.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A product big enough to be kernel-bound runs at a plausible speed: more than a
+    /// naive loop could reach on one core, and finite.
+    #[test]
+    fn a_square_gemm_measures_a_finite_positive_speed() {
+        let g = Gemm {
+            batch: 1,
+            m: 256,
+            k: 256,
+            n: 256,
+        };
+        let s = gemm_gflops(g, 1).unwrap();
+        assert!(s.is_finite() && s > 0.1, "{s} GFLOP/s");
+        let (w, shapes) = weighted_peak(&[g, g], 1).unwrap();
+        assert_eq!(shapes, 1);
+        assert!(w.is_finite() && w > 0.1, "{w}");
+    }
+}
