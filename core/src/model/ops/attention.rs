@@ -1,0 +1,203 @@
+//! Multi-head attention as one fused CPU op with its backward: heads addressed by GEMM
+//! strides, so a step transposes and copies nothing. Split from [`super`] to keep each op
+//! file to one job.
+
+use super::gemm::gemm_strided;
+use super::{fast_exp, lanes_max, lanes_sum, slice, values};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// Multi-head attention of query rows over context keys, in one op with its backward.
+/// Inputs: `q` `[G, Nq, d]` and `kv` `[G, Nc, 2d]` (keys then values, as the in-projection
+/// lays them out); output `[G, Nq, d]` with heads side by side, like PyTorch's MHA before
+/// its out-projection. Heads are addressed by strides, so nothing is transposed or copied.
+/// The attention probabilities are kept for the backward.
+pub struct Attention {
+    /// Heads (must divide d).
+    pub heads: usize,
+    /// Score scale, 1/√d_head.
+    pub scale: f32,
+    /// Additive key mask, `[G * Nc]` (0 or −∞), or `None`.
+    pub key_mask: Option<std::sync::Arc<Vec<f32>>>,
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl Attention {
+    /// An attention op; see the type's documentation.
+    pub fn new(heads: usize, scale: f32, key_mask: Option<std::sync::Arc<Vec<f32>>>) -> Self {
+        Attention {
+            heads,
+            scale,
+            key_mask,
+            probs: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn dims(&self, q: &[usize], kv: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
+        let (&[g, nq, d], &[g2, nc, d2]) = (q, kv) else {
+            candle_core::bail!(
+                "attention expects q [G,Nq,d] and kv [G,Nc,2d], got {q:?} and {kv:?}"
+            );
+        };
+        if g != g2 || d2 != 2 * d || self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!(
+                "attention shapes {q:?} / {kv:?} do not fit {} heads",
+                self.heads
+            );
+        }
+        Ok((g, nq, nc, d, d / self.heads))
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "gpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, kv) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (g, nq, nc, d, dh) = self.dims(l1.shape().dims(), l2.shape().dims())?;
+        let h = self.heads;
+        let mut probs = vec![0f32; g * h * nq * nc];
+        let mut out = vec![0f32; g * nq * d];
+        let zeros = vec![0f32; nc];
+        for gi in 0..g {
+            let mask: &[f32] = match &self.key_mask {
+                Some(m) => &m[gi * nc..(gi + 1) * nc],
+                None => &zeros,
+            };
+            for hi in 0..h {
+                let p_off = (gi * h + hi) * nq * nc;
+                let (q_off, k_off) = (gi * nq * d + hi * dh, gi * nc * 2 * d + hi * dh);
+                // S = Q Kᵀ
+                gemm_strided(
+                    &mut probs,
+                    (p_off, nc),
+                    q,
+                    (q_off, d, 1),
+                    kv,
+                    (k_off, 1, 2 * d),
+                    (nq, nc, dh),
+                    false,
+                );
+                for row in probs[p_off..p_off + nq * nc].chunks_exact_mut(nc) {
+                    for (v, &m) in row.iter_mut().zip(mask) {
+                        *v = *v * self.scale + m;
+                    }
+                    let mx = lanes_max(row);
+                    for v in row.iter_mut() {
+                        *v = fast_exp(*v - mx);
+                    }
+                    let inv = 1.0 / lanes_sum(row);
+                    for v in row.iter_mut() {
+                        *v *= inv;
+                    }
+                }
+                // O = P V
+                gemm_strided(
+                    &mut out,
+                    (q_off, d),
+                    &probs,
+                    (p_off, nc, 1),
+                    kv,
+                    (k_off + d, 2 * d, 1),
+                    (nq, dh, nc),
+                    false,
+                );
+            }
+        }
+        *self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention cache poisoned".into()))? = Some(probs);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, nq, nc, d, dh) = self.dims(q.dims(), kv.dims())?;
+        let h = self.heads;
+        let guard = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention cache poisoned".into()))?;
+        let probs = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("attention backward before its forward".into())
+        })?;
+        let (qv, kvv, dout) = (values(q)?, values(kv)?, values(grad)?);
+        let mut dq = vec![0f32; g * nq * d];
+        let mut dkv = vec![0f32; g * nc * 2 * d];
+        let mut ds = vec![0f32; nq * nc];
+        for gi in 0..g {
+            for hi in 0..h {
+                let p_off = (gi * h + hi) * nq * nc;
+                let p = &probs[p_off..p_off + nq * nc];
+                let (q_off, k_off) = (gi * nq * d + hi * dh, gi * nc * 2 * d + hi * dh);
+                // dP = dO Vᵀ
+                gemm_strided(
+                    &mut ds,
+                    (0, nc),
+                    &dout,
+                    (q_off, d, 1),
+                    &kvv,
+                    (k_off + d, 1, 2 * d),
+                    (nq, nc, dh),
+                    false,
+                );
+                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+                for (dr, pr) in ds.chunks_exact_mut(nc).zip(p.chunks_exact(nc)) {
+                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = self.scale * pv * (*x - dot);
+                    }
+                }
+                // dQ = dS K; dK = dSᵀ Q; dV = Pᵀ dO
+                gemm_strided(
+                    &mut dq,
+                    (q_off, d),
+                    &ds,
+                    (0, nc, 1),
+                    &kvv,
+                    (k_off, 2 * d, 1),
+                    (nq, dh, nc),
+                    false,
+                );
+                gemm_strided(
+                    &mut dkv,
+                    (k_off, 2 * d),
+                    &ds,
+                    (0, 1, nc),
+                    &qv,
+                    (q_off, d, 1),
+                    (nc, dh, nq),
+                    false,
+                );
+                gemm_strided(
+                    &mut dkv,
+                    (k_off + d, 2 * d),
+                    p,
+                    (0, 1, nc),
+                    &dout,
+                    (q_off, d, 1),
+                    (nc, dh, nq),
+                    false,
+                );
+            }
+        }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dkv, kv.shape(), dev)?),
+        ))
+    }
+}

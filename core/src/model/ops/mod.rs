@@ -1,0 +1,298 @@
+//! Fused CPU ops for training, each with its own backward.
+//!
+//! candle-nn 0.11's fused `layer_norm` and `softmax_last_dim` have no backward (gradients
+//! silently go missing), and the composite versions cost many allocations per step. These
+//! custom ops do one pass forward and one pass backward and register with candle's autograd
+//! through `CustomOp*::bwd`. Each has a composite twin in [`super::composite`]; tests check
+//! that both paths agree on values and gradients. Linear and LayerNorm live here; attention
+//! ([`attention`]), the loss head ([`nll`]) and the strided GEMM they share ([`gemm`]) have
+//! files of their own.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Borrows a contiguous f32 slice of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op expects a contiguous input, got {:?}", l.shape()),
+    }
+}
+
+/// Copies a tensor's values out as a contiguous f32 vector.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `C (m×n) = A (m×k) · B (k×n)` on contiguous row-major slices, with each operand
+/// optionally transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C
+/// when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    let a_strides = if ta { (0, 1, m) } else { (0, k, 1) };
+    let b_strides = if tb { (0, 1, k) } else { (0, n, 1) };
+    gemm_strided(c, (0, n), a, a_strides, b, b_strides, (m, n, k), accumulate);
+}
+
+/// A linear layer `y = x Wᵀ + b`, optionally followed by ReLU, as one op with its backward:
+/// one GEMM forward, two backward, and the bias and ReLU folded into the same passes.
+/// `x` is `[M, K]`, `W` is `[N, K]` (PyTorch's layout), `b` is `[N]`.
+pub struct Linear {
+    /// Apply ReLU to the output.
+    pub relu: bool,
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "gpo-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let mut y = vec![0f32; m * n];
+        for row in y.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+        matmul(&mut y, x, false, w, true, m, n, k, true);
+        if self.relu {
+            for v in &mut y {
+                *v = v.max(0.0);
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let n = w.dims2()?.0;
+        let mut g = values(grad)?;
+        if self.relu {
+            for (gv, y) in g.iter_mut().zip(values(res)?) {
+                if y <= 0.0 {
+                    *gv = 0.0;
+                }
+            }
+        }
+        let dev = x.device();
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; m * k];
+            matmul(&mut dx, &g, false, &values(w)?, false, m, k, n, false);
+            Some(Tensor::from_vec(dx, (m, k), dev)?)
+        } else {
+            None
+        };
+        let mut dw = vec![0f32; n * k];
+        matmul(&mut dw, &g, true, &values(x)?, false, n, k, m, false);
+        let mut db = vec![0f32; n];
+        for row in g.chunks_exact(n) {
+            for (d, v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, b.device())?),
+        ))
+    }
+}
+
+/// Layer normalization over the last dimension: `(x − μ)/√(σ² + ε) · γ + β`.
+pub struct LayerNorm {
+    /// ε added to the variance (PyTorch's default is 1e-5).
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "gpo-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = g.len();
+        let mut out = vec![0f32; x.len()];
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let (mu, rstd) = moments(xr, self.eps);
+            for i in 0..d {
+                or[i] = (xr[i] - mu) * rstd * g[i] + b[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xv, gv, dy) = (values(x)?, values(gamma)?, values(grad)?);
+        let d = gv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let mut dg = vec![0f32; d];
+        let mut db = vec![0f32; d];
+        let inv_d = 1.0 / d as f32;
+        for ((xr, dyr), dxr) in xv
+            .chunks_exact(d)
+            .zip(dy.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let (mu, rstd) = moments(xr, self.eps);
+            // xhat = (x − μ)·rstd; dxhat = dy·γ;
+            // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for i in 0..d {
+                let xh = (xr[i] - mu) * rstd;
+                let dxh = dyr[i] * gv[i];
+                s1 += dxh;
+                s2 += dxh * xh;
+                dg[i] += dyr[i] * xh;
+                db[i] += dyr[i];
+            }
+            let (m1, m2) = (s1 * inv_d, s2 * inv_d);
+            for i in 0..d {
+                let xh = (xr[i] - mu) * rstd;
+                dxr[i] = rstd * (dyr[i] * gv[i] - m1 - xh * m2);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dg, gamma.shape(), dev)?),
+            Some(Tensor::from_vec(db, gamma.shape(), dev)?),
+        ))
+    }
+}
+
+/// e^x for x ≤ 0 (softmax inputs after max subtraction), accurate to a few ulp, in a
+/// branch-free form the compiler vectorizes (libm's `expf` is a scalar call and was the
+/// attention softmax's main cost). Returns 0 below −87 (and for −∞ from padding masks).
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.max(-87.0);
+    // Round to nearest with the 1.5·2^23 trick (no libm call, vectorizes).
+    const ROUND: f32 = 12_582_912.0;
+    let k = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - k * LN2_HI - k * LN2_LO;
+    // exp(r) on |r| ≤ ln2/2: degree-6 Taylor/Horner (relative error < 2e-7).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^k from the bits of k + 127 + 2^23 (an exact integer in the mantissa): no
+    // float-to-int conversion, so the loop vectorizes. k + 127 ∈ [0, 255] here.
+    let scale = f32::from_bits(((k + 8_388_735.0).to_bits() & 0xFF) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Sum with eight independent accumulators (vectorizes; plain `sum` is sequential).
+#[inline(always)]
+fn lanes_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Maximum with eight independent lanes.
+#[inline(always)]
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().fold(rest, |a, &b| if b > a { b } else { a })
+}
+
+/// Mean and 1/√(var + ε) of one row (biased variance, as PyTorch).
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mu = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+mod attention;
+mod gemm;
+mod nll;
+
+use gemm::gemm_strided;
+
+pub use attention::Attention;
+pub use nll::SegmentNll;
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_matches_libm_on_the_softmax_range() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (a, b) = (fast_exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
+}
