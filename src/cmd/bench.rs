@@ -507,6 +507,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                 name: format!("sim-{i}"),
                 connect_timeout: Duration::from_secs(30),
                 ring_bind: "127.0.0.1:0".into(),
+                ring_advertise: None,
                 io_timeout: Duration::from_secs(60),
                 threads: Some(1),
                 capabilities: pb::Capabilities {

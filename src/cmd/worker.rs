@@ -27,9 +27,14 @@ pub struct Args {
     /// Seconds to keep retrying (with backoff) while the coordinator is unreachable.
     #[arg(long, env = "GPO_CONNECT_TIMEOUT_S")]
     pub connect_timeout_s: Option<f64>,
-    /// Address the ring all-reduce listens on and advertises (port 0: any free port).
+    /// Address the ring all-reduce listens on (port 0: any free port). Default loopback,
+    /// for workers on one host; on several hosts bind 0.0.0.0:PORT.
     #[arg(long, env = "GPO_RING_BIND")]
     pub ring_bind: Option<String>,
+    /// Address the other workers connect to: HOST or HOST:PORT (default: the bound address,
+    /// or, bound on every interface, this host's address on the route to the coordinator).
+    #[arg(long, env = "GPO_RING_ADVERTISE")]
+    pub ring_advertise: Option<String>,
     /// Seconds every ring read and write may take before the step fails.
     #[arg(long, env = "GPO_IO_TIMEOUT_S")]
     pub io_timeout_s: Option<f64>,
@@ -57,6 +62,7 @@ struct WorkerFile {
     name: Option<String>,
     connect_timeout_s: Option<f64>,
     ring_bind: Option<String>,
+    ring_advertise: Option<String>,
     io_timeout_s: Option<f64>,
     threads: Option<usize>,
 }
@@ -156,6 +162,7 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
             .clone()
             .or(file.ring_bind)
             .unwrap_or_else(|| "127.0.0.1:0".into()),
+        ring_advertise: a.ring_advertise.clone().or(file.ring_advertise),
         io_timeout: secs(
             a.io_timeout_s.or(file.io_timeout_s).unwrap_or(60.0),
             "io_timeout_s",

@@ -38,8 +38,12 @@ pub struct WorkerOptions {
     /// How long to keep retrying (with backoff) while the coordinator is unreachable,
     /// at start and after losing it.
     pub connect_timeout: Duration,
-    /// The address the ring listener binds and advertises (port 0: any free port).
+    /// The address the ring listener binds (port 0: any free port).
     pub ring_bind: String,
+    /// The address peers are told to connect to (`HOST` or `HOST:PORT`); `None`: the bound
+    /// address, or this host's address on the route to the coordinator when the listener
+    /// is on every interface (see [`crate::ring_addr`]).
+    pub ring_advertise: Option<String>,
     /// Timeout of every ring read and write, and of ring setup.
     pub io_timeout: Duration,
     /// Gradient threads; `None` takes the coordinator's hint, else the machine's cores.
@@ -272,6 +276,7 @@ pub async fn run(
         TcpListener::bind(&opts.ring_bind)
             .with_context(|| format!("binding the ring listener on {}", opts.ring_bind))?,
     );
+    let opts = with_ring_advertised(opts, listener.local_addr()?)?;
     let mut replica: Option<Replica> = None;
     let mut fingerprint = String::new();
     let mut fresh = true;
@@ -346,4 +351,34 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Fixes the ring address this worker advertises, once, and warns when it cannot work for a
+/// run whose coordinator is on another host.
+fn with_ring_advertised(
+    mut opts: WorkerOptions,
+    bound: std::net::SocketAddr,
+) -> Result<WorkerOptions> {
+    use crate::ring_addr::{advertised, route_to, url_host};
+    let target = if opts.coordinator.is_empty() {
+        opts.etcd
+            .as_ref()
+            .and_then(|e| e.endpoints.first().cloned())
+            .unwrap_or_default()
+    } else {
+        opts.coordinator.clone()
+    };
+    let url = crate::addr::coordinator_url(&target).unwrap_or_default();
+    let host = url_host(&url).to_string();
+    let port = url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok());
+    let route = port.and_then(|p| route_to(&host, p));
+    let a = advertised(bound, opts.ring_advertise.as_deref(), &host, route)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(w) = &a.warning {
+        tracing::warn!("{w}");
+    }
+    opts.ring_advertise = Some(a.address);
+    Ok(opts)
 }

@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod nccl;
 pub mod replica;
 pub mod ring;
+pub mod ring_addr;
 pub mod session;
 pub mod wire;
 

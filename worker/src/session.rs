@@ -85,7 +85,10 @@ pub async fn serve(
     let worker_id = reg.worker_id;
     let fake = (reg.fake_compute_ms > 0).then(|| Duration::from_millis(reg.fake_compute_ms));
     let n_params = reg.param_count as usize;
-    let ring_addr = listener.local_addr()?;
+    let ring_addr = match &opts.ring_advertise {
+        Some(a) => a.clone(),
+        None => listener.local_addr()?.to_string(),
+    };
 
     // Heartbeats, with the last finished step; a refusal as unknown means dropped.
     let last_step = Arc::new(AtomicU64::new(0));
@@ -216,7 +219,7 @@ pub async fn serve(
                         run_id: run_id.clone(),
                         worker_id,
                         generation: m.generation,
-                        ring_address: ring_addr.to_string(),
+                        ring_address: ring_addr.clone(),
                         nccl_unique_id: nccl_id,
                         buffer_len: reg.param_count,
                     };
