@@ -201,8 +201,7 @@ echo "== gpo flags the manifests pass"
 cat >"$work/flags.py" <<'EOF'
 import re, shlex, sys, yaml
 PENDING = {  # flag -> the issue that adds it
-    "--metrics-addr": "issue 10", "--token-file": "issue 10",
-    "--tls-cert": "issue 10", "--tls-key": "issue 10", "--tls-ca": "issue 10",
+    "--metrics-addr": "issue 10",
     "--log-format": "issue 10",
 }
 def flags_of(*files):
@@ -215,8 +214,8 @@ def flags_of(*files):
                 out.add("--" + (m.group(1) if m else field.replace("_", "-")))
     return out
 known = {
-    "coordinator": flags_of("src/cmd/coordinator.rs", "src/cmd/train.rs", "src/inputs.rs"),
-    "worker": flags_of("src/cmd/worker.rs"),
+    "coordinator": flags_of("src/cmd/coordinator.rs", "src/cmd/train.rs", "src/inputs.rs", "src/cmd/credentials.rs"),
+    "worker": flags_of("src/cmd/worker.rs", "src/cmd/credentials.rs"),
 }
 assert "--listen" in known["coordinator"] and "--ring-bind" in known["worker"], known
 def commands_k8s(path):

@@ -40,7 +40,7 @@ enum Command {
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
     /// Serve a distributed run: workers register, steps are dispatched to them.
-    Coordinator(cmd::coordinator::Args),
+    Coordinator(Box<cmd::coordinator::Args>),
     /// Join a distributed run as a worker.
     Worker(cmd::worker::Args),
     /// Show a coordinator's run: step, generation, workers, recent step times.
@@ -79,7 +79,7 @@ fn main() {
         Command::ModelInfo(a) => cmd::model_info::run(a),
         Command::Loss(a) => cmd::loss::run(a),
         Command::Bench(b) => cmd::bench::run(b),
-        Command::Coordinator(a) => cmd::coordinator::run(a),
+        Command::Coordinator(a) => cmd::coordinator::run(*a),
         Command::Worker(a) => cmd::worker::run(a),
         Command::Status(a) => cmd::status::run(a),
     };

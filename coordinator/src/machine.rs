@@ -58,6 +58,10 @@ pub struct MachineConfig {
     pub max_step_attempts: u32,
     /// Digests are not compared (the benchmark's simulated workers compute nothing).
     pub skip_digest_check: bool,
+    /// A registration whose assignment stream has not opened this long after it
+    /// registered expires (a squatter, or a worker that died while loading its data), so
+    /// that registrations cannot pile up.
+    pub join_timeout: Ms,
 }
 
 impl Default for MachineConfig {
@@ -75,6 +79,7 @@ impl Default for MachineConfig {
             shard_groups: 1,
             max_step_attempts: 5,
             skip_digest_check: false,
+            join_timeout: 120_000,
         }
     }
 }
@@ -267,6 +272,10 @@ pub struct Worker {
     pub holds: Option<u64>,
     /// The last step it reported.
     pub last_step: u64,
+    /// When it registered.
+    pub registered_at: Ms,
+    /// Its assignment stream has opened at least once (it joined the run).
+    pub joined: bool,
 }
 
 /// One formed generation.
@@ -391,6 +400,7 @@ enum Loss {
     Deadline,
     Left,
     Setup,
+    Expired,
 }
 
 impl Loss {
@@ -401,6 +411,7 @@ impl Loss {
             Loss::Deadline => "deadline",
             Loss::Left => "left",
             Loss::Setup => "setup",
+            Loss::Expired => "expired",
         }
     }
 }

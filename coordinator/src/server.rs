@@ -8,7 +8,6 @@ use crate::service::{CoordinatorOptions, RunInfo, Service};
 use crate::shared::Shared;
 use anyhow::{bail, Context, Result};
 use gpo_proto::v1::coordinator_server::CoordinatorServer;
-use gpo_worker::client::MAX_MESSAGE_BYTES;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +30,21 @@ pub fn new_run_id() -> String {
         "run-{:016x}",
         nanos ^ ((std::process::id() as u64) << 40).rotate_left(7)
     )
+}
+
+/// What the port demands, for the log.
+fn describe(sec: &crate::security::Security) -> String {
+    let tls = match (sec.tls.any(), sec.tls.requires_client_cert()) {
+        (false, _) => "plain gRPC",
+        (true, false) => "TLS",
+        (true, true) => "mTLS",
+    };
+    let token = if sec.token.is_some() {
+        ", run token"
+    } else {
+        ", no token"
+    };
+    format!("{tls}{token}")
 }
 
 fn ms(d: Duration) -> u64 {
@@ -96,17 +110,32 @@ impl CoordinatorService {
             ..Default::default()
         };
         let machine = Machine::new(mcfg, 0, info.start_step, info.start_generation);
-        let shared = Arc::new(Shared::new(new_run_id(), info, opts, machine));
+        let sec = opts.security.clone();
+        let tls = sec.tls.server()?;
+        let auth = gpo_ops::auth::ServerAuth::new(
+            sec.token.as_deref(),
+            tls.is_some() && sec.tls.requires_client_cert(),
+            sec.failures.clone(),
+        );
+        let ring_secret = gpo_ops::auth::random_bytes(32)?;
+        let shared = Arc::new(Shared::new(new_run_id(), info, opts, machine, ring_secret));
         let svc = CoordinatorServer::new(Service {
             shared: shared.clone(),
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(sec.max_message_bytes)
+        .max_encoding_message_size(sec.max_message_bytes);
+        let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(cfg) = tls {
+            builder = builder
+                .tls_config(cfg)
+                .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         runtime.spawn(async move {
-            let r = tonic::transport::Server::builder()
+            let r = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
@@ -127,7 +156,11 @@ impl CoordinatorService {
                 }
             }
         });
-        tracing::info!("coordinator of run {} listening on {addr}", shared.run_id);
+        tracing::info!(
+            "coordinator of run {} listening on {addr} ({})",
+            shared.run_id,
+            describe(&sec)
+        );
         Ok(CoordinatorService {
             addr,
             shared,

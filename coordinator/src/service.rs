@@ -6,7 +6,10 @@
 //! Requests are validated before they touch the run: a wrong run id is
 //! `FAILED_PRECONDITION`, a stale generation `ABORTED` (a fenced worker), an unknown or
 //! dropped worker `NOT_FOUND` (it must register again), a wrong buffer size
-//! `INVALID_ARGUMENT`, each with a message naming what was expected.
+//! `INVALID_ARGUMENT`, each with a message naming what was expected. Worker-scoped calls
+//! must carry the registration's secret, and every string has a length limit
+//! ([`crate::security`]); the port's credentials (TLS, mTLS, the token) are checked before
+//! any of this, by the server's interceptor ([`crate::server`]).
 
 use crate::machine::{Event, Reject, Report};
 use crate::shared::{Link, Shared};
@@ -42,6 +45,8 @@ pub struct CoordinatorOptions {
     pub worker_threads: u32,
     /// Non-zero: workers sleep this long per step instead of computing (benchmark mode).
     pub fake_compute_ms: u64,
+    /// The credentials the port demands, the message-size limit, the refusals' counters.
+    pub security: crate::security::Security,
 }
 
 impl Default for CoordinatorOptions {
@@ -58,6 +63,7 @@ impl Default for CoordinatorOptions {
             collective: "tcp-ring".into(),
             worker_threads: 0,
             fake_compute_ms: 0,
+            security: Default::default(),
         }
     }
 }
@@ -121,13 +127,23 @@ pub(crate) struct Service {
 
 impl Service {
     fn check_run(&self, run_id: &str) -> Result<(), Status> {
-        if run_id != self.shared.run_id {
-            return Err(Status::failed_precondition(format!(
-                "wrong run id `{run_id}`: this coordinator runs `{}`",
-                self.shared.run_id
-            )));
-        }
-        Ok(())
+        crate::security::check_run(
+            &self.shared.opts.security.failures,
+            &self.shared.run_id,
+            run_id,
+        )
+    }
+
+    /// The run id and the registration secret of a worker-scoped call.
+    fn check_worker(&self, run_id: &str, id: u64, secret: &str) -> Result<(), Status> {
+        self.check_run(run_id)?;
+        let core = self.shared.lock();
+        crate::security::check_worker(
+            &self.shared.opts.security.failures,
+            id,
+            core.worker_secrets.get(&id),
+            secret,
+        )
     }
 
     fn event(&self, ev: Event) -> Result<Option<u64>, Status> {
@@ -144,9 +160,12 @@ impl Coordinator for Service {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         let sh = &self.shared;
+        crate::security::check_registration(&req)?;
         if !req.run_id.is_empty() {
             self.check_run(&req.run_id)?;
         }
+        let secret =
+            gpo_ops::auth::random_token().map_err(|e| Status::internal(format!("{e:#}")))?;
         let id = {
             let mut core = sh.lock();
             let holds = if req.fresh {
@@ -167,6 +186,7 @@ impl Coordinator for Service {
             if let Some(c) = req.capabilities {
                 core.names_caps.insert(id, c);
             }
+            core.worker_secrets.insert(id, secret.clone());
             tracing::info!("{} registered", core.machine.label(id));
             id
         };
@@ -181,6 +201,8 @@ impl Coordinator for Service {
             collective: sh.opts.collective.clone(),
             threads: sh.opts.worker_threads,
             fake_compute_ms: sh.opts.fake_compute_ms,
+            worker_secret: secret,
+            ring_secret: sh.ring_secret.clone(),
         }))
     }
 
@@ -189,7 +211,7 @@ impl Coordinator for Service {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
-        self.check_run(&req.run_id)?;
+        self.check_worker(&req.run_id, req.worker_id, &req.worker_secret)?;
         let mut core = self.shared.lock();
         let over = core.machine.phase().over();
         if !over {
@@ -212,7 +234,7 @@ impl Coordinator for Service {
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
         let req = req.into_inner();
-        self.check_run(&req.run_id)?;
+        self.check_worker(&req.run_id, req.worker_id, &req.worker_secret)?;
         let id = req.worker_id;
         let (tx, rx) = mpsc::channel(64);
         let dropped = Arc::new(Notify::new());
@@ -263,12 +285,18 @@ impl Coordinator for Service {
         let req = req.into_inner();
         let sh = &self.shared;
         self.check_run(&req.run_id)?;
+        crate::security::limit(
+            "ring_address",
+            &req.ring_address,
+            crate::security::MAX_FIELD_BYTES,
+        )?;
         if req.buffer_len as usize != sh.info.param_count {
             return Err(Status::invalid_argument(format!(
                 "wrong buffer size: the worker would all-reduce {} values, the run's module has {} parameters",
                 req.buffer_len, sh.info.param_count
             )));
         }
+        self.check_worker(&req.run_id, req.worker_id, &req.worker_secret)?;
         {
             let core = sh.lock();
             let rank = core.machine.rank_of(req.worker_id);
@@ -345,6 +373,18 @@ impl Coordinator for Service {
         let mut r = req.into_inner();
         let sh = &self.shared;
         self.check_run(&r.run_id)?;
+        crate::security::limit(
+            "params_sha256",
+            &r.params_sha256,
+            crate::security::MAX_FIELD_BYTES,
+        )?;
+        if r.error.len() > crate::security::MAX_FIELD_BYTES {
+            let cut = (0..=crate::security::MAX_FIELD_BYTES)
+                .rev()
+                .find(|&i| r.error.is_char_boundary(i))
+                .unwrap_or(0);
+            r.error.truncate(cut);
+        }
         if let Some(s) = &r.state {
             let n = sh.info.param_count;
             for (what, b) in [
@@ -361,6 +401,7 @@ impl Coordinator for Service {
                 }
             }
         }
+        self.check_worker(&r.run_id, r.worker_id, &r.worker_secret)?;
         let result = if r.error.is_empty() {
             Ok(Report {
                 digest: r.params_sha256.clone(),
@@ -402,9 +443,9 @@ impl Coordinator for Service {
         req: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let req = req.into_inner();
-        self.check_run(&req.run_id)?;
-        tracing::info!("worker {} leaves: {}", req.worker_id, req.reason);
+        self.check_worker(&req.run_id, req.worker_id, &req.worker_secret)?;
         let reason: String = req.reason.chars().take(256).collect();
+        tracing::info!("worker {} leaves: {reason}", req.worker_id);
         self.event(Event::Leave {
             id: req.worker_id,
             reason,

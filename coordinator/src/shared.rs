@@ -63,6 +63,8 @@ pub(crate) struct Core {
     pub recent: VecDeque<pb::StepTiming>,
     pub dropped: VecDeque<(WorkerId, String)>,
     pub names_caps: BTreeMap<WorkerId, pb::Capabilities>,
+    /// Each registered worker's secret; worker-scoped calls must carry it.
+    pub worker_secrets: BTreeMap<WorkerId, String>,
 }
 
 /// The adapter's state, shared by the service and the dispatch.
@@ -74,6 +76,8 @@ pub(crate) struct Shared {
     pub changed: Condvar,
     pub notify: Notify,
     epoch: Instant,
+    /// The run's ring secret, handed to workers at registration.
+    pub ring_secret: Vec<u8>,
 }
 
 impl Shared {
@@ -82,6 +86,7 @@ impl Shared {
         info: crate::service::RunInfo,
         opts: crate::service::CoordinatorOptions,
         machine: Machine,
+        ring_secret: Vec<u8>,
     ) -> Shared {
         Shared {
             run_id,
@@ -101,10 +106,12 @@ impl Shared {
                 recent: VecDeque::new(),
                 dropped: VecDeque::new(),
                 names_caps: BTreeMap::new(),
+                worker_secrets: BTreeMap::new(),
             }),
             changed: Condvar::new(),
             notify: Notify::new(),
             epoch: Instant::now(),
+            ring_secret,
         }
     }
 
@@ -244,6 +251,9 @@ impl Shared {
                     link.dropped.notify_one();
                 }
                 core.results.remove(&id);
+                // A dropped worker registers again under a new id: forget this one's.
+                core.names_caps.remove(&id);
+                core.worker_secrets.remove(&id);
                 core.dropped.push_back((id, reason));
                 while core.dropped.len() > DROPPED_KEPT {
                     core.dropped.pop_front();

@@ -325,6 +325,7 @@ fn ring(a: RingArgs) -> Result<()> {
         run_tag: run_tag("bench-ring"),
         generation: 1,
         buffer_len: len,
+        secret: [0x5a; 32],
     };
     let timeout = Duration::from_secs(60);
     // Each rank: connect, check one exact sum, then time `iters` back-to-back calls.
@@ -516,6 +517,9 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                     ..Default::default()
                 },
                 etcd: None,
+                credentials: Default::default(),
+                max_message_bytes: client::MAX_MESSAGE_BYTES,
+                auth_failures: Default::default(),
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })

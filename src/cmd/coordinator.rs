@@ -62,6 +62,8 @@ pub struct Args {
     /// The address workers connect to, announced in etcd (default: the bound address).
     #[arg(long, env = "GPO_ADVERTISE")]
     pub advertise: Option<String>,
+    #[command(flatten)]
+    pub credentials: crate::cmd::credentials::Flags,
 }
 
 /// Where the workers find the run's data: the same path, made absolute, or the seed of the
@@ -97,6 +99,8 @@ struct Service {
     opts: CoordinatorOptions,
     etcd: Option<gpo_worker::etcd::EtcdConfig>,
     advertise: Option<String>,
+    /// The token file the spawned workers read (`gpo train --workers N`).
+    worker_token: Option<PathBuf>,
 }
 
 /// Leadership through etcd: the runtime that keeps it, the leadership, and the pointer.
@@ -263,7 +267,11 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         gpo_core::io::checkpoint::write_atomic(f, addr.to_string().as_bytes())
             .with_context(|| format!("writing {}", f.display()))?;
     }
-    let children = Arc::new(Mutex::new(spawn_workers(spawn, addr)?));
+    let children = Arc::new(Mutex::new(spawn_workers(
+        spawn,
+        addr,
+        service.worker_token.as_deref(),
+    )?));
     // A worker process that dies is a lost worker, which the run recovers from; only when
     // every spawned process has failed can no worker come, and the run fails.
     let watcher = {
@@ -327,15 +335,22 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     Ok(())
 }
 
-fn spawn_workers(n: usize, addr: SocketAddr) -> Result<Vec<Child>> {
+fn spawn_workers(n: usize, addr: SocketAddr, token: Option<&Path>) -> Result<Vec<Child>> {
     let exe = std::env::current_exe().context("locating the gpo binary")?;
     (0..n)
         .map(|i| {
-            Command::new(&exe)
-                .args(["worker", "--coordinator"])
+            let mut c = Command::new(&exe);
+            c.args(["worker", "--coordinator"])
                 .arg(format!("http://{addr}"))
-                .args(["--name", &format!("worker-{i}")])
-                .env_remove("GPO_WORKER_CONFIG")
+                .args(["--name", &format!("worker-{i}")]);
+            if let Some(t) = token {
+                c.arg("--token-file").arg(t);
+            }
+            c.env_remove("GPO_WORKER_CONFIG")
+                .env_remove("GPO_TLS_CERT")
+                .env_remove("GPO_TLS_KEY")
+                .env_remove("GPO_TLS_CA")
+                .env_remove("GPO_TOKEN_FILE")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -403,14 +418,20 @@ pub fn run_distributed(a: &train::Args, n: usize, threads: Option<u32>) -> Resul
         ..Default::default()
     };
     elastic(a, &mut opts)?;
+    // Closed to other local processes: a random token only this run's workers can read.
+    let token = crate::cmd::credentials::LocalToken::create()?;
+    opts.security.token = Some(token.token.clone());
     let service = Service {
         listen: "127.0.0.1:0".parse().expect("valid address"),
         addr_file: None,
         opts,
         etcd: None,
         advertise: None,
+        worker_token: Some(token.path().to_path_buf()),
     };
-    drive(a, service, n)
+    let r = drive(a, service, n);
+    drop(token);
+    r
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -427,6 +448,7 @@ pub fn run(a: Args) -> Result<()> {
             .transpose()?,
         collective: a.train.collective.clone(),
         worker_threads: a.worker_threads.unwrap_or(0),
+        security: a.credentials.server()?,
         ..Default::default()
     };
     elastic(&a.train, &mut opts)?;
@@ -441,6 +463,7 @@ pub fn run(a: Args) -> Result<()> {
         opts,
         etcd,
         advertise: a.advertise.clone(),
+        worker_token: None,
     };
     drive(&a.train, service, 0)
 }

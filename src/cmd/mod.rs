@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_machinery;
 pub mod coordinator;
+pub mod credentials;
 pub mod embed;
 pub mod eval;
 pub mod experiment;

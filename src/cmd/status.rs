@@ -13,6 +13,8 @@ pub struct Args {
     /// Print the raw status as JSON-like debug output instead of the table.
     #[arg(long)]
     pub raw: bool,
+    #[command(flatten)]
+    pub credentials: crate::cmd::credentials::Flags,
 }
 
 /// Renders a status for people.
@@ -113,7 +115,10 @@ pub fn run(a: Args) -> Result<()> {
         .enable_all()
         .build()?;
     let status = rt.block_on(async {
-        let mut c = gpo_worker::client::connect(&a.coordinator, Duration::from_secs(5)).await?;
+        let (creds, max) = a.credentials.client()?;
+        let mut c =
+            gpo_worker::client::connect_with(&a.coordinator, Duration::from_secs(5), &creds, max)
+                .await?;
         c.status(pb::StatusRequest {})
             .await
             .map(|r| r.into_inner())

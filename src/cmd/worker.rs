@@ -52,6 +52,8 @@ pub struct Args {
     /// TOML file with any of the settings above.
     #[arg(long, env = "GPO_WORKER_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub credentials: crate::cmd::credentials::Flags,
 }
 
 /// The worker's TOML file.
@@ -144,6 +146,7 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
     };
     let threads = a.threads.or(file.threads);
     let host = host();
+    let (credentials, max_message_bytes) = a.credentials.client()?;
     Ok(WorkerOptions {
         coordinator,
         name: a
@@ -182,6 +185,9 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
             version: env!("CARGO_PKG_VERSION").into(),
         },
         etcd,
+        credentials,
+        max_message_bytes,
+        auth_failures: Default::default(),
     })
 }
 

@@ -20,9 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
-/// Largest gRPC message either side accepts (a replica's full state is 12 bytes per
-/// parameter).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// Default limit of a gRPC message either way (a replica's full state is 12 bytes per
+/// parameter; see `gpo_coordinator::security::DEFAULT_MAX_MESSAGE_BYTES` for the sizing).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A client of the coordinator: every request carries the run token, when there is one.
+pub type Client = CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<Channel, gpo_ops::auth::ClientToken>,
+>;
 
 /// Deadline of every unary call to the coordinator (the collective setup, which waits for
 /// the other members, gets `setup_timeout` on top).
@@ -53,6 +58,12 @@ pub struct WorkerOptions {
     /// With etcd, the coordinator is whichever is elected (`coordinator` may be empty),
     /// and the worker keeps a membership key alive.
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// TLS files and the run token this worker presents to the coordinator.
+    pub credentials: gpo_ops::tls::ClientCredentials,
+    /// Largest gRPC message either way.
+    pub max_message_bytes: usize,
+    /// Refusals by reason (a stranger on the ring port): `gpo_auth_failures_total`.
+    pub auth_failures: gpo_ops::auth::AuthFailures,
 }
 
 /// Loads the survey and point features a run names (the CLI's I/O edge).
@@ -103,13 +114,44 @@ pub fn causes(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Connects to the coordinator at `addr` (`host:port` or a URL), retrying with exponential
+/// Connects to the coordinator at `addr` without credentials (see [`connect_with`]).
+pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
+    connect_with(addr, timeout, &Default::default(), MAX_MESSAGE_BYTES).await
+}
+
+/// Connects to the coordinator at `addr` (`host:port` or a URL), presenting `creds` (TLS
+/// when it names TLS files, the token on every request), retrying with exponential
 /// backoff (50 ms doubling to 2 s) until `timeout` has passed. A malformed address fails
 /// at once.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>> {
-    let url = crate::addr::coordinator_url(addr).map_err(anyhow::Error::msg)?;
-    let endpoint = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("`{addr}` is not a coordinator address"))?
+pub async fn connect_with(
+    addr: &str,
+    timeout: Duration,
+    creds: &gpo_ops::tls::ClientCredentials,
+    max_message_bytes: usize,
+) -> Result<Client> {
+    let mut url = crate::addr::coordinator_url(addr).map_err(anyhow::Error::msg)?;
+    let tls = if creds.tls.any() {
+        if let Some(rest) = url.strip_prefix("http://") {
+            url = format!("https://{rest}");
+        }
+        let host = url
+            .parse::<tonic::transport::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .with_context(|| format!("`{addr}` names no host"))?;
+        creds.tls.client(&host)?
+    } else {
+        None
+    };
+    let interceptor = creds.interceptor()?;
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("`{addr}` is not a coordinator address"))?;
+    if let Some(cfg) = tls {
+        endpoint = endpoint
+            .tls_config(cfg)
+            .context("the worker's TLS configuration (--tls-ca, --tls-cert, --tls-key)")?;
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -119,9 +161,9 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<CoordinatorClient<
     loop {
         match endpoint.connect().await {
             Ok(ch) => {
-                return Ok(CoordinatorClient::new(ch)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+                return Ok(CoordinatorClient::with_interceptor(ch, interceptor)
+                    .max_decoding_message_size(max_message_bytes)
+                    .max_encoding_message_size(max_message_bytes))
             }
             Err(e) => {
                 if start.elapsed() >= timeout {
@@ -144,15 +186,16 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<CoordinatorClient<
 
 /// Connects to the run's coordinator: the elected one when the worker uses etcd (a lost
 /// leader's address is tried until a new one is elected), else `opts.coordinator`.
-pub async fn connect_coordinator(opts: &WorkerOptions) -> Result<CoordinatorClient<Channel>> {
+pub async fn connect_coordinator(opts: &WorkerOptions) -> Result<Client> {
+    let (creds, max) = (&opts.credentials, opts.max_message_bytes);
     let Some(cfg) = &opts.etcd else {
-        return connect(&opts.coordinator, opts.connect_timeout).await;
+        return connect_with(&opts.coordinator, opts.connect_timeout, creds, max).await;
     };
     let start = Instant::now();
     loop {
         let left = opts.connect_timeout.saturating_sub(start.elapsed());
         let addr = crate::etcd::leader_address(cfg, left, None).await?;
-        match connect(&addr, Duration::from_millis(500)).await {
+        match connect_with(&addr, Duration::from_millis(500), creds, max).await {
             Ok(c) => {
                 tracing::info!("coordinator of run `{}` is {addr}", cfg.run_name);
                 return Ok(c);
@@ -183,7 +226,7 @@ pub(crate) async fn within<T>(
 
 async fn register(
     opts: &WorkerOptions,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     fresh: bool,
     holds: Option<(u64, String)>,
 ) -> Result<pb::RegisterResponse> {

@@ -8,20 +8,18 @@
 //! never waits out a timeout. The session ends with an [`Ended`] that tells the caller
 //! whether to stop, register again, or reconnect.
 
-use crate::client::{within, WorkerOptions, CALL_TIMEOUT};
+use crate::client::{within, Client, WorkerOptions, CALL_TIMEOUT};
 use crate::collective::{Aborter, Collective, Local};
 use crate::replica::Replica;
 use crate::ring::{run_tag, RingId, TcpRing};
 use crate::wire;
 use anyhow::{bail, Context, Result};
 use gpo_proto::v1 as pb;
-use gpo_proto::v1::coordinator_client::CoordinatorClient;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 /// How a session ended.
 #[derive(Debug)]
@@ -57,11 +55,12 @@ fn lost_or_dropped(s: &tonic::Status, what: &str) -> Option<Ended> {
 }
 
 /// Tells the coordinator this worker leaves (best effort: it may be gone).
-pub async fn leave(client: &mut CoordinatorClient<Channel>, reg: &pb::RegisterResponse, why: &str) {
+pub async fn leave(client: &mut Client, reg: &pb::RegisterResponse, why: &str) {
     let req = pb::LeaveRequest {
         run_id: reg.run_id.clone(),
         worker_id: reg.worker_id,
         reason: why.to_string(),
+        worker_secret: reg.worker_secret.clone(),
     };
     let _ = within(Duration::from_secs(5), "leaving", client.leave(req)).await;
 }
@@ -74,7 +73,7 @@ struct Work {
 /// Serves one registration until it ends.
 pub async fn serve(
     opts: &WorkerOptions,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     reg: &pb::RegisterResponse,
     listener: &Arc<TcpListener>,
     replica: &mut Option<Replica>,
@@ -96,6 +95,7 @@ pub async fn serve(
     let heartbeat = {
         let mut c = client.clone();
         let (run_id, last_step) = (run_id.clone(), last_step.clone());
+        let secret = reg.worker_secret.clone();
         let every = Duration::from_millis(reg.heartbeat_interval_ms.max(10));
         tokio::spawn(async move {
             loop {
@@ -104,6 +104,7 @@ pub async fn serve(
                     run_id: run_id.clone(),
                     worker_id,
                     step: last_step.load(Ordering::Relaxed),
+                    worker_secret: secret.clone(),
                 };
                 match within(CALL_TIMEOUT, "heartbeat", c.heartbeat(req)).await {
                     Ok(r) if r.get_ref().shutdown => break,
@@ -125,6 +126,7 @@ pub async fn serve(
         client.assignments(pb::AssignmentsRequest {
             run_id: run_id.clone(),
             worker_id,
+            worker_secret: reg.worker_secret.clone(),
         }),
     )
     .await
@@ -222,6 +224,7 @@ pub async fn serve(
                         ring_address: ring_addr.clone(),
                         nccl_unique_id: nccl_id,
                         buffer_len: reg.param_count,
+                        worker_secret: reg.worker_secret.clone(),
                     };
                     let setup = match within(
                         CALL_TIMEOUT * 3,
@@ -247,16 +250,20 @@ pub async fn serve(
                     let (collective, tag) = (reg.collective.clone(), run_tag(&run_id));
                     let io_timeout = opts.io_timeout;
                     let is_fake = fake.is_some();
+                    let failures = opts.auth_failures.clone();
+                    let secret = ring_secret(reg, is_fake || collective != "tcp-ring")?;
                     let (w, made) = tokio::task::spawn_blocking(move || {
                         let made = make_collective(
                             &collective,
                             is_fake,
                             &setup,
                             &listener,
+                            &failures,
                             RingId {
                                 run_tag: tag,
                                 generation: setup.generation,
                                 buffer_len: n_params,
+                                secret,
                             },
                             io_timeout,
                         );
@@ -299,6 +306,7 @@ pub async fn serve(
                         let r = pb::StepResult {
                             run_id: run_id.clone(),
                             worker_id,
+                            worker_secret: reg.worker_secret.clone(),
                             generation: g,
                             step: s,
                             error: format!("the collective of generation {g} did not form: {e}"),
@@ -340,6 +348,7 @@ pub async fn serve(
                     };
                     result.run_id = run_id.clone();
                     result.worker_id = worker_id;
+                    result.worker_secret = reg.worker_secret.clone();
                     result.generation = g;
                     let ok = result.error.is_empty();
                     match within(CALL_TIMEOUT, "reporting a step", client.report_step(result)).await {
@@ -472,11 +481,24 @@ fn step(mut w: Work, a: pb::StepAssignment) -> (Work, Result<pb::StepResult>) {
     (w, r)
 }
 
+/// The run's ring secret from the registration (`unused`: no ring will form).
+fn ring_secret(reg: &pb::RegisterResponse, unused: bool) -> Result<[u8; 32]> {
+    match <[u8; 32]>::try_from(reg.ring_secret.as_slice()) {
+        Ok(s) => Ok(s),
+        Err(_) if unused => Ok([0; 32]),
+        Err(_) => bail!(
+            "the coordinator sent a ring secret of {} bytes, not 32: the ring cannot authenticate its members",
+            reg.ring_secret.len()
+        ),
+    }
+}
+
 fn make_collective(
     kind: &str,
     fake: bool,
     setup: &pb::CollectiveSetupResponse,
     listener: &TcpListener,
+    failures: &gpo_ops::auth::AuthFailures,
     id: RingId,
     timeout: Duration,
 ) -> Result<Box<dyn Collective>> {
@@ -493,12 +515,13 @@ fn make_collective(
                         .with_context(|| format!("ring address `{a}` is not host:port"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Box::new(TcpRing::connect(
+            Ok(Box::new(TcpRing::connect_with(
                 setup.rank as usize,
                 &addrs,
                 listener,
                 id,
                 timeout,
+                failures,
             )?))
         }
         "nccl" => nccl_collective(setup, id.buffer_len),

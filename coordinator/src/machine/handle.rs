@@ -126,6 +126,8 @@ impl Machine {
                 last_seen: self.now,
                 holds,
                 last_step: 0,
+                registered_at: self.now,
+                joined: false,
             },
         );
         self.counters.registrations += 1;
@@ -144,6 +146,7 @@ impl Machine {
             )));
         }
         w.stream = true;
+        w.joined = true;
         w.last_seen = self.now;
         let ready = self.ready_workers().len();
         match self.phase {
@@ -299,6 +302,9 @@ impl Machine {
         if gap > self.cfg.heartbeat_timeout / 2 {
             for w in self.workers.values_mut() {
                 w.last_seen = w.last_seen.max(now);
+                if !w.joined {
+                    w.registered_at = w.registered_at.saturating_add(gap);
+                }
             }
             if let Some(r) = self.round.as_mut() {
                 r.deadline += gap;
@@ -318,6 +324,20 @@ impl Machine {
         for id in silent {
             let why = format!("sent no heartbeat for {:.1}s", timeout as f64 / 1000.0);
             self.lose(id, Loss::Heartbeat, &why, out, reform);
+        }
+        let join = self.cfg.join_timeout;
+        let never_joined: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.joined && now.saturating_sub(w.registered_at) > join)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in never_joined {
+            let why = format!(
+                "registered {:.1}s ago and never opened its assignment stream: the registration expired",
+                join as f64 / 1000.0
+            );
+            self.lose(id, Loss::Expired, &why, out, reform);
         }
         if let Some(r) = self.round.as_ref().filter(|r| now > r.deadline) {
             let late: Vec<WorkerId> = r

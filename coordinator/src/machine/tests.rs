@@ -349,3 +349,48 @@ fn bad_results_are_refused_without_changing_anything() {
     assert_eq!(m.phase(), Phase::Failed);
     assert!(m.error().unwrap().contains("diverged"));
 }
+
+#[test]
+fn a_registration_that_never_joins_expires_even_while_it_heartbeats() {
+    let mut m = Machine::new(cfg(2), 0, 0, 0);
+    let reg = |m: &mut Machine, name: &str| {
+        m.handle(
+            0,
+            Event::Register {
+                name: name.into(),
+                holds: Some((0, None)),
+            },
+        )
+        .reply
+        .unwrap()
+        .unwrap()
+    };
+    let squatter = reg(&mut m, "squatter");
+    let real = reg(&mut m, "real");
+    m.handle(0, Event::StreamOpened { id: real });
+    let join = m.cfg.join_timeout;
+    let mut t = 0;
+    let mut dropped = Vec::new();
+    while t <= join + 1_000 {
+        t += 1_000;
+        for id in [squatter, real] {
+            let _ = m.handle(t, Event::Heartbeat { id });
+        }
+        let out = m.handle(t, Event::Tick);
+        for a in out.actions {
+            if let Action::Drop { id, reason } = a {
+                dropped.push((t, id, reason));
+            }
+        }
+    }
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let (at, id, reason) = &dropped[0];
+    assert_eq!(*id, squatter);
+    assert!(*at > join && reason.contains("expired"), "{at} {reason}");
+    assert!(!m.workers().contains_key(&squatter));
+    assert!(m.workers().contains_key(&real), "a joined worker stays");
+    assert!(matches!(
+        m.handle(t, Event::StreamOpened { id: squatter }).reply,
+        Err(Reject::UnknownWorker(_))
+    ));
+}

@@ -9,7 +9,10 @@
 //! with bitwise the same sum (each chunk is summed once, by one rank, in ring order).
 //!
 //! Every connection starts with a handshake naming the run, the membership generation, the
-//! sender's rank and the buffer length; every message carries a header naming the call, the
+//! sender's rank and the buffer length, in which both sides prove that they know the run's
+//! ring secret ([`gpo_ops::ring_auth`]: HMAC-SHA256 over fresh nonces) before any tensor
+//! byte flows; a connection that cannot prove it (a stranger on the ring port) is refused,
+//! logged and counted, and the ring goes on waiting for its real member; every message carries a header naming the call, the
 //! phase, the chunk and the segment. A mismatch is a clear error. Every read and write has
 //! a timeout. The reduction runs on a scratch buffer, so a failed all-reduce leaves the
 //! caller's buffer as it was; the ring is then unusable (its streams are out of step) and
@@ -33,7 +36,7 @@ mod tests;
 use crate::collective::{Aborter, Collective};
 use anyhow::{bail, Context, Result};
 use link::{io_failure, Sender, Shared};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +53,7 @@ pub(crate) const HEADER_LEN: usize = 4 + 8 + 4 + 4 + 4 + 8;
 pub const SEGMENT: usize = 32 * 1024;
 
 /// What identifies one ring: every member must agree on all of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RingId {
     /// A 64-bit tag of the run id ([`run_tag`]).
     pub run_tag: u64,
@@ -58,7 +61,24 @@ pub struct RingId {
     pub generation: u64,
     /// Length in f64 values of the buffer every call reduces.
     pub buffer_len: usize,
+    /// The run's ring secret (from the coordinator): members prove they know it.
+    pub secret: [u8; 32],
 }
+
+impl std::fmt::Debug for RingId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingId")
+            .field("run_tag", &self.run_tag)
+            .field("generation", &self.generation)
+            .field("buffer_len", &self.buffer_len)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Longest a connection to the ring port may take to complete its handshake: a stranger
+/// that connects and says nothing holds the real member up no longer than this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A 64-bit tag of a run id (FNV-1a), carried in every ring handshake.
 pub fn run_tag(run_id: &str) -> u64 {
@@ -164,6 +184,18 @@ impl TcpRing {
         id: RingId,
         timeout: Duration,
     ) -> Result<TcpRing> {
+        Self::connect_with(rank, addrs, listener, id, timeout, &Default::default())
+    }
+
+    /// [`TcpRing::connect`], counting refused handshakes in `failures`.
+    pub fn connect_with(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: &TcpListener,
+        id: RingId,
+        timeout: Duration,
+        failures: &gpo_ops::auth::AuthFailures,
+    ) -> Result<TcpRing> {
         let world = addrs.len();
         if rank >= world {
             bail!("ring: rank {rank} is outside a world of {world}");
@@ -219,12 +251,24 @@ impl TcpRing {
                 hello.extend_from_slice(&(rank as u32).to_le_bytes());
                 hello.extend_from_slice(&(world as u32).to_le_bytes());
                 hello.extend_from_slice(&(id.buffer_len as u64).to_le_bytes());
-                stream
-                    .write_all(&hello)
-                    .map_err(|e| io_context(e, "handshake with", succ, timeout))?;
-                Ok(stream)
+                match gpo_ops::ring_auth::dial(&mut stream, &id.secret, &hello) {
+                    Ok(()) => Ok(stream),
+                    Err(gpo_ops::ring_auth::RingAuthError::Io(e)) => {
+                        Err(io_context(e, "handshake with", succ, timeout))
+                    }
+                    Err(e) => {
+                        failures.record(gpo_ops::auth::reason::RING_HANDSHAKE);
+                        tracing::warn!(
+                            reason = gpo_ops::auth::reason::RING_HANDSHAKE,
+                            "ring: the listener at {next_addr} is not rank {succ} of this run: {e}"
+                        );
+                        Err(anyhow::anyhow!(
+                            "ring: the listener at {next_addr} is not rank {succ} of this run: {e}"
+                        ))
+                    }
+                }
             });
-            let prev = accept_pred(listener, pred, world, id, deadline, timeout);
+            let prev = accept_pred(listener, pred, world, id, deadline, timeout, failures);
             let next = dialer
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("ring: the dialing thread panicked")));
@@ -383,11 +427,24 @@ fn accept_pred(
     id: RingId,
     deadline: Instant,
     timeout: Duration,
+    failures: &gpo_ops::auth::AuthFailures,
 ) -> Result<TcpStream> {
     listener.set_nonblocking(true)?;
-    let stream = loop {
+    let (stream, h) = loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok((s, peer)) => match authenticate(s, id, timeout) {
+                Ok(x) => break x,
+                Err(e) => {
+                    // A stranger (or a member of another run): refuse it and keep waiting
+                    // for the real predecessor.
+                    failures.record(gpo_ops::auth::reason::RING_HANDSHAKE);
+                    tracing::warn!(
+                        reason = gpo_ops::auth::reason::RING_HANDSHAKE,
+                        %peer,
+                        "ring: refused a connection that did not prove it is rank {pred} of this run: {e}"
+                    );
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     bail!(
@@ -400,14 +457,8 @@ fn accept_pred(
             Err(e) => bail!("ring: accepting rank {pred}: {e}"),
         }
     };
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut h = [0u8; HELLO_LEN];
-    (&stream)
-        .read_exact(&mut h)
-        .map_err(|e| io_context(e, "handshake with", pred, timeout))?;
     let word = |a: usize| u32::from_le_bytes(h[a..a + 4].try_into().unwrap());
     let long = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().unwrap());
     if word(0) != MAGIC_HELLO || word(4) != PROTOCOL {
@@ -438,6 +489,22 @@ fn accept_pred(
         );
     }
     Ok(stream)
+}
+
+/// The acceptor's side of the handshake on one accepted connection: the peer's hello,
+/// once the peer has proven it knows the ring secret.
+fn authenticate(
+    mut stream: TcpStream,
+    id: RingId,
+    timeout: Duration,
+) -> Result<(TcpStream, Vec<u8>), gpo_ops::ring_auth::RingAuthError> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    let t = Some(timeout.min(HANDSHAKE_TIMEOUT));
+    stream.set_read_timeout(t)?;
+    stream.set_write_timeout(t)?;
+    let h = gpo_ops::ring_auth::accept(&mut stream, &id.secret, HELLO_LEN)?;
+    Ok((stream, h))
 }
 
 impl Collective for TcpRing {

@@ -1,4 +1,5 @@
 use super::*;
+use std::io::Write;
 
 fn ring_of(world: usize, ids: impl Fn(usize) -> RingId, timeout: Duration) -> Vec<Result<TcpRing>> {
     let listeners: Vec<TcpListener> = (0..world)
@@ -24,6 +25,7 @@ fn id(len: usize) -> RingId {
         run_tag: run_tag("run"),
         generation: 1,
         buffer_len: len,
+        secret: [7; 32],
     }
 }
 
@@ -330,4 +332,82 @@ fn a_peer_that_dies_gives_a_peer_error_quickly() {
             "rank {r}: {e}"
         );
     }
+}
+
+#[test]
+fn a_stranger_on_the_ring_port_is_refused_counted_and_the_ring_still_forms() {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    // Strangers reach rank 0's port first: one sends garbage, one a well-formed hello
+    // with a guessed secret's proof (it cannot answer the acceptor's nonce).
+    let mut garbage = std::net::TcpStream::connect(addrs[0]).unwrap();
+    garbage.write_all(&[0xAB; 200]).unwrap();
+    let guesser = std::thread::spawn({
+        let a = addrs[0];
+        move || {
+            let mut s = std::net::TcpStream::connect(a).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            gpo_ops::ring_auth::dial(&mut s, b"guessed", &[0u8; HELLO_LEN])
+        }
+    });
+    let failures = gpo_ops::auth::AuthFailures::default();
+    let rings: Vec<Result<TcpRing>> = std::thread::scope(|s| {
+        let hs: Vec<_> = listeners
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, f) = (&addrs, &failures);
+                s.spawn(move || {
+                    // The real predecessor of rank 0 dials only after the strangers.
+                    if r == 1 {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    TcpRing::connect_with(r, addrs, l, id(8), Duration::from_secs(10), f)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(guesser.join().unwrap().is_err(), "the guesser got in");
+    let mut rings: Vec<TcpRing> = rings.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(failures.count(gpo_ops::auth::reason::RING_HANDSHAKE), 2);
+    let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = rings
+            .iter_mut()
+            .enumerate()
+            .map(|(r, ring)| {
+                s.spawn(move || {
+                    let mut b = vec![r as f64 + 1.0; 8];
+                    ring.all_reduce_sum(&mut b).unwrap();
+                    b
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(sums, vec![vec![3.0; 8]; 2]);
+}
+
+#[test]
+fn members_with_another_secret_do_not_form_a_ring() {
+    let rings = ring_of(
+        2,
+        |r| RingId {
+            secret: [r as u8; 32],
+            ..id(8)
+        },
+        Duration::from_secs(2),
+    );
+    let errs: Vec<String> = rings
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("ring secret") || e.contains("not rank")),
+        "{errs:?}"
+    );
 }

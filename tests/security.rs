@@ -1,0 +1,474 @@
+//! Issue 10 §3's attacks, each refused, against real `gpo` processes with certificates the
+//! test makes (rcgen: a CA, a server certificate for 127.0.0.1/localhost, a client
+//! certificate, and a second, foreign CA with its own client certificate):
+//!
+//! - no credentials, a client certificate from another CA, a wrong token: refused;
+//! - a forged `Leave` and a forged heartbeat, by a client that knows the run id and the
+//!   worker ids (from `Status`, with valid credentials): refused, and the run goes on;
+//! - a wrong run id: refused without revealing the real one;
+//! - an oversized message (a 100 MB name): refused, and the coordinator keeps serving;
+//!   a name over its limit: refused, naming the field;
+//! - a stranger on a worker's ring port: refused and logged, and the real ring forms;
+//! - `gpo train --workers N` refuses a local process that is not one of its workers.
+//!
+//! And the positive claim: a 2-worker run with mTLS and a token ends with bitwise the
+//! parameters of the same run without them.
+
+use gpo_proto::v1 as pb;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const STEPS: u32 = 20;
+
+fn gpo() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpo"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GPO_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn small() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/synthetic-small.toml")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn finish(mut self, what: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not finish in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
+        let out = child.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(out.status.success(), "{what} failed:\n{t}");
+        t
+    }
+}
+
+/// A checkpoint's content: its parsed header and its data bytes.
+fn content(ckpt: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(ckpt).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// PEM files of the test's public-key infrastructure.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    foreign_cert: PathBuf,
+    foreign_key: PathBuf,
+    token: PathBuf,
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, names[0]);
+    p.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn pki(dir: &Path) -> Pki {
+    let real = ca("gpo test CA");
+    let foreign = ca("someone else's CA");
+    let (sc, sk) = leaf(
+        &real,
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (cc, ck) = leaf(&real, &["gpo-worker"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (fc, fk) = leaf(
+        &foreign,
+        &["gpo-worker"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let w = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    Pki {
+        ca: w("ca.pem", &real.pem()),
+        server_cert: w("server.pem", &sc),
+        server_key: w("server.key", &sk),
+        client_cert: w("client.pem", &cc),
+        client_key: w("client.key", &ck),
+        foreign_cert: w("foreign.pem", &fc),
+        foreign_key: w("foreign.key", &fk),
+        token: w("token", "the-run-token-0123456789\n"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Adds a bearer token, as any gRPC client can.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Raw = pb::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+/// A raw gRPC client, as an attacker would write one: TLS with a CA (`None`: plain), an
+/// optional client identity, an optional token.
+async fn raw(
+    port: u16,
+    tls: Option<(&Path, Option<(&Path, &Path)>)>,
+    token: Option<&str>,
+) -> Result<Raw, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}")).unwrap();
+    if let Some((ca, id)) = tls {
+        let mut cfg = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+            .domain_name("127.0.0.1");
+        if let Some((c, k)) = id {
+            cfg = cfg.identity(Identity::from_pem(
+                std::fs::read(c).unwrap(),
+                std::fs::read(k).unwrap(),
+            ));
+        }
+        ep = ep.tls_config(cfg).unwrap();
+    }
+    let ch = ep.connect().await.map_err(|e| format!("{e:?}"))?;
+    let header = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    Ok(
+        pb::coordinator_client::CoordinatorClient::with_interceptor(ch, Bearer(header))
+            .max_encoding_message_size(256 << 20)
+            .max_decoding_message_size(256 << 20),
+    )
+}
+
+fn tls_flags(c: &mut Command, cert: &Path, key: &Path, p: &Pki) {
+    c.arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .arg("--tls-ca")
+        .arg(&p.ca)
+        .arg("--token-file")
+        .arg(&p.token);
+}
+
+/// `gpo train --workers 2`, the run without credentials of its own; while it runs, a local
+/// process without the run's token is refused. Returns the output folder.
+fn local_run_refusing_strangers(dir: &Path) -> PathBuf {
+    let out = dir.join("local");
+    let mut child = gpo()
+        .arg("train")
+        .arg("--config")
+        .arg(small())
+        .args(["--steps", &STEPS.to_string(), "--eval-every", "10"])
+        .args(["--workers", "2", "--out"])
+        .arg(&out)
+        .env("GPO_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let l = lines
+            .next()
+            .expect("gpo train ended before it listened")
+            .unwrap();
+        if let Some(rest) = l.split(" listening on ").nth(1) {
+            let addr = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(';');
+            break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = raw(port, None, None).await.unwrap();
+        let e = c
+            .register(pb::RegisterRequest {
+                name: "squatter".into(),
+                fresh: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let e = c.status(pb::StatusRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    });
+    // Drain the rest of the log so the process never blocks on a full pipe.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "gpo train --workers 2 failed:\n{}",
+        rest.join("\n")
+    );
+    let log = rest.join("\n");
+    assert!(
+        log.contains("missing_token"),
+        "the refusal was not logged:\n{log}"
+    );
+    out
+}
+
+#[test]
+fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let plain = local_run_refusing_strangers(dir.path());
+
+    let port = free_port();
+    let addr_file = dir.path().join("addr");
+    let mut c = gpo();
+    c.arg("coordinator")
+        .arg("--config")
+        .arg(small())
+        .args(["--steps", &STEPS.to_string(), "--eval-every", "10"])
+        .args(["--workers", "2", "--heartbeat-ms", "200"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
+        .arg(dir.path().join("secured"))
+        .arg("--addr-file")
+        .arg(&addr_file);
+    tls_flags(&mut c, &p.server_cert, &p.server_key, &p);
+    let coord = Proc(
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !addr_file.exists() {
+        assert!(Instant::now() < deadline, "the coordinator did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("https://localhost:{port}");
+    let worker = |name: &str, ring: u16| {
+        let mut c = gpo();
+        c.args(["worker", "--coordinator", &url, "--name", name])
+            .args(["--connect-timeout-s", "60", "--threads", "1"])
+            .args(["--ring-bind", &format!("127.0.0.1:{ring}")]);
+        tls_flags(&mut c, &p.client_cert, &p.client_key, &p);
+        Proc(
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let ring_a = free_port();
+    let wa = worker("a", ring_a);
+    let token = "the-run-token-0123456789";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client_id = Some((p.client_cert.as_path(), p.client_key.as_path()));
+    let st = rt.block_on(async {
+        // Valid credentials see the run (as an operator's `gpo status` does).
+        let mut ok = raw(port, Some((&p.ca, client_id)), Some(token))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = ok.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            if !st.workers.is_empty() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "worker a never registered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Worker a is registered, so its ring listener is bound: a stranger gets there first.
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", ring_a)).unwrap();
+    stranger.write_all(&[0x5a; 256]).unwrap();
+    let wb = worker("b", free_port());
+
+    rt.block_on(async {
+        let real_id = st.run_id.clone();
+        let victim = st.workers[0].worker_id;
+        // No credentials at all: a plain client cannot even speak to a TLS port.
+        let refused = match raw(port, None, None).await {
+            Err(_) => true,
+            Ok(mut c) => c.status(pb::StatusRequest {}).await.is_err(),
+        };
+        assert!(refused, "a plain client was served");
+        // TLS, but no client certificate and no token.
+        let mut c = raw(port, Some((&p.ca, None)), None).await.unwrap();
+        let e = c.status(pb::StatusRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        // A client certificate from another CA, with the right token: the handshake fails.
+        let foreign = Some((p.foreign_cert.as_path(), p.foreign_key.as_path()));
+        let refused = match raw(port, Some((&p.ca, foreign)), Some(token)).await {
+            Err(_) => true,
+            Ok(mut c) => c.status(pb::StatusRequest {}).await.is_err(),
+        };
+        assert!(refused, "a certificate of another CA was accepted");
+        // The right certificate, a wrong token.
+        let mut c = raw(port, Some((&p.ca, client_id)), Some("guess"))
+            .await
+            .unwrap();
+        let e = c.status(pb::StatusRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(!e.message().contains(token));
+
+        // Full credentials, but not a worker's registration secret: forged calls in a
+        // worker's name are refused.
+        let mut c = raw(port, Some((&p.ca, client_id)), Some(token))
+            .await
+            .unwrap();
+        let e = c
+            .leave(pb::LeaveRequest {
+                run_id: real_id.clone(),
+                worker_id: victim,
+                reason: "forged".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let e = c
+            .heartbeat(pb::HeartbeatRequest {
+                run_id: real_id.clone(),
+                worker_id: victim,
+                step: 0,
+                worker_secret: "0".repeat(64),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        // A wrong run id: refused, and the refusal does not give the real one away.
+        let e = c
+            .heartbeat(pb::HeartbeatRequest {
+                run_id: "run-guess".into(),
+                worker_id: victim,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(!e.message().contains(&real_id), "{}", e.message());
+        // A name over its limit, and a 100 MB one (over the message limit).
+        let e = c
+            .register(pb::RegisterRequest {
+                name: "n".repeat(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("name: 1000 bytes"),
+            "{}",
+            e.message()
+        );
+        let t = Instant::now();
+        let e = c
+            .register(pb::RegisterRequest {
+                name: "n".repeat(100 << 20),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{e:?}"
+        );
+        eprintln!(
+            "security: a 100 MB registration refused in {:.2}s: {}",
+            t.elapsed().as_secs_f64(),
+            e.message()
+        );
+        // The coordinator keeps serving, and kept none of it.
+        let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert!(st.workers.iter().all(|w| w.name.len() <= 128));
+    });
+    drop(stranger);
+    let out = coord.finish("the secured coordinator", Duration::from_secs(180));
+    let a = wa.finish("worker a", Duration::from_secs(30));
+    wb.finish("worker b", Duration::from_secs(30));
+    assert!(
+        a.contains("refused a connection that did not prove it is rank 1 of this run"),
+        "worker a did not log the stranger:\n{a}"
+    );
+    for why in [
+        "missing_certificate",
+        "bad_token",
+        "worker_secret",
+        "wrong_run",
+    ] {
+        assert!(
+            out.contains(why),
+            "the coordinator did not log {why}:\n{out}"
+        );
+    }
+    assert!(
+        content(&dir.path().join("secured/last.safetensors"))
+            == content(&plain.join("last.safetensors")),
+        "the run with mTLS and a token ended with other parameters than the plain run"
+    );
+}
