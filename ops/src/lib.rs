@@ -3,3 +3,7 @@
 //! keep strangers off its gRPC and ring ports. Every process (coordinator, worker, serve)
 //! uses the same pieces, so they live in one crate at the edge of the system; the pure crates
 //! (`gpo-core`, the coordinator's state machine) never depend on it.
+
+pub mod http;
+pub mod logs;
+pub mod metrics;
