@@ -42,6 +42,8 @@ pub struct CoordinatorOptions {
     pub worker_threads: u32,
     /// Non-zero: workers sleep this long per step instead of computing (benchmark mode).
     pub fake_compute_ms: u64,
+    /// The Prometheus families the executor feeds (registered by whoever serves them).
+    pub metrics: gpo_ops::metrics::CoordinatorMetrics,
 }
 
 impl Default for CoordinatorOptions {
@@ -58,6 +60,7 @@ impl Default for CoordinatorOptions {
             collective: "tcp-ring".into(),
             worker_threads: 0,
             fake_compute_ms: 0,
+            metrics: Default::default(),
         }
     }
 }
@@ -156,6 +159,7 @@ impl Coordinator for Service {
             } else {
                 None
             };
+            sh.note_name(&mut core, &req.name);
             let ev = Event::Register {
                 name: req.name,
                 holds,

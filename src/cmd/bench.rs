@@ -478,6 +478,8 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                     ..Default::default()
                 },
                 etcd: None,
+                metrics: Default::default(),
+                health: gpo_ops::http::Health::not_ready("simulated"),
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })

@@ -49,6 +49,10 @@ pub struct WorkerOptions {
     /// With etcd, the coordinator is whichever is elected (`coordinator` may be empty),
     /// and the worker keeps a membership key alive.
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// The Prometheus families the session feeds.
+    pub metrics: gpo_ops::metrics::WorkerMetrics,
+    /// Ready once the run's data and embeddings are loaded (`/readyz`).
+    pub health: gpo_ops::http::Health,
 }
 
 /// Loads the survey and point features a run names (the CLI's I/O edge).
@@ -283,6 +287,7 @@ pub async fn run(
             _ => None,
         };
         let reg = register(&opts, &mut client, fresh, holds).await?;
+        gpo_ops::logs::context::set_run(&reg.run_id);
         tracing::info!(
             "registered as worker {} of run {}",
             reg.worker_id,
@@ -298,6 +303,7 @@ pub async fn run(
             );
             fingerprint = reg.data_fingerprint.clone();
         }
+        opts.health.set_ready();
         let ended = session::serve(
             &opts,
             &mut client,
