@@ -119,6 +119,29 @@ fn promtool_check(what: &str, text: &str) {
     );
 }
 
+/// The standard gRPC health check of `service` at `addr`.
+fn grpc_health(addr: &str, service: &str) -> i32 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to the coordinator's gRPC port");
+        let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
+        c.check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("the health check")
+        .into_inner()
+        .status
+    })
+}
+
 fn spawn(name: &str, c: &mut Command, dir: &Path) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     Proc {
@@ -235,6 +258,11 @@ fn prometheus_scrapes_a_live_run_and_every_dashboard_panel_has_data() {
         &get(addr(cm), "/metrics").unwrap().1,
     );
     promtool_check("a worker's scrape", &get(addr(w0m), "/metrics").unwrap().1);
+    assert_eq!(
+        grpc_health(&grpc, "gpo.v1.Coordinator"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "the leader's gRPC health must be SERVING"
+    );
     let status = support::status(&grpc);
     for port in [w0m, w1m] {
         assert!(
@@ -366,5 +394,86 @@ fn prometheus_scrapes_a_live_run_and_every_dashboard_panel_has_data() {
     eprintln!(
         "prometheus e2e: {checked} panel queries with data in {:.1} s",
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// `gpo train --workers 2 --metrics-addr`: the coordinator's metrics on the given port, each
+/// spawned worker's on a free port of the same host, listed by `gpo status`.
+#[test]
+fn gpo_train_gives_each_worker_its_own_metrics_port_listed_in_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cm = free_port();
+    let mut c = gpo();
+    c.arg("train")
+        .arg("--config")
+        .arg(support::small())
+        .args([
+            "--steps",
+            "100000",
+            "--eval-every",
+            "1000",
+            "--workers",
+            "2",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{cm}")])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .env("GPO_LOG", "info");
+    let train = spawn("coordinator", &mut c, dir);
+    let log = dir.join("coordinator.log");
+    let mut grpc = String::new();
+    wait_for(
+        "the coordinator's address",
+        Duration::from_secs(60),
+        dir,
+        || {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            match t.split(" listening on ").nth(1) {
+                Some(rest) => {
+                    grpc = rest
+                        .split(|c: char| c == ';' || c.is_whitespace())
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    let mut urls: Vec<String> = Vec::new();
+    wait_for(
+        "two workers' metrics in gpo status",
+        Duration::from_secs(60),
+        dir,
+        || {
+            let s = support::status(&grpc);
+            urls = s
+                .split_whitespace()
+                .filter(|w| w.starts_with("http://") && w.ends_with("/metrics"))
+                .map(String::from)
+                .collect();
+            urls.len() == 2
+        },
+    );
+    for u in &urls {
+        let hostport = u.trim_start_matches("http://").trim_end_matches("/metrics");
+        let a: SocketAddr = hostport.parse().unwrap();
+        assert_eq!(a.ip().to_string(), "127.0.0.1", "{u}");
+        assert_ne!(a.port(), cm, "{u}");
+        let (code, body) = get(a, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("role=\"worker\""), "{u}: {body}");
+    }
+    let (code, body) = get(format!("127.0.0.1:{cm}").parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("role=\"coordinator\""), "{body}");
+    train.signal("TERM");
+    let (ok, _) = train.wait(Duration::from_secs(60));
+    assert!(
+        ok,
+        "gpo train failed after SIGTERM:\n{}",
+        std::fs::read_to_string(&log).unwrap()
     );
 }
