@@ -201,8 +201,6 @@ echo "== gpo flags the manifests pass"
 cat >"$work/flags.py" <<'EOF'
 import re, shlex, sys, yaml
 PENDING = {  # flag -> the issue that adds it
-    "--metrics-addr": "issue 10",
-    "--log-format": "issue 10",
 }
 def flags_of(*files):
     out = set()

@@ -14,6 +14,8 @@ command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # A real etcd for the fault-tolerance tests (membership, leadership, the state pointer).
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+# A real Prometheus (and promtool) for tests/prometheus_e2e.rs and the deploy checks.
+command -v prometheus >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -62,14 +62,14 @@ fn tune_allocator() {
 fn main() {
     tune_allocator();
     gpo_core::grad::shard_threads_not_kernels();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GPO_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Train(a) => a.log_format,
+        Command::Coordinator(a) => a.train.log_format,
+        Command::Worker(a) => a.log_format,
+        _ => gpo_ops::logs::LogFormat::Text,
+    };
+    gpo_ops::logs::init(log_format, "warn");
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Embed(a) => cmd::embed::run(a),

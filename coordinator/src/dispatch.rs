@@ -113,6 +113,7 @@ impl GrpcDispatch {
     ) -> Result<f64> {
         let sh = self.shared.clone();
         let started = Instant::now();
+        gpo_ops::logs::context::set_step(step);
         let mut core = sh.lock();
         core.episodes = episodes.to_vec();
         core.total_steps = total_steps;
@@ -154,6 +155,10 @@ impl GrpcDispatch {
             core = sh.wait(core, Duration::from_millis(100));
         };
         let step_s = started.elapsed().as_secs_f64();
+        sh.opts
+            .metrics
+            .steps
+            .observe(gpo_ops::metrics::Phase::Dispatch, step_s);
         let results = &commit.results;
         let max = |f: fn(&pb::StepResult) -> f64| results.iter().map(f).fold(0.0, f64::max);
         let t = StepTimes {

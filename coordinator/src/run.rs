@@ -106,6 +106,8 @@ pub enum RunEvent {
         step: u64,
         report: EvalReport,
         best: bool,
+        /// GPO's alignment on the validation groups (`selection = "validation"`).
+        validation: Option<f64>,
     },
 }
 
@@ -291,6 +293,7 @@ pub fn train_with(
             step: 0,
             report,
             best: b,
+            validation: progress.eval_history.last().and_then(|p| p.validation),
         });
     }
     let stop_requested = || {
@@ -341,6 +344,7 @@ pub fn train_with(
                 step,
                 report,
                 best: b,
+                validation: progress.eval_history.last().and_then(|p| p.validation),
             });
         }
         if point_due {

@@ -18,7 +18,13 @@ pub struct CoordinatorService {
     pub(crate) shared: Arc<Shared>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The standard gRPC health service's state: SERVING while this coordinator leads the
+    /// run and serves it (it only starts once elected), NOT_SERVING once the run is over.
+    health: tonic_health::server::HealthReporter,
 }
+
+/// The gRPC health service name of the coordinator (`grpc.health.v1`).
+pub const HEALTH_SERVICE: &str = "gpo.v1.Coordinator";
 
 /// A run id: unique enough to tell runs apart (time and process).
 pub fn new_run_id() -> String {
@@ -131,11 +137,24 @@ impl CoordinatorService {
                 .tls_config(cfg)
                 .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
         }
+        // The health service answers without credentials: it says only whether this
+        // coordinator leads, which probes need and which reveals nothing of the run.
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        runtime.block_on(async {
+            health
+                .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        });
+        gpo_ops::logs::context::set_run(&shared.run_id);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         runtime.spawn(async move {
             let r = builder
+                .add_service(health_svc)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
@@ -166,6 +185,7 @@ impl CoordinatorService {
             shared,
             shutdown: Some(tx),
             runtime: Some(runtime),
+            health,
         })
     }
 
@@ -217,6 +237,15 @@ impl CoordinatorService {
             None => Event::Finish,
         };
         let _ = sh.handle(&mut core, ev);
+        if let Some(rt) = &self.runtime {
+            let h = self.health.clone();
+            rt.spawn(async move {
+                for name in [HEALTH_SERVICE, ""] {
+                    h.set_service_status(name, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+            });
+        }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !core.links.is_empty() {
             core.links.retain(|_, l| !l.tx.is_closed());

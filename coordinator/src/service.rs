@@ -47,6 +47,8 @@ pub struct CoordinatorOptions {
     pub fake_compute_ms: u64,
     /// The credentials the port demands, the message-size limit, the refusals' counters.
     pub security: crate::security::Security,
+    /// The Prometheus families the executor feeds (registered by whoever serves them).
+    pub metrics: gpo_ops::metrics::CoordinatorMetrics,
 }
 
 impl Default for CoordinatorOptions {
@@ -64,6 +66,7 @@ impl Default for CoordinatorOptions {
             worker_threads: 0,
             fake_compute_ms: 0,
             security: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl Coordinator for Service {
             } else {
                 None
             };
+            sh.note_name(&mut core, &req.name);
             let ev = Event::Register {
                 name: req.name,
                 holds,

@@ -19,6 +19,8 @@ pub(crate) type Tx = mpsc::Sender<Result<pb::Assignment, Status>>;
 
 /// Dropped workers remembered for error messages (bounded).
 const DROPPED_KEPT: usize = 256;
+/// Worker names remembered to count restarts (bounded: later names are not counted).
+const NAMES_KEPT: usize = 1024;
 
 /// A worker's open assignment stream.
 pub(crate) struct Link {
@@ -65,6 +67,8 @@ pub(crate) struct Core {
     pub names_caps: BTreeMap<WorkerId, pb::Capabilities>,
     /// Each registered worker's secret; worker-scoped calls must carry it.
     pub worker_secrets: BTreeMap<WorkerId, String>,
+    /// Names that registered in this run (for `gpo_worker_restarts_total`).
+    pub names_seen: std::collections::BTreeSet<String>,
 }
 
 /// The adapter's state, shared by the service and the dispatch.
@@ -107,6 +111,7 @@ impl Shared {
                 dropped: VecDeque::new(),
                 names_caps: BTreeMap::new(),
                 worker_secrets: BTreeMap::new(),
+                names_seen: Default::default(),
             }),
             changed: Condvar::new(),
             notify: Notify::new(),
@@ -159,8 +164,35 @@ impl Shared {
                 }
             }
         }
+        self.export(core);
         self.wake();
         first.unwrap_or(Ok(None))
+    }
+
+    /// Copies the machine's counters and gauges into the Prometheus families (the machine
+    /// itself knows nothing of metrics).
+    fn export(&self, core: &Core) {
+        let m = &core.machine;
+        let c = m.counters();
+        self.opts.metrics.sync(&gpo_ops::metrics::MachineTotals {
+            fenced_messages: c.fenced_messages,
+            recoveries: c.recoveries,
+            aborted: c.aborted.iter().map(|(k, &n)| (k.clone(), n)).collect(),
+            live: m.workers().len(),
+            members: m.members().len(),
+            expected: self.opts.expected_workers,
+            generation: m.generation(),
+        });
+    }
+
+    /// Counts a registration under a name seen before in this run as a worker restart.
+    pub fn note_name(&self, core: &mut Core, name: &str) {
+        let name: String = name.chars().take(crate::machine::MAX_NAME_LEN).collect();
+        if core.names_seen.contains(&name) {
+            self.opts.metrics.worker_restarted();
+        } else if core.names_seen.len() < NAMES_KEPT {
+            core.names_seen.insert(name);
+        }
     }
 
     fn send(core: &mut Core, to: WorkerId, kind: pb::assignment::Kind) -> Option<Event> {
@@ -191,6 +223,7 @@ impl Shared {
                     state: transfer.then(|| blob.map(|b| b.state.clone())).flatten(),
                     params_sha256: blob.map(|b| b.sha.clone()).unwrap_or_default(),
                 };
+                gpo_ops::logs::context::set_generation(generation);
                 if transfer {
                     tracing::info!(
                         "generation {generation}: sending step {committed}'s state to {}",
@@ -284,6 +317,12 @@ impl Shared {
                         }
                     }
                 }
+                let episodes = results.iter().map(|r| u64::from(r.episodes)).sum();
+                let unix_s = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.opts.metrics.committed(loss, episodes, unix_s);
+                gpo_ops::logs::context::set_step(step);
                 core.commits.push_back(CommitInfo {
                     step,
                     loss,

@@ -7,3 +7,6 @@
 pub mod auth;
 pub mod ring_auth;
 pub mod tls;
+pub mod http;
+pub mod logs;
+pub mod metrics;

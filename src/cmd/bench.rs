@@ -520,6 +520,8 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                 credentials: Default::default(),
                 max_message_bytes: client::MAX_MESSAGE_BYTES,
                 auth_failures: Default::default(),
+                metrics: Default::default(),
+                health: gpo_ops::http::Health::not_ready("simulated"),
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })

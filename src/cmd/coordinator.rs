@@ -192,6 +192,20 @@ fn pointer_writer(
 /// a resume point written, and it exits 0.
 fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     let stop = crate::signals::stop_flag();
+    // The metrics port serves from the start: a standby campaigning in etcd is live but
+    // not ready until it leads and serves the run.
+    let health = gpo_ops::http::Health::not_ready(if service.etcd.is_some() {
+        "a standby: campaigning in etcd for the leadership"
+    } else {
+        "starting the run"
+    });
+    let metrics = service.opts.metrics.clone();
+    let metrics_server = train::serve_metrics(
+        a.metrics_addr,
+        gpo_ops::metrics::Role::Coordinator,
+        &health,
+        |r| metrics.register(r),
+    )?;
     let listener = std::net::TcpListener::bind(service.listen)
         .with_context(|| format!("binding the coordinator on {}", service.listen))?;
     let bound = listener.local_addr()?;
@@ -267,10 +281,20 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         gpo_core::io::checkpoint::write_atomic(f, addr.to_string().as_bytes())
             .with_context(|| format!("writing {}", f.display()))?;
     }
+    health.set_ready();
+    // Spawned workers serve their metrics on free ports of the coordinator's metrics host.
+    let worker_metrics = metrics_server
+        .as_ref()
+        .map(|m| SocketAddr::new(m.addr().ip(), 0));
     let children = Arc::new(Mutex::new(spawn_workers(
         spawn,
         addr,
         service.worker_token.as_deref(),
+        worker_metrics,
+        match a.log_format {
+            gpo_ops::logs::LogFormat::Json => "json",
+            gpo_ops::logs::LogFormat::Text => "text",
+        },
     )?));
     // A worker process that dies is a lost worker, which the run recovers from; only when
     // every spawned process has failed can no worker come, and the run fails.
@@ -299,6 +323,7 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     let result = {
         let mut dispatch = svc.dispatch(Some(mirror));
         let mut progress = Progress::new(cfg.steps);
+        progress.metrics = Some((metrics.clone(), false));
         if let Some((r, _)) = &p.resume {
             progress.bar.set_position(r.step);
         }
@@ -320,6 +345,7 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     if let Some(w) = writer {
         let _ = w.join();
     }
+    health.set_not_ready("the run is over");
     match &result {
         Ok(_) => svc.finish(None, Duration::from_secs(10)),
         Err(e) => svc.finish(Some(format!("{e:#}")), Duration::from_secs(3)),
@@ -335,16 +361,26 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     Ok(())
 }
 
-fn spawn_workers(n: usize, addr: SocketAddr, token: Option<&Path>) -> Result<Vec<Child>> {
+fn spawn_workers(
+    n: usize,
+    addr: SocketAddr,
+    token: Option<&Path>,
+    metrics: Option<SocketAddr>,
+    log_format: &str,
+) -> Result<Vec<Child>> {
     let exe = std::env::current_exe().context("locating the gpo binary")?;
     (0..n)
         .map(|i| {
             let mut c = Command::new(&exe);
             c.args(["worker", "--coordinator"])
                 .arg(format!("http://{addr}"))
-                .args(["--name", &format!("worker-{i}")]);
+                .args(["--name", &format!("worker-{i}")])
+                .args(["--log-format", log_format]);
             if let Some(t) = token {
                 c.arg("--token-file").arg(t);
+            }
+            if let Some(m) = metrics {
+                c.args(["--metrics-addr", &m.to_string()]);
             }
             c.env_remove("GPO_WORKER_CONFIG")
                 .env_remove("GPO_TLS_CERT")

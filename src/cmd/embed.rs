@@ -70,6 +70,13 @@ pub struct Args {
     /// Rewrite the store at most this often (seconds), so an interrupted run resumes.
     #[arg(long, default_value_t = 60)]
     pub flush_secs: u64,
+    /// Serve /metrics (gpo_embed_tokens_total, gpo_embed_duration_seconds), /healthz and
+    /// /readyz on this address while it embeds (default: off).
+    #[arg(long, env = "GPO_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The embedding families this run feeds.
+    #[arg(skip)]
+    pub metrics: gpo_ops::metrics::EmbedMetrics,
 }
 
 fn device(s: &str) -> Result<candle_core::Device> {
@@ -148,7 +155,11 @@ fn run_batches(
     let every = Duration::from_secs(a.flush_secs);
     for b in &batches {
         let refs: Vec<&[u32]> = b.iter().map(|&i| ids[i].as_slice()).collect();
+        let t = Instant::now();
         let out = embed_sharded(e, &refs, shards)?;
+        let batch_tokens: usize = refs.iter().map(|r| r.len()).sum();
+        a.metrics
+            .batch(batch_tokens as u64, t.elapsed().as_secs_f64());
         for (&i, v) in b.iter().zip(out) {
             sink(i, v)?;
         }
@@ -347,6 +358,14 @@ fn run_dataset(a: &Args, data: &Path, out: &Path) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let health = gpo_ops::http::Health::not_ready("starting");
+    let _server = crate::cmd::train::serve_metrics(
+        a.metrics_addr,
+        gpo_ops::metrics::Role::Embed,
+        &health,
+        |r| a.metrics.register(r),
+    )?;
+    health.set_ready();
     match (&a.data, &a.out, &a.texts, &a.jsonl) {
         (Some(d), Some(o), None, None) => run_dataset(&a, d, o),
         (Some(_), None, _, _) => bail!("--data needs --out (the embedding store folder to fill)"),

@@ -39,12 +39,12 @@ pub fn render(s: &pb::RunStatus) -> String {
         out.push_str(&format!("waiting for {}\n", s.waiting_for));
     }
     out.push_str(&format!(
-        "{:<4} {:<24} {:>4} {:>6} {:>9} {:>10}  device\n",
-        "id", "name", "rank", "member", "last step", "last seen"
+        "{:<4} {:<24} {:>4} {:>6} {:>9} {:>10}  {:<8} metrics\n",
+        "id", "name", "rank", "member", "last step", "last seen", "device"
     ));
     for w in &s.workers {
         out.push_str(&format!(
-            "{:<4} {:<24} {:>4} {:>6} {:>9} {:>9.1}s  {}\n",
+            "{:<4} {:<24} {:>4} {:>6} {:>9} {:>9.1}s  {:<8} {}\n",
             w.worker_id,
             w.name,
             if w.member {
@@ -56,6 +56,11 @@ pub fn render(s: &pb::RunStatus) -> String {
             w.last_step,
             w.last_seen_ms as f64 / 1000.0,
             w.capabilities.as_ref().map_or("", |c| c.device.as_str()),
+            w.capabilities
+                .as_ref()
+                .map(|c| c.metrics_addr.as_str())
+                .filter(|m| !m.is_empty())
+                .map_or("-".to_string(), |m| format!("http://{m}/metrics")),
         ));
     }
     if !s.recent_steps.is_empty() {

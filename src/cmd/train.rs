@@ -74,6 +74,15 @@ pub struct Args {
     /// forever).
     #[arg(long, env = "GPO_MAX_WAIT_S")]
     pub max_wait_s: Option<f64>,
+    /// Serve /metrics (Prometheus text format), /healthz and /readyz on this address
+    /// (default: off). With --workers N, each worker serves its own on a free port of the
+    /// same host, listed by `gpo status`.
+    #[arg(long, env = "GPO_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json` (one object per line, with run id, generation and
+    /// step); `GPO_LOG` sets the level.
+    #[arg(long, env = "GPO_LOG_FORMAT", default_value = "text")]
+    pub log_format: gpo_ops::logs::LogFormat,
 }
 
 /// The built-in default run (no `--data`, no `--config`): the official module on the
@@ -247,6 +256,9 @@ pub fn prepare_with(a: &Args, resume: Option<&std::path::Path>) -> Result<Prepar
 pub struct Progress {
     pub bar: ProgressBar,
     ema: Option<f64>,
+    /// The families the run's events feed: alignment always; loss, step time and the
+    /// last step's time only in process (a coordinator's executor feeds those itself).
+    pub metrics: Option<(gpo_ops::metrics::CoordinatorMetrics, bool)>,
 }
 
 impl Progress {
@@ -258,18 +270,38 @@ impl Progress {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Progress { bar, ema: None }
+        Progress {
+            bar,
+            ema: None,
+            metrics: None,
+        }
     }
 
     pub fn event(&mut self, e: RunEvent) {
         match e {
-            RunEvent::Step { loss, .. } => {
+            RunEvent::Step { loss, seconds, .. } => {
+                if let Some((m, true)) = &self.metrics {
+                    m.steps.observe(gpo_ops::metrics::Phase::Dispatch, seconds);
+                    m.step_done(loss, unix_now());
+                }
                 let m = self.ema.map_or(loss, |m| 0.9 * m + 0.1 * loss);
                 self.ema = Some(m);
                 self.bar.inc(1);
                 self.bar.set_message(format!("loss {m:.3}"));
             }
-            RunEvent::Eval { step, report, best } => {
+            RunEvent::Eval {
+                step,
+                report,
+                best,
+                validation,
+            } => {
+                if let Some((m, _)) = &self.metrics {
+                    use gpo_ops::metrics::Split;
+                    m.alignment(Split::Test, report.methods["gpo"]);
+                    if let Some(v) = validation {
+                        m.alignment(Split::Validation, v);
+                    }
+                }
                 self.bar.suspend(|| {
                     eprintln!(
                         "step {step:>6}: alignment gpo {:.4} (uniform {:.4}, train_mean {:.4}){}",
@@ -286,6 +318,30 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Starts the `/metrics`, `/healthz`, `/readyz` server at `addr`, if one is asked for, with
+/// gpo_build_info for `role` and what `register` adds (each part's families: the lead adds
+/// other metric sets, such as the authentication failures, here).
+pub fn serve_metrics(
+    addr: Option<std::net::SocketAddr>,
+    role: gpo_ops::metrics::Role,
+    health: &gpo_ops::http::Health,
+    register: impl FnOnce(&mut gpo_ops::metrics::Registry),
+) -> Result<Option<gpo_ops::http::MetricsServer>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let mut reg = gpo_ops::metrics::registry(role);
+    register(&mut reg);
+    let srv = gpo_ops::http::MetricsServer::start(addr, reg, health.clone())?;
+    eprintln!("metrics on http://{}/metrics", srv.addr());
+    Ok(Some(srv))
 }
 
 /// Prints the alignment table of a finished run.
@@ -333,9 +389,19 @@ pub fn run(a: Args) -> Result<()> {
         return crate::cmd::coordinator::run_distributed(&a, n, None);
     }
     let stop = crate::signals::stop_flag();
+    let metrics = gpo_ops::metrics::CoordinatorMetrics::default();
+    let health = gpo_ops::http::Health::not_ready("loading the data");
+    let _server = serve_metrics(
+        a.metrics_addr,
+        gpo_ops::metrics::Role::Coordinator,
+        &health,
+        |r| metrics.register(r),
+    )?;
     let p = prepare(&a)?;
     let mut dispatch = InProcess::new(p.replica()?);
+    health.set_ready();
     let mut progress = Progress::new(p.cfg.steps);
+    progress.metrics = Some((metrics, true));
     if let Some((r, _)) = &p.resume {
         progress.bar.set_position(r.step);
     }

@@ -54,6 +54,14 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub credentials: crate::cmd::credentials::Flags,
+    /// Serve /metrics, /healthz and /readyz (ready once the run's data is loaded) on this
+    /// address (port 0: any free port; default: off). Reported to the coordinator, which
+    /// lists it in `gpo status`.
+    #[arg(long, env = "GPO_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json` (with run id, generation and step).
+    #[arg(long, env = "GPO_LOG_FORMAT", default_value = "text")]
+    pub log_format: gpo_ops::logs::LogFormat,
 }
 
 /// The worker's TOML file.
@@ -183,16 +191,29 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
             },
             hostname: host,
             version: env!("CARGO_PKG_VERSION").into(),
+            metrics_addr: String::new(),
         },
         etcd,
         credentials,
         max_message_bytes,
         auth_failures: Default::default(),
+        metrics: Default::default(),
+        health: gpo_ops::http::Health::not_ready("loading the run's data"),
     })
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let opts = options(&a)?;
+    let mut opts = options(&a)?;
+    let metrics = opts.metrics.clone();
+    let server = crate::cmd::train::serve_metrics(
+        a.metrics_addr,
+        gpo_ops::metrics::Role::Worker,
+        &opts.health,
+        |r| metrics.register(r),
+    )?;
+    if let Some(s) = &server {
+        opts.capabilities.metrics_addr = s.addr().to_string();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -64,6 +64,10 @@ pub struct WorkerOptions {
     pub max_message_bytes: usize,
     /// Refusals by reason (a stranger on the ring port): `gpo_auth_failures_total`.
     pub auth_failures: gpo_ops::auth::AuthFailures,
+    /// The Prometheus families the session feeds.
+    pub metrics: gpo_ops::metrics::WorkerMetrics,
+    /// Ready once the run's data and embeddings are loaded (`/readyz`).
+    pub health: gpo_ops::http::Health,
 }
 
 /// Loads the survey and point features a run names (the CLI's I/O edge).
@@ -331,6 +335,7 @@ pub async fn run(
             _ => None,
         };
         let reg = register(&opts, &mut client, fresh, holds).await?;
+        gpo_ops::logs::context::set_run(&reg.run_id);
         tracing::info!(
             "registered as worker {} of run {}",
             reg.worker_id,
@@ -346,6 +351,7 @@ pub async fn run(
             );
             fingerprint = reg.data_fingerprint.clone();
         }
+        opts.health.set_ready();
         let ended = session::serve(
             &opts,
             &mut client,

@@ -53,6 +53,12 @@ pub trait Collective: Send {
     fn aborter(&self) -> Aborter {
         Aborter::noop()
     }
+
+    /// Bytes this member has sent to its peers in all-reduces since it was set up
+    /// (`gpo_allreduce_bytes_total`); 0 where the backend does not say (NCCL, a world of one).
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
 }
 
 /// A world of one: the all-reduce is the identity. It never waits on anyone, so its

@@ -274,6 +274,8 @@ pub async fn serve(
                     work = Some(w);
                     match made {
                         Ok(comm) => {
+                            opts.metrics.collective_reset();
+                            gpo_ops::logs::context::set_generation(generation);
                             *aborter.lock().unwrap_or_else(|p| p.into_inner()) = comm.aborter();
                             work.as_mut().expect("just set").comm = comm;
                             tracing::info!(
@@ -302,6 +304,7 @@ pub async fn serve(
                         continue;
                     }
                     let (s, g) = (a.step, a.generation);
+                    gpo_ops::logs::context::set_step(s);
                     if let Some((_, e)) = setup_failed.as_ref().filter(|(fg, _)| *fg == g) {
                         let r = pb::StepResult {
                             run_id: run_id.clone(),
@@ -333,7 +336,13 @@ pub async fn serve(
                     };
                     work = Some(w);
                     let mut result = match result {
-                        Ok(r) => r,
+                        Ok(r) => {
+                            opts.metrics.step(r.compute_s, r.reduce_s, r.optim_s);
+                            if let Some(w) = &work {
+                                opts.metrics.allreduce_sent(w.comm.bytes_sent());
+                            }
+                            r
+                        }
                         Err(e) => {
                             // The reader marks an abort before it breaks the collective.
                             if *abort_mark.lock().unwrap_or_else(|p| p.into_inner()) == Some((g, s)) {

@@ -22,6 +22,8 @@ pub(crate) struct Shared {
     failure: Mutex<Option<String>>,
     /// Clones of the ring's two streams, so they can be shut down from any thread.
     streams: Vec<TcpStream>,
+    /// Bytes written to the successor (headers and values), for the metrics.
+    pub(crate) sent: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -29,6 +31,7 @@ impl Shared {
         Shared {
             aborted: AtomicBool::new(false),
             failure: Mutex::new(None),
+            sent: std::sync::atomic::AtomicU64::new(0),
             streams,
         }
     }
@@ -135,9 +138,15 @@ impl Sender {
                         // SAFETY: `Sender::push`'s contract keeps the bytes alive and
                         // unmodified until this job is acknowledged below.
                         let payload = unsafe { std::slice::from_raw_parts(job.ptr, job.len) };
-                        if let Err(e) = write_both(&mut stream, &job.header, payload) {
-                            failed = true;
-                            sh.fail(io_failure(&e, "sending to", succ, timeout));
+                        match write_both(&mut stream, &job.header, payload) {
+                            Ok(()) => {
+                                let n = (job.header.len() + payload.len()) as u64;
+                                sh.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed = true;
+                                sh.fail(io_failure(&e, "sending to", succ, timeout));
+                            }
                         }
                     }
                     if tx.send(!failed).is_err() {

@@ -514,6 +514,9 @@ impl Collective for TcpRing {
     fn world_size(&self) -> usize {
         self.world
     }
+    fn bytes_sent(&self) -> u64 {
+        self.shared.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
     fn all_reduce_sum(&mut self, buf: &mut [f64]) -> Result<()> {
         if buf.len() != self.id.buffer_len {
             bail!(

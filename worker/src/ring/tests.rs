@@ -411,3 +411,29 @@ fn members_with_another_secret_do_not_form_a_ring() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn bytes_sent_counts_the_values_and_headers_each_member_writes() {
+    // World 2, 1000 values: each call sends one 500-value chunk in the reduce-scatter and
+    // one in the all-gather, each chunk one segment with its header.
+    let rings = ring_of(2, |_| id(1000), Duration::from_secs(10));
+    let sent: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = rings
+            .into_iter()
+            .map(|ring| {
+                s.spawn(move || {
+                    let mut ring = ring.unwrap();
+                    assert_eq!(ring.bytes_sent(), 0);
+                    let mut buf = vec![1.0f64; 1000];
+                    for _ in 0..3 {
+                        ring.all_reduce_sum(&mut buf).unwrap();
+                    }
+                    ring.bytes_sent()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let per_call = 2 * (500 * 8 + HEADER_LEN as u64);
+    assert_eq!(sent, vec![3 * per_call, 3 * per_call]);
+}
