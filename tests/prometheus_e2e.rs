@@ -16,14 +16,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{gpo, Proc};
 
-/// Panels whose metric another part of issue 10 produces, not yet wired into this branch.
-/// Each must be blank here, so that the entry is removed (and the panel checked) as soon
-/// as its metric appears.
-const AWAITING: &[(u64, &str)] = &[(
-    13,
-    "gpo_auth_failures_total: SECURITY's gpo_ops::auth::AuthFailures, registered at merge",
-)];
-
 fn tool(name: &str) -> String {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
@@ -349,14 +341,10 @@ fn prometheus_scrapes_a_live_run_and_every_dashboard_panel_has_data() {
                 .unwrap()
                 .replace("$__rate_interval", "10s")
                 .replace("$namespace", "e2e");
-            let empty = query(prom, &q).is_empty();
-            match AWAITING.iter().find(|(p, _)| *p == id) {
-                Some((_, why)) => assert!(
-                    empty,
-                    "panel {id} ({title}) has data now: remove it from AWAITING ({why})"
-                ),
-                None if empty => blank.push(format!("panel {id} ({title}): {q}")),
-                None => checked += 1,
+            if query(prom, &q).is_empty() {
+                blank.push(format!("panel {id} ({title}): {q}"));
+            } else {
+                checked += 1;
             }
         }
     }
@@ -378,8 +366,9 @@ fn prometheus_scrapes_a_live_run_and_every_dashboard_panel_has_data() {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| {
-            v["generation"].as_u64().is_some_and(|g| g >= 1)
-                && v["step"].as_u64().is_some_and(|s| s >= 1)
+            // Any event once the run has a membership (under load the run may be stopped
+            // before an event is logged after the first commit).
+            v["generation"].as_u64().is_some_and(|g| g >= 1) && v["step"].is_u64()
         })
         .unwrap_or_else(|| panic!("no JSON event with a generation:\n{log}"));
     assert!(
@@ -430,7 +419,7 @@ fn gpo_train_gives_each_worker_its_own_metrics_port_listed_in_status() {
         || {
             let t = std::fs::read_to_string(&log).unwrap_or_default();
             match t.split(" listening on ").nth(1) {
-                Some(rest) => {
+                Some(rest) if t.contains(" --token-file ") => {
                     grpc = rest
                         .split(|c: char| c == ';' || c.is_whitespace())
                         .next()
@@ -438,17 +427,25 @@ fn gpo_train_gives_each_worker_its_own_metrics_port_listed_in_status() {
                         .to_string();
                     true
                 }
-                None => false,
+                _ => false,
             }
         },
     );
+    // The run is closed to strangers: its log names the token file `gpo status` needs.
+    let t = std::fs::read_to_string(&log).unwrap_or_default();
+    let token = t
+        .split(" --token-file ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the log names the run's token file")
+        .to_string();
     let mut urls: Vec<String> = Vec::new();
     wait_for(
         "two workers' metrics in gpo status",
         Duration::from_secs(60),
         dir,
         || {
-            let s = support::status(&grpc);
+            let s = support::status_with(&grpc, &["--token-file", &token]);
             urls = s
                 .split_whitespace()
                 .filter(|w| w.starts_with("http://") && w.ends_with("/metrics"))

@@ -36,6 +36,17 @@ pub mod reason {
     pub const RING_HANDSHAKE: &str = "ring_handshake";
     /// A field over its length limit (a name, a reason, a request).
     pub const OVERSIZED: &str = "oversized";
+    /// Every reason, so each can be exported at 0 before the first refusal.
+    pub const ALL: [&str; 8] = [
+        MISSING_TOKEN,
+        BAD_TOKEN,
+        MISSING_CERTIFICATE,
+        BAD_CERTIFICATE,
+        WORKER_SECRET,
+        WRONG_RUN,
+        RING_HANDSHAKE,
+        OVERSIZED,
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,8 +72,12 @@ impl AuthFailures {
         self.family.get_or_create(&ReasonLabel { reason }).get()
     }
 
-    /// Registers the counters as `gpo_auth_failures` (exported with `_total`).
+    /// Registers the counters as `gpo_auth_failures` (exported with `_total`), every
+    /// reason at 0 from the start so rates and the dashboard's panel have data.
     pub fn register(&self, registry: &mut Registry) {
+        for r in reason::ALL {
+            drop(self.family.get_or_create(&ReasonLabel { reason: r }));
+        }
         registry.register(
             "gpo_auth_failures",
             "Requests and connections refused for want of valid credentials, by reason",

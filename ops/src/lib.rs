@@ -5,8 +5,8 @@
 //! (`gpo-core`, the coordinator's state machine) never depend on it.
 
 pub mod auth;
-pub mod ring_auth;
-pub mod tls;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod ring_auth;
+pub mod tls;

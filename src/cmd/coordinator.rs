@@ -200,11 +200,15 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         "starting the run"
     });
     let metrics = service.opts.metrics.clone();
+    let auth_failures = service.opts.security.failures.clone();
     let metrics_server = train::serve_metrics(
         a.metrics_addr,
         gpo_ops::metrics::Role::Coordinator,
         &health,
-        |r| metrics.register(r),
+        |r| {
+            metrics.register(r);
+            auth_failures.register(r);
+        },
     )?;
     let listener = std::net::TcpListener::bind(service.listen)
         .with_context(|| format!("binding the coordinator on {}", service.listen))?;
@@ -277,6 +281,12 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         "coordinator of run {} listening on {addr}; waiting for {world} worker(s)",
         svc.run_id()
     );
+    if let Some(t) = &service.worker_token {
+        eprintln!(
+            "the run is closed to other processes; inspect it with: gpo status --coordinator {addr} --token-file {}",
+            t.display()
+        );
+    }
     if let Some(f) = &service.addr_file {
         gpo_core::io::checkpoint::write_atomic(f, addr.to_string().as_bytes())
             .with_context(|| format!("writing {}", f.display()))?;

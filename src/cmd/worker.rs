@@ -205,11 +205,15 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
 pub fn run(a: Args) -> Result<()> {
     let mut opts = options(&a)?;
     let metrics = opts.metrics.clone();
+    let auth_failures = opts.auth_failures.clone();
     let server = crate::cmd::train::serve_metrics(
         a.metrics_addr,
         gpo_ops::metrics::Role::Worker,
         &opts.health,
-        |r| metrics.register(r),
+        |r| {
+            metrics.register(r);
+            auth_failures.register(r);
+        },
     )?;
     if let Some(s) = &server {
         opts.capabilities.metrics_addr = s.addr().to_string();

@@ -154,8 +154,14 @@ pub fn worker(addr: &str, name: &str) -> Proc {
 }
 
 pub fn status(addr: &str) -> String {
+    status_with(addr, &[])
+}
+
+/// `gpo status` with more flags (credentials).
+pub fn status_with(addr: &str, flags: &[&str]) -> String {
     let o = gpo()
         .args(["status", "--coordinator", addr])
+        .args(flags)
         .output()
         .unwrap();
     text(&o)
