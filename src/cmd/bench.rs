@@ -438,6 +438,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         config_json: "{}".into(),
         data: pb::DataSource {
             source: Some(pb::data_source::Source::SyntheticSeed(a.seed)),
+            ..Default::default()
         },
         fingerprint: String::new(),
         param_count,
@@ -445,6 +446,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         shard_groups: 1,
         start_step: 0,
         start_generation: 0,
+        files: None,
     };
     let opts = CoordinatorOptions {
         expected_workers: a.workers,
