@@ -480,6 +480,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                     ..Default::default()
                 },
                 etcd: None,
+                cache_dir: Default::default(), // simulated workers load no data
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })
