@@ -160,6 +160,11 @@ fn a_worker_without_the_data_fetches_it_and_ends_with_the_same_parameters() {
         fetched.contains("fetching 4 files from the coordinator"),
         "{fetched}"
     );
+    let line = fetched.lines().find(|l| l.contains("fetched 4 files"));
+    eprintln!(
+        "data_fetch: {}",
+        line.expect("the worker reports the fetch")
+    );
     let copies: Vec<_> = std::fs::read_dir(wcwd.join("cache"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
