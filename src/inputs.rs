@@ -182,38 +182,30 @@ pub fn synthetic(cfg: &SynthConfig) -> Result<(Survey, PointFeatures)> {
     Ok((out.survey.clone(), f))
 }
 
-/// Loads the survey and its features as the flags say.
-pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, String)> {
-    let Some(data) = &args.data else {
-        if args.embeddings.is_some() {
-            bail!("--embeddings needs --data (the built-in synthetic survey brings its own embeddings)");
-        }
-        let cfg = SynthConfig {
-            seed: synth_seed,
-            ..Default::default()
-        };
-        let (s, f) = synthetic(&cfg)?;
-        return Ok((
-            s,
-            f,
-            format!("built-in synthetic survey (seed {synth_seed})"),
-        ));
-    };
-    let (format, opts) = match &args.format {
-        Some(f) => parse_format_spec(f)?,
-        None => (None, LoadOptions::default()),
-    };
-    let (survey, report) = dataset::load_with(data, format, &opts)?;
-    print_load_report(&data.display().to_string(), &report);
-    let store_dir = match &args.embeddings {
-        Some(e) => e.clone(),
+/// A run's data as loaded: the survey, its point features, a line for people, and the
+/// embedder id of the store the features came from.
+pub struct Loaded {
+    pub survey: Survey,
+    pub features: PointFeatures,
+    /// What was loaded, for a log line.
+    pub desc: String,
+    /// The store's model identity (`index.json` `embedder`; the synthetic embedder's id
+    /// for the built-in survey).
+    pub embedder: String,
+}
+
+/// The embedding store folder the flags name: `--embeddings`, else `<data>/embeddings`
+/// (a folder dataset) or `embeddings` beside a file dataset, when it holds an index.
+pub fn store_dir(data: &Path, embeddings: Option<&Path>) -> Result<PathBuf> {
+    let dir = match embeddings {
+        Some(e) => e.to_path_buf(),
         None => {
             let guess = if data.is_dir() {
                 data.join("embeddings")
             } else {
                 data.with_file_name("embeddings")
             };
-            if !guess.join("index.json").exists() {
+            if !guess.join(gpo_core::io::store::INDEX_FILE).exists() {
                 bail!(
                     "no embeddings for {}: pass --embeddings STORE, an embedding store made by `gpo embed --data {} --model MODEL --out STORE` (MODEL: an HF folder, a .gguf file, or a hub id)",
                     data.display(),
@@ -223,25 +215,63 @@ pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, 
             guess
         }
     };
-    if !store_dir.join(gpo_core::io::store::INDEX_FILE).exists() {
+    if !dir.join(gpo_core::io::store::INDEX_FILE).exists() {
         bail!(
             "{} is not an embedding store (it has no {}): make one with `gpo embed --data {} --model MODEL --out {}`",
-            store_dir.display(),
+            dir.display(),
             gpo_core::io::store::INDEX_FILE,
             data.display(),
-            store_dir.display()
+            dir.display()
         );
     }
-    let store = EmbeddingStore::open(&store_dir)?;
+    Ok(dir)
+}
+
+/// Loads the survey and its features as the flags say.
+pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, String)> {
+    let l = load_data(args, synth_seed)?;
+    Ok((l.survey, l.features, l.desc))
+}
+
+/// [`load`], with the store's embedder id.
+pub fn load_data(args: &DataArgs, synth_seed: u64) -> Result<Loaded> {
+    let Some(data) = &args.data else {
+        if args.embeddings.is_some() {
+            bail!("--embeddings needs --data (the built-in synthetic survey brings its own embeddings)");
+        }
+        let cfg = SynthConfig {
+            seed: synth_seed,
+            ..Default::default()
+        };
+        let (survey, features) = synthetic(&cfg)?;
+        return Ok(Loaded {
+            survey,
+            features,
+            desc: format!("built-in synthetic survey (seed {synth_seed})"),
+            embedder: synth::EMBEDDER.to_string(),
+        });
+    };
+    let (format, opts) = match &args.format {
+        Some(f) => parse_format_spec(f)?,
+        None => (None, LoadOptions::default()),
+    };
+    let (survey, report) = dataset::load_with(data, format, &opts)?;
+    print_load_report(&data.display().to_string(), &report);
+    let store = EmbeddingStore::open(&store_dir(data, args.embeddings.as_deref())?)?;
     let features = features_from_store(&survey, &store)?;
+    let embedder = store.meta().embedder.clone();
     let desc = format!(
-        "{} ({} groups × {} questions), embeddings `{}`",
+        "{} ({} groups × {} questions), embeddings `{embedder}`",
         data.display(),
         survey.groups.len(),
         survey.questions.len(),
-        store.meta().embedder
     );
-    Ok((survey, features, desc))
+    Ok(Loaded {
+        survey,
+        features,
+        desc,
+        embedder,
+    })
 }
 
 /// Prints an alignment table.

@@ -44,6 +44,11 @@ pub struct RunConfig {
     /// and evaluation), with a note in the summary. Held-out groups that answered no more
     /// questions than `eval_context` are skipped from evaluation with a warning either way.
     pub min_questions: usize,
+    /// The embedder the run's embedding store must come from (its `index.json`
+    /// `embedder`, as `gpo embed` prints it). A store made by another embedder is refused.
+    /// Unset: any store of the right width (the checkpoints still record which one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedder: Option<String>,
 }
 
 /// How a run selects its reported checkpoint (see [`RunConfig::selection`]).
@@ -72,11 +77,23 @@ impl Default for RunConfig {
             selection: Selection::Validation,
             validation_split: 0.2,
             min_questions: 0,
+            embedder: None,
         }
     }
 }
 
 impl RunConfig {
+    /// Refuses an embedding store whose embedder is not the one the run names
+    /// ([`RunConfig::embedder`]); `store` names the store in the message.
+    pub fn check_embedder(&self, store_embedder: &str, store: &str) -> Result<(), String> {
+        match &self.embedder {
+            Some(want) if want != store_embedder => Err(format!(
+                "the embedding store {store} was made by embedder `{store_embedder}`, but the run's configuration (`embedder`) names `{want}`: embed the data with that model, or change `embedder`"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Rejects settings no run can use, naming the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.steps == 0 {
@@ -110,9 +127,40 @@ impl RunConfig {
         if self.shard_groups == 0 {
             return Err("`shard_groups` must be at least 1".into());
         }
+        if self
+            .embedder
+            .as_deref()
+            .is_some_and(|e| e.trim().is_empty())
+        {
+            return Err("`embedder` must name an embedder id (or be left out)".into());
+        }
         if s.batch_groups == Some(0) {
             return Err("`sampler.batch_groups` must be at least 1".into());
         }
         self.model.validate().map_err(|e| format!("`model`: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_another_embedder_is_refused() {
+        let mut cfg = RunConfig::default();
+        assert!(cfg.check_embedder("minilm@1", "store/").is_ok());
+        cfg.embedder = Some("minilm@1".into());
+        assert!(cfg.check_embedder("minilm@1", "store/").is_ok());
+        let e = cfg.check_embedder("smollm2@2", "store/").unwrap_err();
+        assert!(
+            e.contains("store/") && e.contains("smollm2@2") && e.contains("minilm@1"),
+            "{e}"
+        );
+        // Old configurations (no field) read back unchanged, and write no field.
+        let old: RunConfig = serde_json::from_str(r#"{"seed": 3}"#).unwrap();
+        assert_eq!(old.embedder, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("embedder"));
+        cfg.embedder = Some(" ".into());
+        assert!(cfg.validate().unwrap_err().contains("embedder"));
     }
 }

@@ -10,6 +10,8 @@
 //! dispatch only carry its events and actions.
 
 pub mod config;
+mod data_fetch;
+pub mod data_files;
 pub mod dispatch;
 pub mod etcd;
 pub mod machine;

@@ -72,6 +72,9 @@ pub struct LoopOptions {
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Continue from this progress; the dispatch already holds the state of its step.
     pub resume: Option<Progress>,
+    /// The embedder id of the run's embedding store, recorded with the data fingerprint in
+    /// every checkpoint (empty: unknown).
+    pub embedder: String,
 }
 
 /// The folder of a run's resume points.

@@ -221,6 +221,15 @@ pub fn train_with(
     let best_path = out.join("best.safetensors");
     let ckpt_dir = checkpoints_dir(out);
     let fingerprint = gpo_worker::wire::data_fingerprint(&survey, &features);
+    // Every checkpoint names the data it was trained on, so `gpo eval` can tell.
+    let identity = gpo_core::checkpoint::DataIdentity {
+        fingerprint: fingerprint.clone(),
+        embedder: opts.embedder.clone(),
+    };
+    let stamped = |mut c: gpo_core::checkpoint::Checkpoint| {
+        c.data = Some(identity.clone());
+        c
+    };
 
     let mut progress = match &opts.resume {
         Some(p) => {
@@ -269,14 +278,17 @@ pub fn train_with(
                 .is_none_or(|(_, b)| score > b.selection_score());
             let report = scores.test.clone();
             if improved {
-                checkpoint::save(&best_path, &d.checkpoint(step, config_json.clone())?)
-                    .map_err(anyhow::Error::msg)?;
+                checkpoint::save(
+                    &best_path,
+                    &stamped(d.checkpoint(step, config_json.clone())?),
+                )
+                .map_err(anyhow::Error::msg)?;
                 best = Some((step, scores));
             }
             Ok((improved, report))
         };
     let save_point = |d: &dyn Dispatch, p: &Progress| -> Result<()> {
-        let mut c = d.checkpoint(p.step, config_json.clone())?;
+        let mut c = stamped(d.checkpoint(p.step, config_json.clone())?);
         c.progress = Some(serde_json::to_value(p)?);
         let path = ckpt_dir.join(checkpoint::resume_point_name(p.step));
         checkpoint::save(&path, &c).map_err(anyhow::Error::msg)?;
@@ -358,7 +370,7 @@ pub fn train_with(
     if stopped_at.is_none() {
         checkpoint::save(
             &out.join("last.safetensors"),
-            &dispatch.checkpoint(cfg.steps, config_json)?,
+            &stamped(dispatch.checkpoint(cfg.steps, config_json)?),
         )
         .map_err(anyhow::Error::msg)?;
     }

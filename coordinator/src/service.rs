@@ -90,6 +90,9 @@ pub struct RunInfo {
     pub start_step: u64,
     /// Generations are numbered after this one (a restarted coordinator's last).
     pub start_generation: u64,
+    /// The data files served to workers that cannot read the data path (`None`: none,
+    /// as for the synthetic survey). `data` lists them.
+    pub files: Option<Arc<crate::data_files::DataFiles>>,
 }
 
 fn status_of(r: Reject) -> Status {
@@ -455,6 +458,18 @@ impl Coordinator for Service {
             reason,
         })?;
         Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    type FetchDataFileStream = crate::data_fetch::ChunkStream;
+
+    async fn fetch_data_file(
+        &self,
+        req: Request<pb::FetchDataFileRequest>,
+    ) -> Result<Response<Self::FetchDataFileStream>, Status> {
+        let req = req.into_inner();
+        self.check_run(&req.run_id)?;
+        let s = crate::data_fetch::stream(self.shared.info.files.as_ref(), &req.root, &req.path)?;
+        Ok(Response::new(s))
     }
 
     async fn status(

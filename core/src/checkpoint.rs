@@ -5,6 +5,11 @@
 //!
 //! A plain safetensors file of parameters (an official PyTorch `state_dict` export) also
 //! decodes: it has no optimizer state, step or checksum.
+//!
+//! Checkpoints written since issue 10 also name the data they were trained on
+//! ([`DataIdentity`]: the data fingerprint and the embedder id, metadata keys
+//! `data_fingerprint` and `embedder`), so that evaluating them on other data is caught.
+//! Older checkpoints decode with `data: None`.
 
 use crate::optim::{Adam, AdamConfig};
 use safetensors::tensor::{Dtype, TensorView};
@@ -42,6 +47,20 @@ pub struct Checkpoint {
     /// resumed from this checkpoint continues as if it had never stopped. `None` for
     /// checkpoints that are not resume points (the best one, or an exported state_dict).
     pub progress: Option<serde_json::Value>,
+    /// The data the run trained on; `None` in checkpoints written before it was recorded
+    /// (and in exported state_dicts).
+    pub data: Option<DataIdentity>,
+}
+
+/// What a checkpoint records of its run's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataIdentity {
+    /// SHA-256 (hex) of the survey and the point features the run trained on (the one the
+    /// coordinator and its workers compare, `gpo_worker::wire::data_fingerprint`).
+    pub fingerprint: String,
+    /// The embedding store's model identity (its `index.json` `embedder`); for the
+    /// built-in synthetic survey, the synthetic embedder's id.
+    pub embedder: String,
 }
 
 fn bytes_of(v: &[f32]) -> Vec<u8> {
@@ -94,6 +113,10 @@ pub fn encode(c: &Checkpoint) -> Result<Vec<u8>, String> {
     ]);
     if let Some(p) = &c.progress {
         meta.insert("progress".into(), p.to_string());
+    }
+    if let Some(d) = &c.data {
+        meta.insert("data_fingerprint".into(), d.fingerprint.clone());
+        meta.insert("embedder".into(), d.embedder.clone());
     }
     if let Some(a) = &c.adam {
         tensors.insert("optim.m".into(), (vec![a.m.len()], bytes_of(&a.m)));
@@ -211,12 +234,17 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         ),
         None => None,
     };
+    let data = meta.get("data_fingerprint").map(|f| DataIdentity {
+        fingerprint: f.clone(),
+        embedder: meta.get("embedder").cloned().unwrap_or_default(),
+    });
     Ok(Checkpoint {
         params,
         adam,
         step,
         config,
         progress,
+        data,
     })
 }
 
@@ -247,7 +275,33 @@ mod tests {
             step: 7,
             config: serde_json::json!({"seed": 3, "model": {"dim_x": 2}}),
             progress: Some(serde_json::json!({"step": 7, "loss_history": [[7, 0.5]]})),
+            data: Some(DataIdentity {
+                fingerprint: "ab".repeat(32),
+                embedder: "test-embedder@0123".into(),
+            }),
         }
+    }
+
+    #[test]
+    fn the_data_identity_is_kept_and_checksummed() {
+        let c = sample();
+        let bytes = encode(&c).unwrap();
+        assert_eq!(decode(&bytes).unwrap().data, c.data);
+        // A checkpoint written before the field existed decodes with none.
+        let old = Checkpoint {
+            data: None,
+            ..sample()
+        };
+        assert_eq!(decode(&encode(&old).unwrap()).unwrap().data, None);
+        // The identity is covered by the checksum: editing it is detected.
+        let fp = "ab".repeat(32);
+        let pos = bytes
+            .windows(fp.len())
+            .position(|w| w == fp.as_bytes())
+            .unwrap();
+        let mut edited = bytes.clone();
+        edited[pos] = b'c';
+        assert!(decode(&edited).unwrap_err().contains("checksum mismatch"));
     }
 
     #[test]

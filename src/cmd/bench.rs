@@ -476,6 +476,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         config_json: "{}".into(),
         data: pb::DataSource {
             source: Some(pb::data_source::Source::SyntheticSeed(a.seed)),
+            ..Default::default()
         },
         fingerprint: String::new(),
         param_count,
@@ -483,6 +484,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         shard_groups: 1,
         start_step: 0,
         start_generation: 0,
+        files: None,
     };
     let opts = CoordinatorOptions {
         expected_workers: a.workers,
@@ -522,6 +524,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
                 auth_failures: Default::default(),
                 metrics: Default::default(),
                 health: gpo_ops::http::Health::not_ready("simulated"),
+                cache_dir: Default::default(), // simulated workers load no data
             };
             rt.spawn(client::run(opts, loader.clone(), stop.clone()))
         })

@@ -7,6 +7,7 @@
 use crate::cmd::train::{self, Progress};
 use crate::inputs::DataArgs;
 use anyhow::{Context, Result};
+use gpo_coordinator::data_files::DataFiles;
 use gpo_coordinator::run::train_with;
 use gpo_coordinator::{CoordinatorOptions, CoordinatorService, RunInfo};
 use gpo_proto::v1 as pb;
@@ -66,31 +67,50 @@ pub struct Args {
     pub credentials: crate::cmd::credentials::Flags,
 }
 
-/// Where the workers find the run's data: the same path, made absolute, or the seed of the
-/// built-in synthetic survey.
-fn data_source(d: &DataArgs, seed: u64) -> Result<pb::DataSource> {
-    let abs = |p: &Path| -> Result<String> {
-        Ok(std::fs::canonicalize(p)
-            .with_context(|| format!("resolving {}", p.display()))?
-            .display()
-            .to_string())
+/// Where the workers find the run's data: the same path, made absolute, with the files
+/// the coordinator serves to workers that cannot read it (`FetchDataFile`), or the seed of
+/// the built-in synthetic survey. `fingerprint` is the data's, which every worker checks.
+fn data_source(
+    d: &DataArgs,
+    seed: u64,
+    fingerprint: &str,
+) -> Result<(pb::DataSource, Option<Arc<DataFiles>>)> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))
     };
-    let source = match &d.data {
-        None => pb::data_source::Source::SyntheticSeed(seed),
-        Some(data) => pb::data_source::Source::Dataset(pb::DatasetPath {
-            data: abs(data)?,
-            format: d.format.clone().unwrap_or_default(),
-            embeddings: d
-                .embeddings
-                .as_deref()
-                .map(abs)
-                .transpose()?
-                .unwrap_or_default(),
-        }),
+    let (source, files) = match &d.data {
+        None => (pb::data_source::Source::SyntheticSeed(seed), None),
+        Some(data) => {
+            let data = abs(data)?;
+            let store = abs(&crate::inputs::store_dir(&data, d.embeddings.as_deref())?)?;
+            let files = DataFiles::open(&data, &store)
+                .map_err(anyhow::Error::msg)
+                .context("listing the data files to serve to workers")?;
+            let source = pb::data_source::Source::Dataset(pb::DatasetPath {
+                data: data.display().to_string(),
+                format: d.format.clone().unwrap_or_default(),
+                embeddings: store.display().to_string(),
+                files: files
+                    .entries()
+                    .into_iter()
+                    .map(|e| pb::DataFileEntry {
+                        root: e.root,
+                        path: e.path,
+                        size: e.size,
+                    })
+                    .collect(),
+                data_is_file: files.data_is_file(),
+            });
+            (source, Some(Arc::new(files)))
+        }
     };
-    Ok(pb::DataSource {
-        source: Some(source),
-    })
+    Ok((
+        pb::DataSource {
+            source: Some(source),
+            fingerprint: fingerprint.to_string(),
+        },
+        files,
+    ))
 }
 
 struct Service {
@@ -248,10 +268,13 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         );
     }
     let mirror = p.replica()?;
+    let fingerprint = wire::data_fingerprint(&p.survey, &p.features);
+    let (data, files) = data_source(&a.data, cfg.seed, &fingerprint)?;
     let info = RunInfo {
         config_json: serde_json::to_string(cfg)?,
-        data: data_source(&a.data, cfg.seed)?,
-        fingerprint: wire::data_fingerprint(&p.survey, &p.features),
+        data,
+        fingerprint,
+        files,
         param_count: cfg.model.param_count(),
         total_steps: cfg.steps,
         shard_groups: cfg.shard_groups,

@@ -1,4 +1,6 @@
 //! `gpo eval`: re-evaluates a checkpoint on the held-out groups of the run that wrote it.
+//! The data must be the run's: a checkpoint records the data fingerprint and the embedder
+//! id, and other data of the same width is refused unless `--force` (then it warns).
 
 use crate::inputs::{self, DataArgs};
 use anyhow::{Context, Result};
@@ -20,6 +22,42 @@ pub struct Args {
     /// Context questions per held-out group (default: the run's).
     #[arg(long)]
     pub eval_context: Option<usize>,
+    /// Evaluate even when the data is not the one the checkpoint was trained on (its
+    /// fingerprint differs): warn instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Whether the data loaded is the data a checkpoint was trained on: `Ok(None)` when it
+/// is, `Ok(Some(warning))` when it cannot be told (an older checkpoint) or differs under
+/// `force`, and an error naming both fingerprints when it differs without `force`.
+pub fn check_data(
+    recorded: Option<&gpo_core::checkpoint::DataIdentity>,
+    fingerprint: &str,
+    embedder: &str,
+    checkpoint: &std::path::Path,
+    force: bool,
+) -> Result<Option<String>> {
+    let Some(d) = recorded else {
+        return Ok(Some(format!(
+            "{} records no data fingerprint (written before gpo recorded one): cannot check that this is the data it was trained on",
+            checkpoint.display()
+        )));
+    };
+    if d.fingerprint == fingerprint {
+        return Ok(None);
+    }
+    let what = format!(
+        "{} was trained on data with fingerprint {} (embedder `{}`), but this data's fingerprint is {fingerprint} (embedder `{embedder}`)",
+        checkpoint.display(),
+        d.fingerprint,
+        d.embedder
+    );
+    if force {
+        Ok(Some(format!("{what}; evaluating anyway (--force)")))
+    } else {
+        anyhow::bail!("{what}: pass the run's --data and --embeddings, or --force to evaluate on this data anyway")
+    }
 }
 
 /// Rebuilds the module held by a checkpoint.
@@ -52,13 +90,30 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.eval_context {
         cfg.eval_context = n;
     }
-    let (survey, features, desc) = inputs::load(&a.data, cfg.seed)?;
+    let inputs::Loaded {
+        survey,
+        features,
+        desc,
+        embedder,
+    } = inputs::load_data(&a.data, cfg.seed)?;
+    cfg.check_embedder(&embedder, &crate::cmd::train::store_name(&a.data))
+        .map_err(anyhow::Error::msg)?;
     if features.dim != cfg.model.dim_x {
         anyhow::bail!(
             "the checkpoint expects embeddings of width {}, the data has {}",
             cfg.model.dim_x,
             features.dim
         );
+    }
+    let fingerprint = gpo_worker::wire::data_fingerprint(&survey, &features);
+    if let Some(w) = check_data(
+        c.data.as_ref(),
+        &fingerprint,
+        &embedder,
+        &a.checkpoint,
+        a.force,
+    )? {
+        eprintln!("warning: {w}");
     }
     let model = model_from_checkpoint(&c, &cfg.model)?;
     let plan = RunPlan::new(&cfg, &survey)?;

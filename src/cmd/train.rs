@@ -141,6 +141,8 @@ pub struct Prepared {
     pub out: PathBuf,
     /// The resume point: progress and the state every replica starts from.
     pub resume: Option<(RunProgress, gpo_core::checkpoint::Checkpoint)>,
+    /// The embedding store's embedder id (recorded in every checkpoint).
+    pub embedder: String,
 }
 
 impl Prepared {
@@ -151,6 +153,7 @@ impl Prepared {
             keep_checkpoints: a.keep_checkpoints,
             stop,
             resume: self.resume.as_ref().map(|(p, _)| p.clone()),
+            embedder: self.embedder.clone(),
         }
     }
 
@@ -221,7 +224,14 @@ pub fn prepare_with(a: &Args, resume: Option<&std::path::Path>) -> Result<Prepar
         }
         None => (resolve(a)?, None, a.out.clone()),
     };
-    let (survey, features, desc) = inputs::load(&a.data, cfg.seed)?;
+    let inputs::Loaded {
+        survey,
+        features,
+        desc,
+        embedder,
+    } = inputs::load_data(&a.data, cfg.seed)?;
+    cfg.check_embedder(&embedder, &store_name(&a.data))
+        .map_err(anyhow::Error::msg)?;
     if resume.is_some() && features.dim != cfg.model.dim_x {
         anyhow::bail!(
             "the resumed run's module reads embeddings of width {}, the data has {}: pass the run's --data and --embeddings",
@@ -249,7 +259,17 @@ pub fn prepare_with(a: &Args, resume: Option<&std::path::Path>) -> Result<Prepar
         features: Arc::new(features),
         out,
         resume,
+        embedder,
     })
+}
+
+/// The embedding store as the flags name it, for messages.
+pub fn store_name(d: &DataArgs) -> String {
+    match (&d.embeddings, &d.data) {
+        (Some(e), _) => e.display().to_string(),
+        (None, Some(data)) => format!("of {}", data.display()),
+        (None, None) => "(built-in synthetic)".into(),
+    }
 }
 
 /// The progress bar and evaluation lines of a training run.

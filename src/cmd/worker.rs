@@ -1,6 +1,6 @@
 //! `gpo worker`: a distributed worker. It registers with a coordinator, reads the run's
-//! data from the path the coordinator names (or generates the synthetic survey from the
-//! seed), and runs the steps it is assigned until the coordinator shuts it down.
+//! data from the path the coordinator names, or fetches it from the coordinator into its
+//! cache when it cannot (or generates the synthetic survey from the seed), and runs the steps it is assigned until the coordinator shuts it down.
 
 use crate::inputs::{self, DataArgs};
 use anyhow::{Context, Result};
@@ -49,6 +49,12 @@ pub struct Args {
     /// The run's name in etcd (keys under /gpo/<name>/).
     #[arg(long, env = "GPO_RUN_NAME", default_value = "gpo")]
     pub run_name: String,
+    /// Folder of the data fetched from the coordinator when the run's data path cannot be
+    /// read here (no shared volume); reused by later joins of data with the same
+    /// fingerprint. Default: $XDG_CACHE_HOME/gpo/data, else ~/.cache/gpo/data, else
+    /// .gpo-cache in the working directory.
+    #[arg(long, env = "GPO_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// TOML file with any of the settings above.
     #[arg(long, env = "GPO_WORKER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -75,6 +81,20 @@ struct WorkerFile {
     ring_advertise: Option<String>,
     io_timeout_s: Option<f64>,
     threads: Option<usize>,
+    cache_dir: Option<PathBuf>,
+}
+
+/// The default data cache: $XDG_CACHE_HOME/gpo/data, ~/.cache/gpo/data, or `.gpo-cache`.
+fn default_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("XDG_CACHE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".cache")))
+        .map(|c| c.join("gpo").join("data"))
+        .unwrap_or_else(|| PathBuf::from(".gpo-cache"))
 }
 
 fn host() -> String {
@@ -199,6 +219,11 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
         auth_failures: Default::default(),
         metrics: Default::default(),
         health: gpo_ops::http::Health::not_ready("loading the run's data"),
+        cache_dir: a
+            .cache_dir
+            .clone()
+            .or(file.cache_dir)
+            .unwrap_or_else(default_cache_dir),
     })
 }
 

@@ -68,6 +68,9 @@ pub struct WorkerOptions {
     pub metrics: gpo_ops::metrics::WorkerMetrics,
     /// Ready once the run's data and embeddings are loaded (`/readyz`).
     pub health: gpo_ops::http::Health,
+    /// Where data fetched from the coordinator is kept (when the run's data path cannot
+    /// be read here), one folder per data fingerprint, reused by later joins.
+    pub cache_dir: std::path::PathBuf,
 }
 
 /// Loads the survey and point features a run names (the CLI's I/O edge).
@@ -261,26 +264,15 @@ async fn register(
     }
 }
 
-/// Builds the replica a registration describes (blocking: it loads the data).
+/// Builds the replica a registration describes on the run's data (already checked
+/// against the coordinator's fingerprint by [`crate::data_fetch::obtain`]).
 fn build_replica(
     opts: &WorkerOptions,
     reg: &pb::RegisterResponse,
-    loader: DataLoader,
+    (survey, features): (Survey, PointFeatures),
 ) -> Result<Replica> {
     let spec: ReplicaSpec = serde_json::from_str(&reg.config_json)
         .context("the coordinator sent a run configuration this worker cannot read")?;
-    let source = reg
-        .data
-        .clone()
-        .context("the coordinator named no data source")?;
-    let (survey, features) = loader(&source).context("loading the run's data")?;
-    let mine = wire::data_fingerprint(&survey, &features);
-    if mine != reg.data_fingerprint {
-        bail!(
-            "this worker's data (fingerprint {mine}) differs from the coordinator's ({}): the dataset or embedding store at the shared path is not the same",
-            reg.data_fingerprint
-        );
-    }
     let mut r = Replica::new(
         spec.model,
         spec.adam,
@@ -343,9 +335,13 @@ pub async fn run(
         );
         let fake = reg.fake_compute_ms > 0;
         if !fake && (replica.is_none() || fingerprint != reg.data_fingerprint) {
-            let (o, r2, l) = (opts.clone(), reg.clone(), loader.clone());
+            let cache = crate::data_cache::DataCache::new(&opts.cache_dir);
+            let data = crate::data_fetch::obtain(&mut client, &reg, &loader, &cache)
+                .await
+                .context("loading the run's data")?;
+            let (o, r2) = (opts.clone(), reg.clone());
             replica = Some(
-                tokio::task::spawn_blocking(move || build_replica(&o, &r2, l))
+                tokio::task::spawn_blocking(move || build_replica(&o, &r2, data))
                     .await
                     .context("loading the data panicked")??,
             );

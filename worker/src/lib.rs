@@ -4,12 +4,15 @@
 //!
 //! The single-process trainer runs one replica with the [`collective::Local`] collective.
 //! A distributed worker ([`client`]) registers with a coordinator over gRPC, reads its data
-//! from a shared path, and all-reduces over a [`ring::TcpRing`] (CPU) or NCCL
+//! from a shared path or fetches it from the coordinator into a local cache
+//! ([`data_fetch`], [`data_cache`]), and all-reduces over a [`ring::TcpRing`] (CPU) or NCCL
 //! (`nccl`, under the `cuda` feature).
 
 pub mod addr;
 pub mod client;
 pub mod collective;
+pub mod data_cache;
+pub mod data_fetch;
 pub mod etcd;
 #[cfg(feature = "cuda")]
 pub mod nccl;

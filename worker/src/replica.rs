@@ -283,6 +283,7 @@ impl Replica {
             step,
             config,
             progress: None,
+            data: None,
         })
     }
 }

@@ -119,6 +119,7 @@ mod tests {
             step: 1,
             config: serde_json::Value::Null,
             progress: None,
+            data: None,
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), c);
@@ -145,6 +146,7 @@ mod tests {
             step,
             config: serde_json::Value::Null,
             progress: Some(serde_json::json!({"step": step})),
+            data: None,
         };
         for step in [10, 20, 30] {
             save(&dir.path().join(resume_point_name(step)), &ckpt(step)).unwrap();
