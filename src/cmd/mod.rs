@@ -8,6 +8,7 @@ pub mod eval;
 pub mod experiment;
 pub mod loss;
 pub mod model_info;
+pub mod serve;
 pub mod status;
 pub mod synth;
 pub mod train;
