@@ -45,6 +45,8 @@ enum Command {
     Worker(cmd::worker::Args),
     /// Show a coordinator's run: step, generation, workers, recent step times.
     Status(cmd::status::Args),
+    /// Serve few-shot Predict and Rerank for groups over HTTP/JSON and gRPC.
+    Serve(cmd::serve::Args),
 }
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the kernel: candle
@@ -82,6 +84,7 @@ fn main() {
         Command::Coordinator(a) => cmd::coordinator::run(*a),
         Command::Worker(a) => cmd::worker::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

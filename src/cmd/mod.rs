@@ -10,6 +10,7 @@ pub mod experiment;
 pub mod loss;
 pub mod model_info;
 pub mod roofline;
+pub mod serve;
 pub mod status;
 pub mod synth;
 pub mod train;

@@ -11,10 +11,8 @@ use anyhow::{bail, Context, Result};
 use gpo_core::data::Survey;
 use gpo_core::features::PointFeatures;
 use gpo_proto::v1 as pb;
-use gpo_proto::v1::coordinator_client::CoordinatorClient;
 use std::path::Path;
 use std::time::Instant;
-use tonic::transport::Channel;
 
 /// Loads `source` on a blocking thread and returns the data with its fingerprint.
 async fn load(
@@ -43,7 +41,7 @@ fn relocated(src: &pb::DataSource, ds: &pb::DatasetPath, copy: &Path) -> Result<
 
 /// The run's data for this registration, checked against `reg.data_fingerprint`.
 pub async fn obtain(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut crate::client::Client,
     reg: &pb::RegisterResponse,
     loader: &DataLoader,
     cache: &DataCache,
@@ -110,7 +108,7 @@ pub async fn obtain(
 
 /// Fetches every file `ds` lists into a new copy of `fp` in `cache`; returns its folder.
 pub async fn fetch(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut crate::client::Client,
     run_id: &str,
     ds: &pb::DatasetPath,
     cache: &DataCache,
