@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// The collectives a distributed run can use.
+const COLLECTIVES: [&str; 2] = ["tcp-ring", "nccl"];
+
 /// Flags of `gpo train`. Precedence: flag, then environment variable, then `--config`
 /// TOML, then defaults.
 #[derive(Debug, clap::Args)]
@@ -51,7 +54,7 @@ pub struct Args {
     #[arg(long, env = "GPO_WORKERS")]
     pub workers: Option<usize>,
     /// Collective of a distributed run: tcp-ring (CPU) or nccl (workers built with `cuda`).
-    #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring", value_parser = ["tcp-ring", "nccl"])]
+    #[arg(long, env = "GPO_COLLECTIVE", default_value = "tcp-ring", value_parser = clap::builder::PossibleValuesParser::new(COLLECTIVES))]
     pub collective: String,
     /// Continue a stopped run from the newest readable resume point in DIR/checkpoints
     /// (a corrupt newest one falls back to the previous, with a warning). The run's
