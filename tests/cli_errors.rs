@@ -134,3 +134,27 @@ fn a_missing_or_wrong_store_gives_the_gpo_embed_line() {
     assert!(!e.contains("No such file or directory"), "{e}");
     assert!(!Path::new(&out).exists(), "{e}");
 }
+
+/// Logs written to a pipe carry no colour codes (`\x1b[`), with or without `NO_COLOR`.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let o = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .args([
+            "worker",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--connect-timeout-s",
+            "1",
+        ])
+        .env("GPO_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run gpo");
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("INFO") || e.contains("WARN"),
+        "no log lines: {e}"
+    );
+    assert!(!e.contains('\u{1b}'), "colour codes in piped logs: {e:?}");
+}

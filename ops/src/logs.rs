@@ -83,13 +83,24 @@ pub fn init(format: LogFormat, default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => b.try_init(),
+        LogFormat::Text => b
+            .with_ansi(colour(
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
+            .try_init(),
         LogFormat::Json => b
             .with_ansi(false)
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(JsonLine)
             .try_init(),
     };
+}
+
+/// Whether text logs are coloured: only on a terminal, and never when `NO_COLOR` is set to
+/// anything non-empty (<https://no-color.org>), so pipes and files get no escape codes.
+pub fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The JSON event format: `{"timestamp", "level", "target", "run_id", "generation",
@@ -176,6 +187,18 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::Arc;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(!colour(false, None), "a pipe got colour");
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR counts as unset"
+        );
+    }
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
