@@ -26,7 +26,7 @@ pub struct Args {
     #[command(flatten)]
     pub train: train::Args,
     /// Address to serve gRPC on (port 0: any free port; see --addr-file).
-    #[arg(long, env = "GPO_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "GPO_LISTEN", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// Write the address actually bound to this file (for scripts and tests).
     #[arg(long, env = "GPO_ADDR_FILE")]
@@ -535,4 +535,54 @@ pub fn run(a: Args) -> Result<()> {
         worker_token: None,
     };
     drive(&a.train, service, 0)
+}
+
+/// `--listen`: an `IP:PORT`, `localhost:PORT`, or a host name this machine resolves.
+pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
+    let expected = "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:50051 (0.0.0.0:PORT listens on every interface)";
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("`{s}` has no port: {expected}"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` is not a port number 0–65535: {expected}"))?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            format!(
+                "`{host}` is not an IP address or a host name this machine resolves: {expected}"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listen;
+
+    #[test]
+    fn listen_takes_what_people_type() {
+        assert_eq!(
+            parse_listen("127.0.0.1:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
+        assert_eq!(
+            parse_listen("localhost:50051").unwrap().to_string(),
+            "127.0.0.1:50051"
+        );
+        assert_eq!(parse_listen("0.0.0.0:9").unwrap().to_string(), "0.0.0.0:9");
+        assert!(parse_listen("50051").unwrap_err().contains("no port"));
+        assert!(parse_listen("localhost:x")
+            .unwrap_err()
+            .contains("not a port"));
+        assert!(parse_listen("no-such-host.invalid:1")
+            .unwrap_err()
+            .contains("expected IP:PORT"));
+    }
 }
