@@ -227,6 +227,22 @@ pub fn store_dir(data: &Path, embeddings: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The data flags as a checkpoint records them: absolute paths, so `gpo eval` finds them
+/// from any working directory (empty for the built-in synthetic survey).
+pub fn recorded_paths(args: &DataArgs) -> gpo_core::checkpoint::DataPaths {
+    let abs = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    gpo_core::checkpoint::DataPaths {
+        data: args.data.as_deref().map(abs).unwrap_or_default(),
+        format: args.format.clone().unwrap_or_default(),
+        embeddings: args.embeddings.as_deref().map(abs).unwrap_or_default(),
+    }
+}
+
 /// Loads the survey and its features as the flags say.
 pub fn load(args: &DataArgs, synth_seed: u64) -> Result<(Survey, PointFeatures, String)> {
     let l = load_data(args, synth_seed)?;

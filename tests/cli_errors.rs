@@ -158,3 +158,65 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     );
     assert!(!e.contains('\u{1b}'), "colour codes in piped logs: {e:?}");
 }
+
+/// A checkpoint is self-contained: `gpo eval --checkpoint C` alone, from another working
+/// directory, re-scores it on the run's recorded data (relative paths were made absolute),
+/// and gives the scores the run wrote for that checkpoint.
+#[test]
+fn eval_needs_only_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .current_dir(dir.path())
+        // Another seed than the run's: the built-in survey eval would otherwise fall back
+        // to is then other data, and refused by its fingerprint.
+        .args(["synth", "--seed", "7", "--out", "survey"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/synthetic-small.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .current_dir(dir.path())
+        .args([
+            "train",
+            "--data",
+            "survey",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .args(["--out", "run"])
+        .env_remove("GPO_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("run/last.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_gpo"))
+        .current_dir(elsewhere.path())
+        .arg("eval")
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}{out}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let want = summary["methods"]["gpo"].as_f64().unwrap();
+    let got: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("gpo "))
+        .unwrap_or_else(|| panic!("no gpo row in:\n{out}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (got - want).abs() < 5e-5,
+        "eval {got} vs the run's {want}:\n{out}"
+    );
+}

@@ -75,6 +75,8 @@ pub struct LoopOptions {
     /// The embedder id of the run's embedding store, recorded with the data fingerprint in
     /// every checkpoint (empty: unknown).
     pub embedder: String,
+    /// The run's data flags, recorded in every checkpoint (empty: the synthetic survey).
+    pub data_paths: gpo_core::checkpoint::DataPaths,
 }
 
 /// The folder of a run's resume points.

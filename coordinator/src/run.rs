@@ -225,6 +225,7 @@ pub fn train_with(
     let identity = gpo_core::checkpoint::DataIdentity {
         fingerprint: fingerprint.clone(),
         embedder: opts.embedder.clone(),
+        paths: opts.data_paths.clone(),
     };
     let stamped = |mut c: gpo_core::checkpoint::Checkpoint| {
         c.data = Some(identity.clone());

@@ -61,6 +61,18 @@ pub struct DataIdentity {
     /// The embedding store's model identity (its `index.json` `embedder`); for the
     /// built-in synthetic survey, the synthetic embedder's id.
     pub embedder: String,
+    /// Where the run read its data (absolute paths; empty: the built-in synthetic survey
+    /// or not recorded), so `gpo eval --checkpoint C` needs nothing else. Metadata keys
+    /// `data_path`, `data_format` and `embeddings_path`, written only when set.
+    pub paths: DataPaths,
+}
+
+/// The data flags of the run that wrote a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPaths {
+    pub data: String,
+    pub format: String,
+    pub embeddings: String,
 }
 
 fn bytes_of(v: &[f32]) -> Vec<u8> {
@@ -117,6 +129,15 @@ pub fn encode(c: &Checkpoint) -> Result<Vec<u8>, String> {
     if let Some(d) = &c.data {
         meta.insert("data_fingerprint".into(), d.fingerprint.clone());
         meta.insert("embedder".into(), d.embedder.clone());
+        for (k, v) in [
+            ("data_path", &d.paths.data),
+            ("data_format", &d.paths.format),
+            ("embeddings_path", &d.paths.embeddings),
+        ] {
+            if !v.is_empty() {
+                meta.insert(k.into(), v.clone());
+            }
+        }
     }
     if let Some(a) = &c.adam {
         tensors.insert("optim.m".into(), (vec![a.m.len()], bytes_of(&a.m)));
@@ -237,6 +258,11 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     let data = meta.get("data_fingerprint").map(|f| DataIdentity {
         fingerprint: f.clone(),
         embedder: meta.get("embedder").cloned().unwrap_or_default(),
+        paths: DataPaths {
+            data: meta.get("data_path").cloned().unwrap_or_default(),
+            format: meta.get("data_format").cloned().unwrap_or_default(),
+            embeddings: meta.get("embeddings_path").cloned().unwrap_or_default(),
+        },
     });
     Ok(Checkpoint {
         params,
@@ -278,6 +304,11 @@ mod tests {
             data: Some(DataIdentity {
                 fingerprint: "ab".repeat(32),
                 embedder: "test-embedder@0123".into(),
+                paths: DataPaths {
+                    data: "/data/survey".into(),
+                    format: String::new(),
+                    embeddings: "/data/store".into(),
+                },
             }),
         }
     }

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A checkpoint written by `gpo train`.
+    /// A checkpoint written by `gpo train`. It names its run's data (dataset, format and
+    /// store), which is evaluated on unless --data (with --format, --embeddings) says
+    /// otherwise; --embeddings alone swaps the store of the recorded dataset.
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[command(flatten)]
@@ -60,6 +62,26 @@ pub fn check_data(
     }
 }
 
+/// The data to evaluate on: the flags when they name a dataset, else what the checkpoint
+/// records (with `--embeddings`, if given, in place of the recorded store).
+pub fn data_of(
+    flags: &DataArgs,
+    recorded: Option<&gpo_core::checkpoint::DataIdentity>,
+) -> DataArgs {
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    match recorded {
+        Some(d) if flags.data.is_none() && !d.paths.data.is_empty() => DataArgs {
+            data: Some(PathBuf::from(&d.paths.data)),
+            format: flags.format.clone().or(nonempty(&d.paths.format)),
+            embeddings: flags
+                .embeddings
+                .clone()
+                .or(nonempty(&d.paths.embeddings).map(PathBuf::from)),
+        },
+        _ => flags.clone(),
+    }
+}
+
 /// Rebuilds the module held by a checkpoint.
 pub fn model_from_checkpoint(
     c: &gpo_core::checkpoint::Checkpoint,
@@ -90,13 +112,14 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.eval_context {
         cfg.eval_context = n;
     }
+    let data = data_of(&a.data, c.data.as_ref());
     let inputs::Loaded {
         survey,
         features,
         desc,
         embedder,
-    } = inputs::load_data(&a.data, cfg.seed)?;
-    cfg.check_embedder(&embedder, &crate::cmd::train::store_name(&a.data))
+    } = inputs::load_data(&data, cfg.seed)?;
+    cfg.check_embedder(&embedder, &crate::cmd::train::store_name(&data))
         .map_err(anyhow::Error::msg)?;
     if features.dim != cfg.model.dim_x {
         anyhow::bail!(

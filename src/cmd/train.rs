@@ -157,6 +157,7 @@ impl Prepared {
             stop,
             resume: self.resume.as_ref().map(|(p, _)| p.clone()),
             embedder: self.embedder.clone(),
+            data_paths: inputs::recorded_paths(&a.data),
         }
     }
 
