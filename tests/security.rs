@@ -285,6 +285,7 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
     let port = free_port();
     let addr_file = dir.path().join("addr");
     let mut c = gpo();
+    let metrics_port = free_port();
     c.arg("coordinator")
         .arg("--config")
         .arg(small())
@@ -292,6 +293,7 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
         .args(["--workers", "2", "--heartbeat-ms", "200"])
         .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
         .arg(dir.path().join("secured"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .arg("--addr-file")
         .arg(&addr_file);
     tls_flags(&mut c, &p.server_cert, &p.server_key, &p);
@@ -446,6 +448,35 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
         // The coordinator keeps serving, and kept none of it.
         let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
         assert!(st.workers.iter().all(|w| w.name.len() <= 128));
+        // Counted, not only logged: the plain client's and the foreign CA's failed handshakes.
+        let scrape = {
+            use std::io::{Read, Write};
+            let mut t = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+            t.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            t.read_to_string(&mut body).unwrap();
+            body
+        };
+        let count = |reason: &str| -> f64 {
+            let key = format!("gpo_auth_failures_total{{reason=\"{reason}\"}} ");
+            scrape
+                .lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .unwrap_or_else(|| panic!("no {key} in the scrape:\n{scrape}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(count("bad_certificate") >= 2.0, "{scrape}");
+        for why in [
+            "missing_certificate",
+            "bad_token",
+            "worker_secret",
+            "wrong_run",
+        ] {
+            assert!(count(why) >= 1.0, "{why} not counted:\n{scrape}");
+        }
     });
     drop(stranger);
     let out = coord.finish("the secured coordinator", Duration::from_secs(180));
@@ -456,6 +487,7 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
         "worker a did not log the stranger:\n{a}"
     );
     for why in [
+        "bad_certificate",
         "missing_certificate",
         "bad_token",
         "worker_secret",

@@ -117,7 +117,9 @@ impl CoordinatorService {
         };
         let machine = Machine::new(mcfg, 0, info.start_step, info.start_generation);
         let sec = opts.security.clone();
-        let tls = sec.tls.server()?;
+        // TLS handshakes are ours (gpo_ops::tls_accept), so refused ones are counted.
+        let tls = gpo_ops::tls_accept::server_config(&sec.tls)
+            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
         let auth = gpo_ops::auth::ServerAuth::new(
             sec.token.as_deref(),
             tls.is_some() && sec.tls.requires_client_cert(),
@@ -132,11 +134,6 @@ impl CoordinatorService {
         .max_encoding_message_size(sec.max_message_bytes);
         let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
         let mut builder = tonic::transport::Server::builder();
-        if let Some(cfg) = tls {
-            builder = builder
-                .tls_config(cfg)
-                .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
-        }
         // The health service answers without credentials: it says only whether this
         // coordinator leads, which probes need and which reveals nothing of the run.
         let (health, health_svc) = tonic_health::server::health_reporter();
@@ -150,16 +147,28 @@ impl CoordinatorService {
         });
         gpo_ops::logs::context::set_run(&shared.run_id);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let failures = sec.failures.clone();
         runtime.spawn(async move {
-            let r = builder
-                .add_service(health_svc)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = rx.await;
-                })
-                .await;
+            let router = builder.add_service(health_svc).add_service(svc);
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            let r = match tls {
+                Some(cfg) => {
+                    let accepted = gpo_ops::tls_accept::accept_loop(listener, cfg, failures);
+                    let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
+                    router
+                        .serve_with_incoming_shutdown(incoming, shutdown)
+                        .await
+                }
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true));
+                    router
+                        .serve_with_incoming_shutdown(incoming, shutdown)
+                        .await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!("the coordinator's gRPC server stopped: {e}");
             }

@@ -10,3 +10,4 @@ pub mod logs;
 pub mod metrics;
 pub mod ring_auth;
 pub mod tls;
+pub mod tls_accept;

@@ -1,0 +1,117 @@
+//! The coordinator's TLS handshakes, done here instead of inside tonic so that a refused one
+//! (a client certificate from another CA, a plain-text client on the TLS port, a handshake
+//! that never finishes) is logged at `warn` and counted as
+//! `gpo_auth_failures_total{reason="bad_certificate"}`: tonic's own acceptor reports those
+//! only at `debug`, with no hook to count them. The configuration is tonic's (the same
+//! verifier, ALPN `h2`), so a handshake tonic accepted is accepted here, and tonic still sees
+//! the peer's certificates (`Request::peer_certs`) through the stream's connect info.
+
+use crate::auth::{reason, AuthFailures};
+use crate::tls::TlsFiles;
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+pub use tokio_rustls::server::TlsStream;
+
+/// How long a client may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn certs(path: &std::path::Path, flag: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let v: Vec<_> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("{flag}: cannot read {}", path.display()))?
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("{flag}: {} is not a PEM certificate file", path.display()))?;
+    if v.is_empty() {
+        bail!("{flag}: {} holds no certificate", path.display());
+    }
+    Ok(v)
+}
+
+/// The server configuration for `files`: `None` without TLS flags. With `--tls-ca`, client
+/// certificates are asked for and must chain to it; one may be absent at the handshake
+/// (the token-only clients of a TLS port), which [`crate::auth::ServerAuth`] then refuses
+/// when mTLS is required.
+pub fn server_config(files: &TlsFiles) -> Result<Option<Arc<ServerConfig>>> {
+    if !files.any() {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
+        bail!("a TLS server needs --tls-cert and --tls-key");
+    };
+    let chain = certs(cert, "--tls-cert")?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("--tls-key: {} is not a PEM private key", key.display()))?;
+    let builder = ServerConfig::builder();
+    let builder = match &files.ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs(ca, "--tls-ca")?);
+            if added == 0 {
+                bail!("--tls-ca: {} holds no usable CA certificate", ca.display());
+            }
+            let verifier = WebPkiClientVerifier::builder(roots.into())
+                .allow_unauthenticated()
+                .build()
+                .context("--tls-ca: building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .context("--tls-cert/--tls-key: the key does not match the certificate")?;
+    cfg.alpn_protocols.push(b"h2".to_vec());
+    Ok(Some(Arc::new(cfg)))
+}
+
+/// Accepts connections on `listener` and yields those whose handshake succeeded; every
+/// refused handshake is logged and counted. Runs until the receiver is dropped. Call from
+/// inside a tokio runtime.
+pub fn accept_loop(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    failures: AuthFailures,
+) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, acceptor, failures) = (tx.clone(), acceptor.clone(), failures.clone());
+            tokio::spawn(async move {
+                let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                };
+                failures.record(reason::BAD_CERTIFICATE);
+                tracing::warn!(
+                    reason = reason::BAD_CERTIFICATE,
+                    %peer,
+                    "refused a TLS handshake: {why}"
+                );
+            });
+        }
+    });
+    rx
+}
