@@ -14,6 +14,8 @@
 //! And the positive claim: a 2-worker run with mTLS and a token ends with bitwise the
 //! parameters of the same run without them.
 
+mod support;
+
 use gpo_proto::v1 as pb;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -21,68 +23,12 @@ use rcgen::{
 };
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{content, gpo, small, Proc};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const STEPS: u32 = 20;
-
-fn gpo() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gpo"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GPO_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn small() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/synthetic-small.toml")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn finish(mut self, what: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        while self.0.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not finish in {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
-        let out = child.wait_with_output().unwrap();
-        let t = text(&out);
-        assert!(out.status.success(), "{what} failed:\n{t}");
-        t
-    }
-}
-
-/// A checkpoint's content: its parsed header and its data bytes.
-fn content(ckpt: &Path) -> (serde_json::Value, Vec<u8>) {
-    let bytes = std::fs::read(ckpt).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header, bytes[8 + n..].to_vec())
-}
 
 /// PEM files of the test's public-key infrastructure.
 struct Pki {
@@ -297,12 +243,7 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
         .arg("--addr-file")
         .arg(&addr_file);
     tls_flags(&mut c, &p.server_cert, &p.server_key, &p);
-    let coord = Proc(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let coord = Proc::spawn(&mut c, "the secured coordinator");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !addr_file.exists() {
         assert!(Instant::now() < deadline, "the coordinator did not start");
@@ -315,12 +256,7 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
             .args(["--connect-timeout-s", "60", "--threads", "1"])
             .args(["--ring-bind", &format!("127.0.0.1:{ring}")]);
         tls_flags(&mut c, &p.client_cert, &p.client_key, &p);
-        Proc(
-            c.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        )
+        Proc::spawn(&mut c, &format!("worker {name}"))
     };
     let ring_a = free_port();
     let wa = worker("a", ring_a);
@@ -479,9 +415,9 @@ fn a_secured_run_refuses_every_stranger_and_ends_as_the_plain_run() {
         }
     });
     drop(stranger);
-    let out = coord.finish("the secured coordinator", Duration::from_secs(180));
-    let a = wa.finish("worker a", Duration::from_secs(30));
-    wb.finish("worker b", Duration::from_secs(30));
+    let out = coord.finish(Duration::from_secs(180));
+    let a = wa.finish(Duration::from_secs(30));
+    wb.finish(Duration::from_secs(30));
     assert!(
         a.contains("refused a connection that did not prove it is rank 1 of this run"),
         "worker a did not log the stranger:\n{a}"

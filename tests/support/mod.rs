@@ -1,4 +1,4 @@
-//! Shared by the chaos suites: real `gpo` processes, signals, the undisturbed reference
+//! Shared by the end-to-end suites (chaos, Prometheus, security): real `gpo` processes, signals, the undisturbed reference
 //! run, and the two claims every scenario checks (bitwise final state, exact ledger).
 #![allow(dead_code)]
 
@@ -84,6 +84,26 @@ impl Proc {
             .unwrap()
             .success();
         assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    /// A piped child under `name`.
+    pub fn spawn(c: &mut Command, name: &str) -> Proc {
+        Proc {
+            child: c
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {name}: {e}")),
+            name: name.into(),
+        }
+    }
+
+    /// Waits for the process to exit, asserts that it succeeded, returns its output.
+    pub fn finish(self, within: Duration) -> String {
+        let name = self.name.clone();
+        let (ok, t) = self.wait(within);
+        assert!(ok, "{name} failed:\n{t}");
+        t
     }
 
     /// Waits for the process to exit; returns (success, output).
