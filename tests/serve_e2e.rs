@@ -4,14 +4,16 @@
 //! eval calls, `features::assemble` and `Gpo::predict`, run here on the same inputs); rerank
 //! order, sessions, located errors over both protocols, and backpressure.
 
+#[path = "serve_e2e/clients.rs"]
+mod clients;
+
+use clients::{field_of, http, post, raw};
 use gpo_core::features::{assemble, PointFeatures};
 use gpo_core::io::store::EmbeddingStore;
 use gpo_core::prompt::Template;
 use gpo_core::sampler::EpisodeSpec;
 use gpo_proto::serve::v1 as pb;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -112,30 +114,6 @@ fn serve(dir: &Path, name: &str, ckpt: &Path, store: &Path, extra: &[&str]) -> S
         http: get("http="),
         grpc: format!("http://{}", get("grpc=")),
     }
-}
-
-/// One HTTP/1.1 request on a fresh connection: (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    c.write_all(body).unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
-}
-
-fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
-    let (st, b) = http(addr, "POST", path, v.to_string().as_bytes());
-    (st, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
 
 /// The trained checkpoint, its data and its MiniLM store.
@@ -300,52 +278,6 @@ fn pb_request(req: &Value) -> pb::PredictRequest {
             .collect(),
         group_id: String::new(),
     }
-}
-
-/// Sends raw bytes as a gRPC message, for malformed protobuf.
-mod raw {
-    use prost::bytes::{Buf, BufMut};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    #[derive(Default, Clone)]
-    pub struct Raw;
-    impl Codec for Raw {
-        type Encode = Vec<u8>;
-        type Decode = Vec<u8>;
-        type Encoder = Raw;
-        type Decoder = Raw;
-        fn encoder(&mut self) -> Raw {
-            Raw
-        }
-        fn decoder(&mut self) -> Raw {
-            Raw
-        }
-    }
-    impl Encoder for Raw {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-    impl Decoder for Raw {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-            let n = buf.remaining();
-            Ok(Some(buf.copy_to_bytes(n).to_vec()))
-        }
-    }
-}
-
-fn field_of(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("gpo-field")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
 }
 
 #[test]
