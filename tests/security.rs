@@ -14,13 +14,13 @@
 //! And the positive claim: a 2-worker run with mTLS and a token ends with bitwise the
 //! parameters of the same run without them.
 
+#[path = "support/pki.rs"]
+mod pki;
 mod support;
 
+use pki::{pki, Pki};
+
 use gpo_proto::v1 as pb;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,70 +29,6 @@ use support::{content, gpo, small, Proc};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const STEPS: u32 = 20;
-
-/// PEM files of the test's public-key infrastructure.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    foreign_cert: PathBuf,
-    foreign_key: PathBuf,
-    token: PathBuf,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    names: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let mut p =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, names[0]);
-    p.extended_key_usages = vec![usage];
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn pki(dir: &Path) -> Pki {
-    let real = ca("gpo test CA");
-    let foreign = ca("someone else's CA");
-    let (sc, sk) = leaf(
-        &real,
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (cc, ck) = leaf(&real, &["gpo-worker"], ExtendedKeyUsagePurpose::ClientAuth);
-    let (fc, fk) = leaf(
-        &foreign,
-        &["gpo-worker"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let w = |name: &str, body: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, body).unwrap();
-        p
-    };
-    Pki {
-        ca: w("ca.pem", &real.pem()),
-        server_cert: w("server.pem", &sc),
-        server_key: w("server.key", &sk),
-        client_cert: w("client.pem", &cc),
-        client_key: w("client.key", &ck),
-        foreign_cert: w("foreign.pem", &fc),
-        foreign_key: w("foreign.key", &fk),
-        token: w("token", "the-run-token-0123456789\n"),
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,6 +6,10 @@
 
 #[path = "serve_e2e/clients.rs"]
 mod clients;
+#[path = "support/pki.rs"]
+mod pki;
+#[path = "serve_e2e/security.rs"]
+mod security;
 
 use clients::{field_of, http, post, raw};
 use gpo_core::features::{assemble, PointFeatures};

@@ -103,9 +103,14 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     Ok(b)
 }
 
+/// `n` random bytes from the operating system, as 2n hex digits.
+pub fn random_hex(n: usize) -> Result<String> {
+    Ok(hex::encode(random_bytes(n)?))
+}
+
 /// A fresh random secret of 256 bits, as 64 hex digits (a run token, a worker secret).
 pub fn random_token() -> Result<String> {
-    Ok(hex::encode(random_bytes(32)?))
+    random_hex(32)
 }
 
 /// Longest token accepted (a token file is a secret, not a document).
@@ -196,29 +201,47 @@ impl ServerAuth {
         &self.failures
     }
 
-    /// Counts and logs one refusal, and returns its status.
-    pub fn refuse(&self, why: &'static str, peer: Option<std::net::SocketAddr>) -> Status {
+    /// Whether a client certificate is demanded (mTLS).
+    pub fn requires_client_cert(&self) -> bool {
+        self.require_client_cert
+    }
+
+    /// Counts and logs one refusal.
+    pub fn record_refusal(&self, why: &'static str, peer: Option<std::net::SocketAddr>) {
         self.failures.record(why);
         let peer = peer.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
         tracing::warn!(reason = why, %peer, "refused a request: {why}");
+    }
+
+    /// Counts and logs one refusal, and returns its status.
+    pub fn refuse(&self, why: &'static str, peer: Option<std::net::SocketAddr>) -> Status {
+        self.record_refusal(why, peer);
         Status::unauthenticated(format!("refused: {why}"))
+    }
+
+    /// Checks an `authorization` value (`Bearer TOKEN`, in constant time) against the
+    /// token; `Err` is the refusal's reason, not yet counted. Any value passes without one.
+    pub fn check_bearer(&self, authorization: Option<&[u8]>) -> Result<(), &'static str> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let Some(value) = authorization else {
+            return Err(reason::MISSING_TOKEN);
+        };
+        let given = value.strip_prefix(b"Bearer ").unwrap_or(b"");
+        if !constant_time_eq(given, token) {
+            return Err(reason::BAD_TOKEN);
+        }
+        Ok(())
     }
 
     fn check_metadata(&self, req: &Request<()>) -> Result<(), Status> {
         if self.require_client_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
             return Err(self.refuse(reason::MISSING_CERTIFICATE, req.remote_addr()));
         }
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let Some(value) = req.metadata().get("authorization") else {
-            return Err(self.refuse(reason::MISSING_TOKEN, req.remote_addr()));
-        };
-        let given = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
-        if !constant_time_eq(given, token) {
-            return Err(self.refuse(reason::BAD_TOKEN, req.remote_addr()));
-        }
-        Ok(())
+        let value = req.metadata().get("authorization").map(|v| v.as_bytes());
+        self.check_bearer(value)
+            .map_err(|why| self.refuse(why, req.remote_addr()))
     }
 }
 

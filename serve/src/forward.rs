@@ -9,7 +9,7 @@ use crate::task::Item;
 use candle_core::Device;
 use gpo_core::data::{AnswerOption, MetricKind, Question, Survey};
 use gpo_core::features::{assemble, PointFeatures};
-use gpo_core::model::Gpo;
+use gpo_core::model::{EncodedContext, Gpo};
 use gpo_core::prompt::Template;
 use gpo_core::sampler::EpisodeSpec;
 use std::sync::Arc;
@@ -48,13 +48,28 @@ pub struct Embedded {
     pub x: Vec<Arc<[f32]>>,
 }
 
-/// A group's embedded context: questions and the group's distributions.
+/// A group's embedded context: questions and the group's distributions, and, once a request
+/// alone has run against it, the context encoded by the model ([`Gpo::encode_context`]), so
+/// later requests pay for their target rows only.
 #[derive(Debug, Clone)]
 pub struct GroupContext {
     /// Context questions.
     pub questions: Vec<Embedded>,
     /// The group's distribution over each question's options.
     pub distributions: Vec<Vec<f32>>,
+    /// The encoded context of a one-request batch (filled by the first).
+    pub encoded: std::sync::OnceLock<EncodedContext>,
+}
+
+impl GroupContext {
+    /// A context not yet encoded.
+    pub fn new(questions: Vec<Embedded>, distributions: Vec<Vec<f32>>) -> GroupContext {
+        GroupContext {
+            questions,
+            distributions,
+            encoded: Default::default(),
+        }
+    }
 }
 
 impl GroupContext {
@@ -82,8 +97,19 @@ impl Job {
 
 /// Predicts every job's targets in one forward pass (jobs are groups of one batch, padded
 /// by `assemble` as `gpo eval` pads groups that answer different questions). Returns, per
-/// job, one distribution per target.
+/// job, one distribution per target. A job alone runs against its context's encoding
+/// (computed by the first such job): bitwise the same predictions, for the target rows'
+/// cost only.
 pub fn predict(model: &Gpo, jobs: &[&Job]) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
+    predict_with(model, jobs, true)
+}
+
+/// [`predict`], with the encoded-context path for a job alone only when `encoded`.
+pub fn predict_with(
+    model: &Gpo,
+    jobs: &[&Job],
+    encoded: bool,
+) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
     let dim = model.cfg.dim_x;
     let mut s = Survey {
         name: "served".into(),
@@ -137,7 +163,19 @@ pub fn predict(model: &Gpo, jobs: &[&Job]) -> candle_core::Result<Vec<Vec<Vec<f3
         s.answers[g][q] = Some(d);
     }
     let mb = assemble(&s, &f, &eps, &Device::Cpu)?;
-    let pred = model.predict(&mb)?;
+    let pred = match jobs {
+        [job] if encoded => {
+            let enc = match job.context.encoded.get() {
+                Some(e) => e,
+                None => {
+                    let e = model.encode_context(&mb)?;
+                    job.context.encoded.get_or_init(|| e)
+                }
+            };
+            model.predict_encoded(enc, &mb)?
+        }
+        _ => model.predict(&mb)?,
+    };
     Ok(eps
         .iter()
         .enumerate()
@@ -149,6 +187,60 @@ pub fn predict(model: &Gpo, jobs: &[&Job]) -> candle_core::Result<Vec<Vec<Vec<f3
                 .collect()
         })
         .collect())
+}
+
+/// Whether the encoded-context path reproduces the whole forward bit for bit for `model` on
+/// this CPU, on probes of the served shape (20 context and 10 target questions of 4 options,
+/// and a smaller one). It does at the official module's widths (tested in core); at toy
+/// widths gemm's small-matrix path can round a product of fewer rows differently, and the
+/// server then runs every request through the whole forward.
+pub fn encoded_path_is_exact(model: &Gpo) -> bool {
+    let dim = model.cfg.dim_x;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut emb = |name: String| {
+        let item = Item {
+            question: name,
+            options: (0..4).map(|k| format!("option {k}")).collect(),
+        };
+        Embedded {
+            question: question("probe".into(), &item),
+            x: (0..4)
+                .map(|_| (0..dim).map(|_| next()).collect::<Vec<f32>>().into())
+                .collect(),
+        }
+    };
+    [(20, 10), (3, 2)].into_iter().all(|(nc, nt)| {
+        let questions: Vec<Embedded> = (0..nc).map(|i| emb(format!("c{i}"))).collect();
+        let job = Job {
+            context: Arc::new(GroupContext::new(
+                questions,
+                vec![vec![0.1, 0.2, 0.3, 0.4]; nc],
+            )),
+            targets: (0..nt).map(|i| emb(format!("t{i}"))).collect(),
+        };
+        let bits = |p: candle_core::Result<Vec<Vec<Vec<f32>>>>| {
+            p.map(|p| {
+                p.into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            })
+        };
+        match (
+            bits(predict_with(model, &[&job], false)),
+            bits(predict_with(model, &[&job], true)),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    })
 }
 
 /// Rerank results from the predicted distribution over the candidates: `(index, score)`,
@@ -209,10 +301,7 @@ mod tests {
             })
             .collect();
         Job {
-            context: Arc::new(GroupContext {
-                questions,
-                distributions,
-            }),
+            context: Arc::new(GroupContext::new(questions, distributions)),
             targets: tgt
                 .iter()
                 .enumerate()

@@ -2,6 +2,7 @@
 //! `{"error", "field"}` too), and [`ServeError`] mapped to status codes.
 
 use crate::openapi;
+use crate::security;
 use crate::service::{ServeError, Server};
 use crate::task;
 use axum::body::Bytes;
@@ -10,6 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use gpo_ops::auth::ServerAuth;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -128,16 +130,23 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route (see /docs)", None)
 }
 
-/// The HTTP routes.
-pub fn router(state: HttpState) -> Router {
-    Router::new()
+/// The HTTP routes. Every one but the probes and the API document needs the token `auth`
+/// checks (when it has one).
+pub fn router(state: HttpState, auth: ServerAuth) -> Router {
+    let guarded = Router::new()
         .route("/v1/predict", post(predict))
         .route("/v1/rerank", post(rerank))
         .route("/v1/groups", post(groups))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            security::require_token,
+        ));
+    Router::new()
+        .merge(guarded)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
             get(|| async { json_body(StatusCode::OK, &openapi::document()) }),

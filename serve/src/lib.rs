@@ -11,7 +11,7 @@
 //! - [`admission`]: concurrency and queue limits, deadlines;
 //! - [`service`]: one request end to end; [`sessions`]: stored group contexts;
 //! - thin adapters: [`http`] (axum), [`grpc`] (tonic, `gpo.v1.Serve`), [`openapi`];
-//! - [`metrics`]: the Prometheus registry.
+//! - [`metrics`]: the Prometheus registry; [`security`]: TLS, mTLS and the token.
 
 pub mod admission;
 pub mod batcher;
@@ -23,20 +23,25 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod openapi;
+pub mod security;
 pub mod service;
 pub mod sessions;
 pub mod task;
 
 use std::sync::Arc;
 
-/// Serves `server` over HTTP on `http` and gRPC on `grpc` until `shutdown` resolves.
+/// Serves `server` over HTTP on `http` and gRPC on `grpc`, secured by `security`, until
+/// `shutdown` resolves.
 pub async fn run(
     server: Arc<service::Server>,
     http: tokio::net::TcpListener,
     grpc: tokio::net::TcpListener,
+    security: security::Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let registry = Arc::new(metrics::registry(&server.metrics));
+    let mut registry = metrics::registry(&server.metrics);
+    security.auth.failures().register(&mut registry);
+    let registry = Arc::new(registry);
     let state = http::HttpState {
         server: server.clone(),
         metrics: Arc::new(move || metrics::encode(&registry)),
@@ -44,24 +49,48 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();
     let mut grpc_stop = stop_rx;
-    let app = http::router(state);
+    let app = http::router(state, security.auth.clone())
+        .into_make_service_with_connect_info::<security::Peer>();
+    let http_tls = security.http_tls();
+    let auth = security.auth.clone();
     let h = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
+        let stop = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        match http_tls {
+            Some(cfg) => {
+                let l = security::TlsListener::new(http, cfg, auth)?;
+                axum::serve(l, app).with_graceful_shutdown(stop).await
+            }
+            None => axum::serve(http, app).with_graceful_shutdown(stop).await,
+        }
     });
+    let mut svc = grpc::service(server);
+    if let Some(n) = security.max_message_bytes {
+        svc = svc
+            .max_decoding_message_size(n)
+            .max_encoding_message_size(n);
+    }
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, security.auth.clone());
+    let grpc_tls = security.tls.clone();
+    let failures = security.auth.failures().clone();
     let g = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(grpc::service(server))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                async move {
-                    let _ = grpc_stop.wait_for(|s| *s).await;
-                },
-            )
-            .await
+        let router = tonic::transport::Server::builder().add_service(svc);
+        let stop = async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        };
+        match grpc_tls {
+            Some(cfg) => {
+                let accepted = gpo_ops::tls_accept::accept_loop(grpc, cfg, failures);
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
+                router.serve_with_incoming_shutdown(incoming, stop).await
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, stop).await
+            }
+        }
     });
     shutdown.await;
     let _ = stop_tx.send(true);

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub cache_hits: Family<Tier, Counter>,
     /// `gpo_serve_embedding_cache_misses_total`: texts the embedder had to embed.
     pub cache_misses: Counter,
+    /// `gpo_serve_context_cache_hits_total`: inline contexts found already embedded.
+    pub context_hits: Counter,
+    /// `gpo_serve_context_cache_misses_total`: inline contexts embedded anew.
+    pub context_misses: Counter,
     /// `gpo_serve_refusals_total{route,reason}`.
     pub refusals: Family<Refused, Counter>,
     /// `gpo_serve_in_flight_requests`.
@@ -95,6 +99,8 @@ impl Metrics {
             batch_items: Family::new_with_constructor(counts),
             cache_hits: Family::default(),
             cache_misses: Counter::default(),
+            context_hits: Counter::default(),
+            context_misses: Counter::default(),
             refusals: Family::default(),
             in_flight: Gauge::default(),
         }
@@ -134,6 +140,16 @@ pub fn register(r: &mut Registry, m: &Metrics) {
         "embedding_cache_misses",
         "Texts that had to be embedded",
         m.cache_misses.clone(),
+    );
+    r.register(
+        "context_cache_hits",
+        "Inline contexts found in the context LRU (vectors and encoding reused)",
+        m.context_hits.clone(),
+    );
+    r.register(
+        "context_cache_misses",
+        "Inline contexts embedded anew",
+        m.context_misses.clone(),
     );
     r.register(
         "refusals",

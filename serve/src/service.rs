@@ -4,6 +4,7 @@
 
 use crate::admission::{Admission, Refusal};
 use crate::batcher::Batcher;
+use crate::cache::Lru;
 use crate::embedding::{EmbedFailure, Vectors};
 use crate::forward::{self, Embedded, GroupContext, Job};
 use crate::metrics::{Metrics, Refused, RouteCode, RouteStage, Stage};
@@ -13,7 +14,7 @@ use gpo_core::model::Gpo;
 use gpo_core::prompt::Template;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why a request failed, in protocol-neutral terms.
@@ -59,6 +60,8 @@ pub struct Options {
     pub max_batch_points: usize,
     /// Sessions kept.
     pub max_sessions: usize,
+    /// Inline contexts kept, by content (0: none).
+    pub context_cache: usize,
     /// Runs the jobs of a forward batch of equal context width as one padded pass. Off by
     /// default: a padded pass differs from a request's own pass in the last bits (measured
     /// up to 1 ulp), and a request alone is bitwise `gpo eval`'s computation.
@@ -74,9 +77,31 @@ impl Default for Options {
             deadline: Duration::from_secs(10),
             max_batch_points: 4096,
             max_sessions: 10_000,
+            context_cache: 1024,
             merge_forward: false,
         }
     }
+}
+
+/// An inline context's identity: every question, option and probability, each length
+/// prefixed, so two contexts share a key only when they are equal.
+fn context_key(items: &[ContextItem]) -> Vec<u8> {
+    let mut k = Vec::new();
+    let text = |k: &mut Vec<u8>, s: &str| {
+        k.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        k.extend_from_slice(s.as_bytes());
+    };
+    for c in items {
+        text(&mut k, &c.item.question);
+        k.extend_from_slice(&(c.item.options.len() as u64).to_le_bytes());
+        for o in &c.item.options {
+            text(&mut k, o);
+        }
+        for p in &c.distribution {
+            k.extend_from_slice(&p.to_bits().to_le_bytes());
+        }
+    }
+    k
 }
 
 type ForwardResult = Result<Vec<Vec<f32>>, String>;
@@ -89,6 +114,9 @@ pub struct Server {
     vectors: Vectors,
     forward: Batcher<Job, ForwardResult>,
     sessions: Sessions,
+    /// Inline contexts seen lately, by content: a client that sends the same context again
+    /// (without a session) reuses its vectors and its encoding.
+    contexts: Mutex<Lru<Vec<u8>, Arc<GroupContext>>>,
     admission: Admission,
     /// Metrics of this server.
     pub metrics: Metrics,
@@ -98,7 +126,13 @@ pub struct Server {
 
 /// Runs a batch of jobs through [`forward::predict`]: with `merge`, those of equal context
 /// width as one padded pass (padded on the target side only); without, each job alone.
-fn run_forward(model: &Gpo, m: &Metrics, jobs: Vec<Job>, merge: bool) -> Vec<ForwardResult> {
+fn run_forward(
+    model: &Gpo,
+    m: &Metrics,
+    jobs: Vec<Job>,
+    merge: bool,
+    encoded: bool,
+) -> Vec<ForwardResult> {
     let mut out: Vec<Option<ForwardResult>> = vec![None; jobs.len()];
     let passes: Vec<Vec<usize>> = if merge {
         let mut widths: Vec<usize> = jobs.iter().map(|j| j.context.points()).collect();
@@ -123,7 +157,7 @@ fn run_forward(model: &Gpo, m: &Metrics, jobs: Vec<Job>, merge: bool) -> Vec<For
         m.batch_items
             .get_or_create(&Stage { stage: "forward" })
             .observe(group.iter().map(|j| j.points()).sum::<usize>() as f64);
-        match forward::predict(model, &group) {
+        match forward::predict_with(model, &group, encoded) {
             Ok(p) => {
                 for (&i, r) in idx.iter().zip(p) {
                     out[i] = Some(Ok(r));
@@ -151,21 +185,32 @@ impl Server {
         options: Options,
         metrics: Metrics,
         info: serde_json::Value,
-        salt: u64,
     ) -> std::io::Result<Self> {
         let m = metrics.clone();
         let merge = options.merge_forward;
+        let encoded = forward::encoded_path_is_exact(&model);
+        if !encoded {
+            tracing::warn!(
+                "this model's encoded-context path does not reproduce the whole forward bit \
+                 for bit on this CPU: every request runs the whole forward"
+            );
+        }
         let forward = Batcher::spawn(
             "gpo-serve-forward",
             options.max_batch_points,
             Job::points,
-            move |jobs| run_forward(&model, &m, jobs, merge),
+            move |jobs| run_forward(&model, &m, jobs, merge, encoded),
         )?;
+        let mut info = info;
+        if let Some(o) = info.as_object_mut() {
+            o.insert("encoded_context".into(), serde_json::Value::Bool(encoded));
+        }
         Ok(Server {
             template,
             vectors,
             forward,
-            sessions: Sessions::new(options.max_sessions, salt),
+            sessions: Sessions::new(options.max_sessions),
+            contexts: Mutex::new(Lru::new(options.context_cache)),
             admission: Admission::new(options.concurrency, options.queue),
             metrics,
             info,
@@ -299,14 +344,30 @@ impl Server {
                 ))
             }),
             Context::Inline(items) => {
+                let key = context_key(items);
+                let hit = self
+                    .contexts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key);
+                if let Some(g) = hit {
+                    self.metrics.context_hits.inc();
+                    return Ok(g);
+                }
+                self.metrics.context_misses.inc();
                 let t = Instant::now();
                 let refs: Vec<&Item> = items.iter().map(|c| &c.item).collect();
                 let questions = self.embed(&refs, "context").await?;
                 self.observe(route, "embed", t);
-                Ok(Arc::new(GroupContext {
+                let g = Arc::new(GroupContext::new(
                     questions,
-                    distributions: items.iter().map(|c| c.distribution.clone()).collect(),
-                }))
+                    items.iter().map(|c| c.distribution.clone()).collect(),
+                ));
+                self.contexts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, g.clone());
+                Ok(g)
             }
         }
     }
@@ -351,6 +412,10 @@ impl Server {
     ) -> Result<(String, usize), ServeError> {
         let n = context.len();
         let g = self.group("groups", &Context::Inline(context)).await?;
-        Ok((self.sessions.create(g), n))
+        let id = self
+            .sessions
+            .create(g)
+            .map_err(|e| ServeError::Internal(format!("a session id: {e}")))?;
+        Ok((id, n))
     }
 }

@@ -1,6 +1,7 @@
 //! Group sessions: a group's embedded context stored under an id, so later requests send only
 //! their targets and the context's vectors are computed once. Bounded: the least recently
-//! used session is forgotten first.
+//! used session is forgotten first. Ids are 128 random bits from the operating system, so
+//! one client cannot guess (and read or use) another's session.
 
 use crate::cache::Lru;
 use crate::forward::GroupContext;
@@ -10,33 +11,24 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct Sessions {
     table: Mutex<Lru<String, Arc<GroupContext>>>,
-    next: Mutex<u64>,
-    salt: u64,
 }
 
 impl Sessions {
-    /// A table of at most `capacity` sessions; `salt` makes ids differ between processes.
-    pub fn new(capacity: usize, salt: u64) -> Self {
+    /// A table of at most `capacity` sessions.
+    pub fn new(capacity: usize) -> Self {
         Sessions {
             table: Mutex::new(Lru::new(capacity)),
-            next: Mutex::new(0),
-            salt,
         }
     }
 
-    /// Stores `ctx`, returning its id.
-    pub fn create(&self, ctx: Arc<GroupContext>) -> String {
-        let n = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-            *next += 1;
-            *next
-        };
-        let id = format!("g-{:016x}-{n}", self.salt);
+    /// Stores `ctx`, returning its id (`g-` and 32 hex digits), or the random source's error.
+    pub fn create(&self, ctx: Arc<GroupContext>) -> anyhow::Result<String> {
+        let id = format!("g-{}", gpo_ops::auth::random_hex(16)?);
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), ctx);
-        id
+        Ok(id)
     }
 
     /// The context stored under `id`.

@@ -10,20 +10,22 @@ use std::path::{Path, PathBuf};
 /// TLS, token and message-size flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Flags {
-    /// This process's TLS certificate (PEM). On the coordinator it turns TLS on (with
-    /// --tls-key); on a worker or `gpo status` it is the client certificate for mTLS.
+    /// This process's TLS certificate (PEM). On the coordinator and `gpo serve` it turns
+    /// TLS on (with --tls-key); on a worker or `gpo status` it is the client certificate
+    /// for mTLS.
     #[arg(long, env = "GPO_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "GPO_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// A CA certificate (PEM). On the coordinator: demand client certificates signed by
-    /// it (mTLS). On a worker or `gpo status`: the CA the coordinator's certificate must
+    /// A CA certificate (PEM). On the coordinator and `gpo serve`: demand client
+    /// certificates signed by it (mTLS). On a worker or `gpo status`: the CA the coordinator's certificate must
     /// chain to (and connect over TLS).
     #[arg(long, env = "GPO_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// A file holding the run token: the coordinator refuses every request that does not
-    /// carry it; workers and `gpo status` send it.
+    /// A file holding the run token: the coordinator (and `gpo serve`, on every route but
+    /// its probes and docs) refuses every request that does not carry it as `Authorization:
+    /// Bearer TOKEN`; workers and `gpo status` send it.
     #[arg(long, env = "GPO_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Largest gRPC message accepted or sent, in bytes. The default (64 MiB) holds the
@@ -48,6 +50,21 @@ impl Flags {
             self.max_message_bytes
         );
         Ok(self.max_message_bytes)
+    }
+
+    /// `gpo serve`'s side: the same files, token and limit, for its HTTP and gRPC ports.
+    pub fn serve(&self) -> Result<gpo_serve::security::Security> {
+        let token = self
+            .token_file
+            .as_deref()
+            .map(gpo_ops::auth::read_token_file)
+            .transpose()?;
+        gpo_serve::security::Security::from_files(
+            &self.tls(),
+            token.as_deref(),
+            Default::default(),
+            self.checked_max()?,
+        )
     }
 
     /// The coordinator's side. The TLS files are checked here, so that a bad one fails

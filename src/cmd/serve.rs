@@ -61,6 +61,10 @@ pub struct Args {
     /// Group sessions kept (least recently used forgotten first).
     #[arg(long, default_value_t = 10_000)]
     pub max_sessions: usize,
+    /// Inline contexts kept by content, so a context sent again reuses its vectors and its
+    /// encoding (0: none).
+    #[arg(long, default_value_t = 1024)]
+    pub context_cache: usize,
     /// Most context questions of a request.
     #[arg(long, default_value_t = 100)]
     pub max_context: usize,
@@ -73,6 +77,9 @@ pub struct Args {
     /// Longest text, in characters.
     #[arg(long, default_value_t = 2000)]
     pub max_text_chars: usize,
+    /// TLS (on both ports), mTLS and the token.
+    #[command(flatten)]
+    pub credentials: crate::cmd::credentials::Flags,
 }
 
 fn store_for(
@@ -103,6 +110,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--max-targets must be between 1 and 128 (gpo eval's forward chunk)");
     }
     let template = Template::parse(&a.template).map_err(anyhow::Error::msg)?;
+    let security = a.credentials.serve()?;
     let (model, step) = gpo_serve::model::load(&a.checkpoint)?;
     let embedder = gpo_embed::load(&a.embedder, &gpo_embed::LoadOptions::default())
         .with_context(|| format!("--embedder {}", a.embedder))?;
@@ -137,6 +145,7 @@ pub fn run(a: Args) -> Result<()> {
         "max_queue": a.max_queue,
         "deadline_ms": a.deadline_ms,
         "merge_forward": a.merge_forward,
+        "context_cache": a.context_cache,
         "version": env!("CARGO_PKG_VERSION"),
     });
     let vectors = Vectors::new(
@@ -154,13 +163,9 @@ pub fn run(a: Args) -> Result<()> {
         deadline: Duration::from_millis(a.deadline_ms),
         max_batch_points: a.max_batch_points,
         max_sessions: a.max_sessions,
+        context_cache: a.context_cache,
         merge_forward: a.merge_forward,
     };
-    let salt = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ (std::process::id() as u64) << 32;
     let server = Arc::new(Server::new(
         Arc::new(model),
         template,
@@ -168,7 +173,6 @@ pub fn run(a: Args) -> Result<()> {
         options,
         metrics,
         info,
-        salt,
     )?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -180,7 +184,8 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
         let (ha, ga) = (http.local_addr()?, grpc.local_addr()?);
         let warm = server.clone();
-        let running = tokio::spawn(gpo_serve::run(server, http, grpc, async {
+        let secured = security.describe();
+        let running = tokio::spawn(gpo_serve::run(server, http, grpc, security, async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("SIGTERM handler");
@@ -196,7 +201,12 @@ pub fn run(a: Args) -> Result<()> {
             std::fs::write(f, format!("http={ha}\ngrpc={ga}\n"))
                 .with_context(|| format!("--addr-file {}", f.display()))?;
         }
-        eprintln!("gpo serve: http://{ha} (docs at /docs), grpc {ga}; ready");
+        let scheme = if secured.contains("TLS") {
+            "https"
+        } else {
+            "http"
+        };
+        eprintln!("gpo serve: {scheme}://{ha} (docs at /docs), grpc {ga}, {secured}; ready");
         running.await?
     })
 }

@@ -119,26 +119,38 @@ impl Gpo {
         Ok(h)
     }
 
-    /// Embeds context and target points: `[G, Nc + Nt, d_model]`.
-    fn embed(&self, b: &ModelBatch) -> Result<Tensor> {
+    /// Embeds the context points: `[G, Nc, d_model]` (the x-part once per distinct x, the
+    /// y-part per group).
+    fn embed_context(&self, b: &ModelBatch) -> Result<Tensor> {
         let dx = self.cfg.dim_x;
         let w0 = self.p("embedder.0.weight");
         let b0 = self.p("embedder.0.bias");
         let wx = w0.narrow(1, 0, dx)?;
         let wy = w0.narrow(1, dx, 1)?.reshape((1, 1, self.cfg.d_model))?;
-        let d = self.cfg.d_model;
-        // Context: x-part once per distinct x, y-part per group.
         let hc = linear_with(self.path, &b.xc, &wx, &b0, false)?
             .broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
-        let hc = self.embedder_tail(hc.relu()?)?;
-        // Targets: y = 0, so the whole embedder output depends on x alone.
+        self.embedder_tail(hc.relu()?)
+    }
+
+    /// Embeds the target points: `[G, Nt, d_model]`. Their y is 0, so the whole embedder
+    /// output depends on x alone.
+    fn embed_targets(&self, b: &ModelBatch) -> Result<Tensor> {
+        let dx = self.cfg.dim_x;
+        let w0 = self.p("embedder.0.weight");
+        let b0 = self.p("embedder.0.bias");
+        let wx = w0.narrow(1, 0, dx)?;
         let ht = self.embedder_tail(linear_with(self.path, &b.xt, &wx, &b0, true)?)?;
-        let ht = if ht.dims()[0] == b.groups {
-            ht
+        if ht.dims()[0] == b.groups {
+            Ok(ht)
         } else {
-            ht.broadcast_as((b.groups, b.nt, d))?.contiguous()?
-        };
-        Tensor::cat(&[&hc, &ht], 1)
+            ht.broadcast_as((b.groups, b.nt, self.cfg.d_model))?
+                .contiguous()
+        }
+    }
+
+    /// Embeds context and target points: `[G, Nc + Nt, d_model]`.
+    fn embed(&self, b: &ModelBatch) -> Result<Tensor> {
+        Tensor::cat(&[&self.embed_context(b)?, &self.embed_targets(b)?], 1)
     }
 
     /// Multi-head attention of `hq`'s rows over the context rows `hc`.
@@ -212,21 +224,27 @@ impl Gpo {
         self.layer_norm(&(x + f)?, &format!("{pre}.norm2"))
     }
 
-    /// The predictor output for every target point: `[G, Nt, 2]` = (mean, raw std).
-    pub fn forward(&self, b: &ModelBatch) -> Result<Tensor> {
+    /// The composite path's additive key mask, `[G, 1, 1, Nc]` (the fused ops read
+    /// `ctx_mask` themselves).
+    fn composite_mask(&self, b: &ModelBatch) -> Result<Option<Tensor>> {
         if b.nc == 0 {
             candle_core::bail!(
                 "GPO needs at least one context point per group: every point attends only to \
                  context points"
             );
         }
-        let mask = match (&b.ctx_mask, self.path) {
-            (Some(m), OpPath::Composite) => Some(
+        match (&b.ctx_mask, self.path) {
+            (Some(m), OpPath::Composite) => Ok(Some(
                 Tensor::from_slice(m.as_slice(), (b.groups, 1, 1, b.nc), b.device())?
                     .to_dtype(b.xc.dtype())?,
-            ),
-            _ => None,
-        };
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// The predictor output for every target point: `[G, Nt, 2]` = (mean, raw std).
+    pub fn forward(&self, b: &ModelBatch) -> Result<Tensor> {
+        let mask = self.composite_mask(b)?;
         let mut h = self.embed(b)?;
         let last = self.cfg.num_layers - 1;
         for l in 0..last {
@@ -236,8 +254,64 @@ impl Gpo {
         let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
         let ht = h.narrow(1, b.nc, b.nt)?.contiguous()?;
         let z = self.layer(last, &ht, &hc, mask.as_ref(), b)?;
-        let f = self.linear(&z, "predictor.0", true)?;
+        self.predictor(&z)
+    }
+
+    fn predictor(&self, z: &Tensor) -> Result<Tensor> {
+        let f = self.linear(z, "predictor.0", true)?;
         self.linear(&f, "predictor.2", false)
+    }
+
+    /// Runs `b`'s context through the encoder alone, for [`Gpo::predict_encoded`]. Every
+    /// point attends only to context points, so the context rows of each layer never depend
+    /// on the targets: a server can encode a group's context once and predict any targets
+    /// against it, at the cost of the target rows only. Inference only (no gradient).
+    pub fn encode_context(&self, b: &ModelBatch) -> Result<EncodedContext> {
+        let mask = self.composite_mask(b)?;
+        let mut hc = self.embed_context(b)?.detach();
+        let mut layers = Vec::with_capacity(self.cfg.num_layers);
+        for l in 0..self.cfg.num_layers {
+            layers.push(hc.clone());
+            if l + 1 < self.cfg.num_layers {
+                hc = self.layer(l, &hc, &hc, mask.as_ref(), b)?.detach();
+            }
+        }
+        Ok(EncodedContext {
+            layers,
+            groups: b.groups,
+            nc: b.nc,
+            ctx_mask: b.ctx_mask.clone(),
+        })
+    }
+
+    /// [`Gpo::predict`] of `b`'s targets against a context [`Gpo::encode_context`] encoded
+    /// from a batch with the same context (same groups, points and padding): the same values,
+    /// bitwise on CPU (each output row of the row-wise ops and of the matrix products is
+    /// computed the same way whatever the other rows are; tested).
+    pub fn predict_encoded(&self, ctx: &EncodedContext, b: &ModelBatch) -> Result<Vec<f32>> {
+        if ctx.groups != b.groups || ctx.nc != b.nc || ctx.ctx_mask != b.ctx_mask {
+            candle_core::bail!(
+                "the encoded context has {} groups of {} context points, the batch {} of {} \
+                 (or another padding)",
+                ctx.groups,
+                ctx.nc,
+                b.groups,
+                b.nc
+            );
+        }
+        let mask = self.composite_mask(b)?;
+        let mut ht = self.embed_targets(b)?;
+        for (l, hc) in ctx.layers.iter().enumerate() {
+            ht = self.layer(l, &ht, hc, mask.as_ref(), b)?;
+        }
+        let out = self.predictor(&ht)?.detach();
+        self.distributions(&out, b)
+    }
+
+    fn distributions(&self, out: &Tensor, b: &ModelBatch) -> Result<Vec<f32>> {
+        let mean = out.narrow(2, 0, 1)?.squeeze(2)?;
+        let (p, valid) = composite::segment_softmax(&mean, b)?;
+        (p * valid)?.flatten_all()?.to_vec1()
     }
 
     /// The official GPO loss of a batch: minus the Gaussian log-likelihood of every target
@@ -272,10 +346,18 @@ impl Gpo {
     /// `G * Nt` values.
     pub fn predict(&self, b: &ModelBatch) -> Result<Vec<f32>> {
         let out = self.forward(b)?.detach();
-        let mean = out.narrow(2, 0, 1)?.squeeze(2)?;
-        let (p, valid) = composite::segment_softmax(&mean, b)?;
-        (p * valid)?.flatten_all()?.to_vec1()
+        self.distributions(&out, b)
     }
+}
+
+/// A group context run through the encoder ([`Gpo::encode_context`]): the context rows
+/// entering each layer, `[G, Nc, d_model]`.
+#[derive(Debug, Clone)]
+pub struct EncodedContext {
+    layers: Vec<Tensor>,
+    groups: usize,
+    nc: usize,
+    ctx_mask: Option<Arc<Vec<f32>>>,
 }
 
 fn default_path(device: &Device) -> OpPath {

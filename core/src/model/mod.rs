@@ -11,7 +11,7 @@ pub mod ops;
 pub mod params;
 
 pub use batch::{build_batch, ModelBatch};
-pub use gpo::{Gpo, OpPath};
+pub use gpo::{EncodedContext, Gpo, OpPath};
 pub use params::{GpoConfig, Params};
 
 #[cfg(test)]

@@ -335,3 +335,76 @@ fn loss_is_the_mean_over_groups_and_padded_target_slots() {
         );
     }
 }
+
+/// A batch of `g` groups with `nc` context and `nt` target points in 4-option questions (the
+/// last context points of group 1 padded when `pad`), random x of width `d`.
+fn sized_batch(seed: u64, g: usize, d: usize, nc: usize, nt: usize, pad: bool) -> ModelBatch {
+    let mut r = Rng::new(seed);
+    let xc: Vec<f32> = (0..g * nc * d).map(|_| r.normal() as f32).collect();
+    let xt: Vec<f32> = (0..g * nt * d).map(|_| r.normal() as f32).collect();
+    let mut ctx_valid = vec![true; g * nc];
+    if pad && g > 1 {
+        ctx_valid[2 * nc - 4..2 * nc].fill(false);
+    }
+    let yc: Vec<f32> = (0..g * nc)
+        .map(|i| if ctx_valid[i] { 0.25 } else { 0.0 })
+        .collect();
+    let yt = vec![0.25f32; g * nt];
+    let segments = (0..g)
+        .map(|_| (0..nt / 4).map(|q| (4 * q, 4)).collect())
+        .collect();
+    build_batch(g, d, xc, xt, yc, yt, &ctx_valid, segments, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn an_encoded_context_predicts_bitwise_what_the_whole_forward_does() {
+    let official = GpoConfig {
+        dim_x: 384,
+        ..Default::default()
+    };
+    let cases = [
+        (tiny_cfg(4), random_batch(5, 2, 4, false, true)),
+        (tiny_cfg(4), random_batch(6, 3, 4, true, false)),
+        // The served shape: 20 context and 10 target questions of 4 options.
+        (official.clone(), sized_batch(7, 1, 384, 80, 40, false)),
+        (official, sized_batch(8, 2, 384, 48, 24, true)),
+    ];
+    for (i, (cfg, b)) in cases.into_iter().enumerate() {
+        for path in [OpPath::Fused, OpPath::Composite] {
+            let mut m = Gpo::new(cfg.clone(), 3 + i as u64, &Device::Cpu).unwrap();
+            m.path = path;
+            let whole = m.predict(&b).unwrap();
+            let ctx = m.encode_context(&b).unwrap();
+            let via = m.predict_encoded(&ctx, &b).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6);
+            if cfg.d_model >= 64 {
+                assert_eq!(bits(&whole), bits(&via), "case {i}, {path:?}");
+            } else {
+                // At toy widths gemm's small-matrix path rounds a product of fewer rows
+                // differently (measured: 1 ulp): close, not bitwise.
+                assert!(
+                    close(&whole, &via),
+                    "case {i}, {path:?}: {whole:?} vs {via:?}"
+                );
+                continue;
+            }
+            // Other targets against the same encoded context: still the whole forward's.
+            let mut b2 = b.clone();
+            b2.xt = (&b.xt * 0.5).unwrap();
+            assert_eq!(
+                bits(&m.predict(&b2).unwrap()),
+                bits(&m.predict_encoded(&ctx, &b2).unwrap()),
+                "case {i}, {path:?}, new targets"
+            );
+        }
+    }
+    // A batch of another context shape is refused, not mispredicted.
+    let m = Gpo::new(tiny_cfg(4), 1, &Device::Cpu).unwrap();
+    let ctx = m
+        .encode_context(&random_batch(5, 2, 4, false, true))
+        .unwrap();
+    assert!(m
+        .predict_encoded(&ctx, &random_batch(9, 3, 4, false, false))
+        .is_err());
+}
