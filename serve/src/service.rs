@@ -58,6 +58,8 @@ pub struct Options {
     pub deadline: Duration,
     /// Points (context + targets of all requests) in one forward pass.
     pub max_batch_points: usize,
+    /// Forward threads (0: one per core).
+    pub forward_threads: usize,
     /// Sessions kept.
     pub max_sessions: usize,
     /// Inline contexts kept, by content (0: none).
@@ -76,6 +78,7 @@ impl Default for Options {
             queue: 64,
             deadline: Duration::from_secs(10),
             max_batch_points: 4096,
+            forward_threads: 0,
             max_sessions: 10_000,
             context_cache: 1024,
             merge_forward: false,
@@ -112,7 +115,9 @@ pub struct Server {
     pub options: Options,
     template: Template,
     vectors: Vectors,
-    forward: Batcher<Job, ForwardResult>,
+    /// One forward thread per core: requests go round robin.
+    forward: Vec<Batcher<Job, ForwardResult>>,
+    next_forward: std::sync::atomic::AtomicUsize,
     sessions: Sessions,
     /// Inline contexts seen lately, by content: a client that sends the same context again
     /// (without a session) reuses its vectors and its encoding.
@@ -195,12 +200,21 @@ impl Server {
                  for bit on this CPU: every request runs the whole forward"
             );
         }
-        let forward = Batcher::spawn(
-            "gpo-serve-forward",
-            options.max_batch_points,
-            Job::points,
-            move |jobs| run_forward(&model, &m, jobs, merge, encoded),
-        )?;
+        let threads = match options.forward_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let forward = (0..threads)
+            .map(|i| {
+                let (model, m) = (model.clone(), m.clone());
+                Batcher::spawn(
+                    &format!("gpo-serve-forward-{i}"),
+                    options.max_batch_points,
+                    Job::points,
+                    move |jobs| run_forward(&model, &m, jobs, merge, encoded),
+                )
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         let mut info = info;
         if let Some(o) = info.as_object_mut() {
             o.insert("encoded_context".into(), serde_json::Value::Bool(encoded));
@@ -209,6 +223,7 @@ impl Server {
             template,
             vectors,
             forward,
+            next_forward: Default::default(),
             sessions: Sessions::new(options.max_sessions),
             contexts: Mutex::new(Lru::new(options.context_cache)),
             admission: Admission::new(options.concurrency, options.queue),
@@ -374,8 +389,8 @@ impl Server {
 
     async fn run(&self, route: &'static str, job: Job) -> Result<Vec<Vec<f32>>, ServeError> {
         let t = Instant::now();
-        let r = self
-            .forward
+        let k = self.next_forward.fetch_add(1, Ordering::Relaxed) % self.forward.len();
+        let r = self.forward[k]
             .call(job)
             .await
             .map_err(|_| ServeError::Internal("the forward pass stopped".into()))?

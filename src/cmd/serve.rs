@@ -54,6 +54,9 @@ pub struct Args {
     /// Points (context and targets of all requests) of one forward batch.
     #[arg(long, default_value_t = 4096)]
     pub max_batch_points: usize,
+    /// Forward threads, each batching the requests dealt to it (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub forward_threads: usize,
     /// Run the requests of a forward batch that have equal context widths as one padded
     /// pass (faster under load; predictions then differ from `gpo eval`'s in the last bits).
     #[arg(long)]
@@ -146,6 +149,7 @@ pub fn run(a: Args) -> Result<()> {
         "deadline_ms": a.deadline_ms,
         "merge_forward": a.merge_forward,
         "context_cache": a.context_cache,
+        "forward_threads": a.forward_threads,
         "version": env!("CARGO_PKG_VERSION"),
     });
     let vectors = Vectors::new(
@@ -162,6 +166,7 @@ pub fn run(a: Args) -> Result<()> {
         queue: a.max_queue,
         deadline: Duration::from_millis(a.deadline_ms),
         max_batch_points: a.max_batch_points,
+        forward_threads: a.forward_threads,
         max_sessions: a.max_sessions,
         context_cache: a.context_cache,
         merge_forward: a.merge_forward,

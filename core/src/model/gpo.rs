@@ -153,12 +153,27 @@ impl Gpo {
         Tensor::cat(&[&self.embed_context(b)?, &self.embed_targets(b)?], 1)
     }
 
-    /// Multi-head attention of `hq`'s rows over the context rows `hc`.
+    /// Layer `l`'s keys and values of the context rows `hc`: `[G, Nc, 2 d_model]`.
+    fn keys_values(&self, l: usize, hc: &Tensor) -> Result<Tensor> {
+        let pre = format!("encoder.layers.{l}.self_attn");
+        let d = self.cfg.d_model;
+        let w = self.p(&format!("{pre}.in_proj_weight"));
+        let bias = self.p(&format!("{pre}.in_proj_bias"));
+        linear_with(
+            self.path,
+            hc,
+            &w.narrow(0, d, 2 * d)?,
+            &bias.narrow(0, d, 2 * d)?,
+            false,
+        )
+    }
+
+    /// Multi-head attention of `hq`'s rows over the context's keys and values `kv`.
     fn attention(
         &self,
         l: usize,
         hq: &Tensor,
-        hc: &Tensor,
+        kv: &Tensor,
         mask: Option<&Tensor>,
         b: &ModelBatch,
     ) -> Result<Tensor> {
@@ -168,7 +183,7 @@ impl Gpo {
         let w = self.p(&format!("{pre}.in_proj_weight"));
         let bias = self.p(&format!("{pre}.in_proj_bias"));
         let (g, nq, _) = hq.dims3()?;
-        let nc = hc.dims()[1];
+        let nc = kv.dims()[1];
         let q = linear_with(
             self.path,
             hq,
@@ -176,17 +191,10 @@ impl Gpo {
             &bias.narrow(0, 0, d)?,
             false,
         )?;
-        let kv = linear_with(
-            self.path,
-            hc,
-            &w.narrow(0, d, 2 * d)?,
-            &bias.narrow(0, d, 2 * d)?,
-            false,
-        )?;
         let scale = 1.0 / (dh as f64).sqrt();
         let o = match self.path {
             OpPath::Fused => q.apply_op2_arc(
-                &kv,
+                kv,
                 Arc::new(Box::new(ops::Attention::new(
                     h,
                     scale as f32,
@@ -207,17 +215,18 @@ impl Gpo {
         self.linear(&o, &format!("{pre}.out_proj"), false)
     }
 
-    /// One post-LN encoder layer applied to the rows `hq` (all points, or the targets only).
+    /// One post-LN encoder layer applied to the rows `hq` (all points, or the targets only),
+    /// attending to the context rows' keys and values `kv` ([`Gpo::keys_values`]).
     fn layer(
         &self,
         l: usize,
         hq: &Tensor,
-        hc: &Tensor,
+        kv: &Tensor,
         mask: Option<&Tensor>,
         b: &ModelBatch,
     ) -> Result<Tensor> {
         let pre = format!("encoder.layers.{l}");
-        let a = self.attention(l, hq, hc, mask, b)?;
+        let a = self.attention(l, hq, kv, mask, b)?;
         let x = self.layer_norm(&(hq + a)?, &format!("{pre}.norm1"))?;
         let f = self.linear(&x, &format!("{pre}.linear1"), true)?;
         let f = self.linear(&f, &format!("{pre}.linear2"), false)?;
@@ -248,12 +257,12 @@ impl Gpo {
         let mut h = self.embed(b)?;
         let last = self.cfg.num_layers - 1;
         for l in 0..last {
-            let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
-            h = self.layer(l, &h, &hc, mask.as_ref(), b)?;
+            let kv = self.keys_values(l, &h.narrow(1, 0, b.nc)?.contiguous()?)?;
+            h = self.layer(l, &h, &kv, mask.as_ref(), b)?;
         }
-        let hc = h.narrow(1, 0, b.nc)?.contiguous()?;
+        let kv = self.keys_values(last, &h.narrow(1, 0, b.nc)?.contiguous()?)?;
         let ht = h.narrow(1, b.nc, b.nt)?.contiguous()?;
-        let z = self.layer(last, &ht, &hc, mask.as_ref(), b)?;
+        let z = self.layer(last, &ht, &kv, mask.as_ref(), b)?;
         self.predictor(&z)
     }
 
@@ -262,19 +271,20 @@ impl Gpo {
         self.linear(&f, "predictor.2", false)
     }
 
-    /// Runs `b`'s context through the encoder alone, for [`Gpo::predict_encoded`]. Every
-    /// point attends only to context points, so the context rows of each layer never depend
-    /// on the targets: a server can encode a group's context once and predict any targets
+    /// Runs `b`'s context through the encoder alone, for [`Gpo::predict_encoded`], keeping
+    /// each layer's keys and values. Every point attends only to context points, so the
+    /// context rows of each layer never depend on the targets: a server can encode a group's context once and predict any targets
     /// against it, at the cost of the target rows only. Inference only (no gradient).
     pub fn encode_context(&self, b: &ModelBatch) -> Result<EncodedContext> {
         let mask = self.composite_mask(b)?;
         let mut hc = self.embed_context(b)?.detach();
         let mut layers = Vec::with_capacity(self.cfg.num_layers);
         for l in 0..self.cfg.num_layers {
-            layers.push(hc.clone());
+            let kv = self.keys_values(l, &hc)?.detach();
             if l + 1 < self.cfg.num_layers {
-                hc = self.layer(l, &hc, &hc, mask.as_ref(), b)?.detach();
+                hc = self.layer(l, &hc, &kv, mask.as_ref(), b)?.detach();
             }
+            layers.push(kv);
         }
         Ok(EncodedContext {
             layers,
@@ -301,8 +311,8 @@ impl Gpo {
         }
         let mask = self.composite_mask(b)?;
         let mut ht = self.embed_targets(b)?;
-        for (l, hc) in ctx.layers.iter().enumerate() {
-            ht = self.layer(l, &ht, hc, mask.as_ref(), b)?;
+        for (l, kv) in ctx.layers.iter().enumerate() {
+            ht = self.layer(l, &ht, kv, mask.as_ref(), b)?;
         }
         let out = self.predictor(&ht)?.detach();
         self.distributions(&out, b)
@@ -350,8 +360,8 @@ impl Gpo {
     }
 }
 
-/// A group context run through the encoder ([`Gpo::encode_context`]): the context rows
-/// entering each layer, `[G, Nc, d_model]`.
+/// A group context run through the encoder ([`Gpo::encode_context`]): each layer's keys and
+/// values of the context rows, `[G, Nc, 2 d_model]`.
 #[derive(Debug, Clone)]
 pub struct EncodedContext {
     layers: Vec<Tensor>,
