@@ -119,6 +119,12 @@ fn object(bytes: &[u8]) -> Result<Map<String, Value>, FieldError> {
 
 fn no_other_keys(m: &Map<String, Value>, known: &[&str], at: &str) -> Result<(), FieldError> {
     match m.keys().find(|k| !known.contains(&k.as_str())) {
+        // An empty key names nothing: the refusal names the object that holds it (found by
+        // the fuzz target, fuzz/fuzz_targets/handlers.rs).
+        Some(k) if k.is_empty() => Err(FieldError::new(
+            if at.is_empty() { "body" } else { at },
+            format!("unknown field \"\" (known: {})", known.join(", ")),
+        )),
         Some(k) => Err(FieldError::new(
             join(at, k),
             format!("unknown field (known: {})", known.join(", ")),
@@ -458,6 +464,15 @@ mod tests {
     }
 
     const CTX: &str = r#"[{"question":"q","options":["a","b"],"distribution":[0.3,0.7]}]"#;
+
+    #[test]
+    fn an_empty_key_is_refused_naming_its_object() {
+        assert_eq!(err(r#"{"":1}"#), "body");
+        let e = err(&format!(
+            r#"{{"context":[{{"":1,"question":"q","options":["a","b"],"distribution":[0.3,0.7]}}],"targets":[]}}"#
+        ));
+        assert_eq!(e, "context[0]");
+    }
 
     #[test]
     fn a_good_request_parses() {

@@ -1,8 +1,8 @@
 //! Property test of the request handlers' front (JSON and protobuf decoding and validation,
 //! shared by the HTTP and gRPC adapters): random and malformed requests never panic, and
 //! every refusal names a field that exists in the request's schema. Bounded (a few hundred
-//! cases per property) so it runs in seconds; this is the CI form of fuzzing, since
-//! cargo-fuzz needs a nightly toolchain that is not installed.
+//! cases per property) so it runs in seconds; this is the CI form of the fuzz target in
+//! `fuzz/fuzz_targets/handlers.rs` (cargo-fuzz, nightly), which CI does not build.
 
 use gpo_proto::serve::v1 as pb;
 use gpo_serve::task::{self, FieldError, Limits};
