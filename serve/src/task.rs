@@ -468,9 +468,9 @@ mod tests {
     #[test]
     fn an_empty_key_is_refused_naming_its_object() {
         assert_eq!(err(r#"{"":1}"#), "body");
-        let e = err(&format!(
-            r#"{{"context":[{{"":1,"question":"q","options":["a","b"],"distribution":[0.3,0.7]}}],"targets":[]}}"#
-        ));
+        let e = err(
+            r#"{"context":[{"":1,"question":"q","options":["a","b"],"distribution":[0.3,0.7]}],"targets":[]}"#,
+        );
         assert_eq!(e, "context[0]");
     }
 
