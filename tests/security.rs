@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{content, gpo, small, Proc};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 const STEPS: u32 = 20;
 
@@ -63,20 +63,10 @@ async fn raw(
     token: Option<&str>,
 ) -> Result<Raw, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}")).unwrap();
-    if let Some((ca, id)) = tls {
-        let mut cfg = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-            .domain_name("127.0.0.1");
-        if let Some((c, k)) = id {
-            cfg = cfg.identity(Identity::from_pem(
-                std::fs::read(c).unwrap(),
-                std::fs::read(k).unwrap(),
-            ));
-        }
-        ep = ep.tls_config(cfg).unwrap();
-    }
-    let ch = ep.connect().await.map_err(|e| format!("{e:?}"))?;
+    let ch = pki::endpoint(&format!("{scheme}://127.0.0.1:{port}"), tls)
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     let header = token.map(|t| format!("Bearer {t}").parse().unwrap());
     Ok(
         pb::coordinator_client::CoordinatorClient::with_interceptor(ch, Bearer(header))

@@ -8,21 +8,37 @@ use std::time::Duration;
 
 /// One HTTP/1.1 request on a fresh connection: (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut c = TcpStream::connect(addr).unwrap();
+    request(addr, method, path, body, None).unwrap()
+}
+
+/// One HTTP/1.1 request with an optional `Authorization` value: (status, body), or why no
+/// HTTP response came (a TLS port answering plain text, a closed connection).
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    authorization: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     write!(
         c,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
-    .unwrap();
-    c.write_all(body).unwrap();
+    .map_err(|e| e.to_string())?;
+    c.write_all(body).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    c.read_to_end(&mut out).unwrap();
+    let _ = c.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text[9..12].parse().unwrap();
+    if !text.starts_with("HTTP/1.1 ") || text.len() < 12 {
+        return Err(format!("no HTTP response: {text:?}"));
+    }
+    let status = text[9..12].parse().map_err(|_| text.clone())?;
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
+    Ok((status, body.to_string()))
 }
 
 pub fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {

@@ -3,12 +3,12 @@
 //! `gpo_auth_failures_total{reason}`; session ids that cannot be guessed. Real processes, real
 //! certificates (the shared rcgen PKI), real TLS clients.
 
-use super::pki::{pki, Pki};
+use super::clients::request;
+use super::pki::{endpoint, pki, Pki};
 use super::*;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const TOKEN: &str = "the-run-token-0123456789";
 
@@ -82,37 +82,8 @@ fn https(
     })
 }
 
-/// One HTTP/1.1 request in plain text with an optional `Authorization` value: (status,
-/// body), or why no response came.
-fn plain(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-    authorization: Option<&str>,
-) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    c.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    let _ = c.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out).into_owned();
-    if !out.starts_with("HTTP/1.1 ") || out.len() < 12 {
-        return Err(format!("no HTTP response: {out:?}"));
-    }
-    let status = out[9..12].parse().map_err(|_| out.clone())?;
-    let b = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    Ok((status, b.to_string()))
-}
-
 fn post_auth(addr: &str, path: &str, v: &Value, authorization: Option<&str>) -> (u16, Value) {
-    let (st, b) = plain(addr, "POST", path, &v.to_string(), authorization).unwrap();
+    let (st, b) = request(addr, "POST", path, v.to_string().as_bytes(), authorization).unwrap();
     (st, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
 
@@ -125,20 +96,10 @@ fn grpc_predict(
 ) -> Result<Vec<Vec<f32>>, String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut ep = Endpoint::from_shared(url.to_string()).unwrap();
-        if let Some((ca, id)) = tls {
-            let mut cfg = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-                .domain_name("127.0.0.1");
-            if let Some((c, k)) = id {
-                cfg = cfg.identity(Identity::from_pem(
-                    std::fs::read(c).unwrap(),
-                    std::fs::read(k).unwrap(),
-                ));
-            }
-            ep = ep.tls_config(cfg).unwrap();
-        }
-        let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        let ch = endpoint(url, tls)
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
         let mut c = pb::serve_client::ServeClient::new(ch);
         let mut r = tonic::Request::new(req);
         if let Some(t) = token {
@@ -233,9 +194,9 @@ fn a_token_and_mtls_guard_both_protocols_and_refusals_are_counted() {
     }
     assert_ne!(ids[0][2..18], ids[1][2..18], "{ids:?}");
 
-    let (st, _) = plain(&srv.http, "GET", "/metrics", "", None).unwrap();
+    let (st, _) = request(&srv.http, "GET", "/metrics", b"", None).unwrap();
     assert_eq!(st, 401, "/metrics needs the token");
-    let (st, m) = plain(&srv.http, "GET", "/info", "", Some(&bearer)).unwrap();
+    let (st, m) = request(&srv.http, "GET", "/info", b"", Some(&bearer)).unwrap();
     assert_eq!(st, 200, "{m}");
     assert!(m.contains("\"embedder\""), "{m}");
     // At the official module's widths the encoded-context path is exact, so it is on.
@@ -282,7 +243,7 @@ fn a_token_and_mtls_guard_both_protocols_and_refusals_are_counted() {
     let foreign = Some((p.foreign_cert.as_path(), p.foreign_key.as_path()));
     let r = https(&srv.http, &p.ca, foreign, Some(TOKEN), "GET", "/info", b"");
     assert!(r.is_err(), "a foreign certificate was served: {r:?}");
-    let r = plain(&srv.http, "GET", "/healthz", "", None);
+    let r = request(&srv.http, "GET", "/healthz", b"", None);
     assert!(r.is_err(), "plain text on the TLS port: {r:?}");
     let r = https(
         &srv.http,

@@ -72,3 +72,26 @@ pub fn pki(dir: &Path) -> Pki {
         token: w("token", "the-run-token-0123456789\n"),
     }
 }
+
+/// A TLS client's credentials: the CA to trust and, for mTLS, a (certificate, key) pair.
+pub type ClientTls<'a> = (&'a Path, Option<(&'a Path, &'a Path)>);
+
+/// A gRPC endpoint for `url`: over TLS when `tls` names the CA (and maybe a client identity),
+/// the server's name checked as 127.0.0.1.
+pub fn endpoint(url: &str, tls: Option<ClientTls<'_>>) -> tonic::transport::Endpoint {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut ep = Endpoint::from_shared(url.to_string()).unwrap();
+    if let Some((ca, id)) = tls {
+        let mut cfg = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+            .domain_name("127.0.0.1");
+        if let Some((c, k)) = id {
+            cfg = cfg.identity(Identity::from_pem(
+                std::fs::read(c).unwrap(),
+                std::fs::read(k).unwrap(),
+            ));
+        }
+        ep = ep.tls_config(cfg).unwrap();
+    }
+    ep
+}
