@@ -119,14 +119,21 @@ impl Gpo {
         Ok(h)
     }
 
+    /// The embedder's first layer on the x-part: its weight columns of x, and its bias.
+    fn embedder_x(&self) -> Result<(Tensor, Tensor)> {
+        let wx = self.p("embedder.0.weight").narrow(1, 0, self.cfg.dim_x)?;
+        Ok((wx, self.p("embedder.0.bias")))
+    }
+
     /// Embeds the context points: `[G, Nc, d_model]` (the x-part once per distinct x, the
     /// y-part per group).
     fn embed_context(&self, b: &ModelBatch) -> Result<Tensor> {
+        let (wx, b0) = self.embedder_x()?;
         let dx = self.cfg.dim_x;
-        let w0 = self.p("embedder.0.weight");
-        let b0 = self.p("embedder.0.bias");
-        let wx = w0.narrow(1, 0, dx)?;
-        let wy = w0.narrow(1, dx, 1)?.reshape((1, 1, self.cfg.d_model))?;
+        let wy = self
+            .p("embedder.0.weight")
+            .narrow(1, dx, 1)?
+            .reshape((1, 1, self.cfg.d_model))?;
         let hc = linear_with(self.path, &b.xc, &wx, &b0, false)?
             .broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
         self.embedder_tail(hc.relu()?)
@@ -135,10 +142,7 @@ impl Gpo {
     /// Embeds the target points: `[G, Nt, d_model]`. Their y is 0, so the whole embedder
     /// output depends on x alone.
     fn embed_targets(&self, b: &ModelBatch) -> Result<Tensor> {
-        let dx = self.cfg.dim_x;
-        let w0 = self.p("embedder.0.weight");
-        let b0 = self.p("embedder.0.bias");
-        let wx = w0.narrow(1, 0, dx)?;
+        let (wx, b0) = self.embedder_x()?;
         let ht = self.embedder_tail(linear_with(self.path, &b.xt, &wx, &b0, true)?)?;
         if ht.dims()[0] == b.groups {
             Ok(ht)
