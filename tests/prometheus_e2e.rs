@@ -366,8 +366,8 @@ fn prometheus_scrapes_a_live_run_and_every_dashboard_panel_has_data() {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| {
-            // Any event once the run has a membership (under load the run may be stopped
-            // before an event is logged after the first commit).
+            // The coordinator logs each generation it sets up (`generation N: ... set up`),
+            // so a run that committed a step has at least that event with generation >= 1.
             v["generation"].as_u64().is_some_and(|g| g >= 1) && v["step"].is_u64()
         })
         .unwrap_or_else(|| panic!("no JSON event with a generation:\n{log}"));

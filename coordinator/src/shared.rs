@@ -234,6 +234,11 @@ impl Shared {
             }
             Action::SetupComplete { generation, addrs } => {
                 let members = core.machine.members().to_vec();
+                gpo_ops::logs::context::set_generation(generation);
+                tracing::info!(
+                    "generation {generation}: {} member(s) set up, steps start",
+                    members.len()
+                );
                 core.setups.insert(generation, (members, addrs));
                 while core.setups.len() > 4 {
                     core.setups.pop_first();
