@@ -6,6 +6,7 @@ mod cmd;
 mod experiment;
 mod inputs;
 mod signals;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +48,8 @@ enum Command {
     Status(cmd::status::Args),
     /// Serve few-shot Predict and Rerank for groups over HTTP/JSON and gRPC.
     Serve(cmd::serve::Args),
+    /// Run a sweep of trials on a pool of workers, with early stopping and a leaderboard.
+    Sweep(cmd::sweep::Args),
 }
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the kernel: candle
@@ -85,6 +88,7 @@ fn main() {
         Command::Worker(a) => cmd::worker::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Sweep(a) => cmd::sweep::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

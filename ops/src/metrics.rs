@@ -127,8 +127,92 @@ label_enum!(
         Worker => "worker",
         /// `gpo embed`.
         Embed => "embed",
+        /// `gpo sweep`.
+        Sweep => "sweep",
     }
 );
+
+label_enum!(
+    /// Where a sweep's trials are (`gpo_trials{state}`).
+    TrialState {
+        /// Waiting for a gang of workers.
+        Pending => "pending",
+        /// Running on its gang.
+        Running => "running",
+        /// Ran to its last step.
+        Done => "done",
+        /// Stopped early by the stopping rule.
+        Stopped => "stopped",
+        /// Failed after its retries.
+        Failed => "failed",
+    }
+);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrialStateLabel {
+    state: TrialState,
+}
+
+/// A sweep's families: trials per state, how long trials take, the best score so far. No
+/// label names a trial: 10,000 trials are 5 series, not 10,000.
+#[derive(Clone, Debug)]
+pub struct SweepMetrics {
+    trials: Family<TrialStateLabel, Gauge>,
+    duration: Histogram,
+    best: F64Gauge,
+}
+
+impl Default for SweepMetrics {
+    fn default() -> Self {
+        SweepMetrics {
+            trials: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.25, 2.0, 20)),
+            best: F64Gauge::default(),
+        }
+    }
+}
+
+impl SweepMetrics {
+    /// Registers the families.
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "gpo_trials",
+            "Trials of the sweep in each state",
+            self.trials.clone(),
+        );
+        r.register(
+            "gpo_trial_duration_seconds",
+            "Wall time of each trial run that ended (done, stopped or failed)",
+            self.duration.clone(),
+        );
+        r.register(
+            "gpo_sweep_best_score",
+            "The best ranking score of the sweep's trials so far",
+            self.best.clone(),
+        );
+    }
+
+    /// Sets the trial counts, one per state in [`TrialState::ALL`]'s order.
+    pub fn states(&self, counts: [usize; 5]) {
+        for (state, n) in TrialState::ALL.iter().zip(counts) {
+            self.trials
+                .get_or_create(&TrialStateLabel { state: *state })
+                .set(n as i64);
+        }
+    }
+
+    /// A trial run ended after `seconds`.
+    pub fn trial_ended(&self, seconds: f64) {
+        if seconds.is_finite() && seconds >= 0.0 {
+            self.duration.observe(seconds);
+        }
+    }
+
+    /// The best score so far.
+    pub fn best(&self, score: f64) {
+        self.best.set(score);
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {

@@ -48,6 +48,8 @@ pub enum Bench {
     Dispatch(DispatchArgs),
     /// What fault tolerance costs an undisturbed step (state machine, rollback-ready Adam).
     Machinery(super::bench_machinery::MachineryArgs),
+    /// The sweep scheduler's overhead: trials that sleep, on simulated workers.
+    Sweep(super::bench_sweep::SweepArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,6 +185,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Ring(a) => ring(a),
         Bench::Dispatch(a) => dispatch(a),
         Bench::Machinery(a) => super::bench_machinery::machinery(a),
+        Bench::Sweep(a) => super::bench_sweep::sweep(a),
     }
 }
 

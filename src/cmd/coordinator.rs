@@ -357,6 +357,7 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         let mut dispatch = svc.dispatch(Some(mirror));
         let mut progress = Progress::new(cfg.steps);
         progress.metrics = Some((metrics.clone(), false));
+        progress.events_to(a.events.as_deref())?;
         if let Some((r, _)) = &p.resume {
             progress.bar.set_position(r.step);
         }

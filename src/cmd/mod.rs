@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_machinery;
+pub mod bench_sweep;
 pub mod coordinator;
 pub mod credentials;
 pub mod embed;
@@ -12,6 +13,7 @@ pub mod model_info;
 pub mod roofline;
 pub mod serve;
 pub mod status;
+pub mod sweep;
 pub mod synth;
 pub mod train;
 pub mod worker;

@@ -86,6 +86,10 @@ pub struct Args {
     /// step); `GPO_LOG` sets the level.
     #[arg(long, env = "GPO_LOG_FORMAT", default_value = "text")]
     pub log_format: gpo_ops::logs::LogFormat,
+    /// Append one JSON line per evaluation to FILE (`{"step", "test", "validation",
+    /// "best"}`), flushed as it happens: what `gpo sweep` follows a trial by.
+    #[arg(long, env = "GPO_EVENTS", value_name = "FILE")]
+    pub events: Option<PathBuf>,
 }
 
 /// The built-in default run (no `--data`, no `--config`): the official module on the
@@ -283,6 +287,8 @@ pub struct Progress {
     /// The families the run's events feed: alignment always; loss, step time and the
     /// last step's time only in process (a coordinator's executor feeds those itself).
     pub metrics: Option<(gpo_ops::metrics::CoordinatorMetrics, bool)>,
+    /// `--events`: one JSON line per evaluation.
+    pub events: Option<std::fs::File>,
 }
 
 impl Progress {
@@ -298,7 +304,21 @@ impl Progress {
             bar,
             ema: None,
             metrics: None,
+            events: None,
         }
+    }
+
+    /// Appends the evaluations to `path` (`--events`).
+    pub fn events_to(&mut self, path: Option<&std::path::Path>) -> Result<()> {
+        if let Some(p) = path {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("--events {}", p.display()))?;
+            self.events = Some(f);
+        }
+        Ok(())
     }
 
     pub fn event(&mut self, e: RunEvent) {
@@ -319,6 +339,19 @@ impl Progress {
                 best,
                 validation,
             } => {
+                if let Some(f) = &mut self.events {
+                    use std::io::Write;
+                    let line = serde_json::json!({
+                        "step": step,
+                        "test": report.methods["gpo"],
+                        "validation": validation,
+                        "best": best,
+                    });
+                    // One write per line (O_APPEND), so a reader never sees half a line.
+                    if let Err(e) = f.write_all(format!("{line}\n").as_bytes()) {
+                        tracing::warn!("--events: {e}");
+                    }
+                }
                 if let Some((m, _)) = &self.metrics {
                     use gpo_ops::metrics::Split;
                     m.alignment(Split::Test, report.methods["gpo"]);
@@ -426,6 +459,7 @@ pub fn run(a: Args) -> Result<()> {
     health.set_ready();
     let mut progress = Progress::new(p.cfg.steps);
     progress.metrics = Some((metrics, true));
+    progress.events_to(a.events.as_deref())?;
     if let Some((r, _)) = &p.resume {
         progress.bar.set_position(r.step);
     }

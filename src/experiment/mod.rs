@@ -6,7 +6,7 @@
 //! `report.md` and PNG plots.
 
 mod lm;
-mod plots;
+pub(crate) mod plots;
 mod report;
 
 use crate::inputs::{self, DataArgs};
@@ -83,6 +83,19 @@ fn ensure_embeddings(d: &DatasetSpec) -> Result<()> {
     let (Some(model), Some(data), Some(store)) = (&d.embed_model, &d.data, &d.embeddings) else {
         return Ok(());
     };
+    embed_store(model, data, d.format.as_deref(), &d.embed_template, store)
+        .with_context(|| format!("embedding dataset `{}` with {model}", d.name))
+}
+
+/// `gpo embed --model MODEL --data DATA --template TEMPLATE --out STORE [--format F]`
+/// (the layout part of F only: attributes change which groups load, not the texts).
+pub fn embed_store(
+    model: &str,
+    data: &Path,
+    format: Option<&str>,
+    template: &str,
+    store: &Path,
+) -> Result<()> {
     #[derive(clap::Parser)]
     struct Embed {
         #[command(flatten)]
@@ -93,22 +106,16 @@ fn ensure_embeddings(d: &DatasetSpec) -> Result<()> {
         "--data".into(),
         data.into(),
         "--template".into(),
-        d.embed_template.clone().into(),
+        template.into(),
     ]);
     argv.extend(["--out".into(), store.into()]);
-    // `gpo embed` takes the layout only (attributes change which groups load, not texts).
-    if let Some(f) = d
-        .format
-        .as_deref()
-        .map(|f| f.split(':').next().unwrap_or(""))
-    {
+    if let Some(f) = format.map(|f| f.split(':').next().unwrap_or("")) {
         if !f.is_empty() {
             argv.extend(["--format".into(), f.into()]);
         }
     }
     let e = <Embed as clap::Parser>::try_parse_from(argv).context("embedding arguments")?;
     crate::cmd::embed::run(e.args)
-        .with_context(|| format!("embedding dataset `{}` with {model}", d.name))
 }
 
 /// An experiment: datasets × splits × seeds, plus the few-shot curve.

@@ -15,7 +15,7 @@ const FONT_PATHS: [&str; 3] = [
 ];
 
 /// Registers a TrueType font as plotters' "sans-serif" once per process.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
         let path = std::env::var("GPO_FONT")
@@ -34,7 +34,7 @@ fn ensure_font() -> Result<()> {
     .map_err(anyhow::Error::msg)
 }
 
-const COLORS: [RGBColor; 7] = [
+pub(crate) const COLORS: [RGBColor; 7] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -44,7 +44,7 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(227, 119, 194),
 ];
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting: {e:?}")
 }
 

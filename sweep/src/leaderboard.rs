@@ -16,7 +16,10 @@ pub fn ranked(records: &[TrialRecord]) -> Vec<&TrialRecord> {
         .filter(|r| matches!(r.phase, Phase::Done | Phase::Stopped))
         .collect();
     scored.sort_by(|a, b| {
-        let (x, y) = (a.score.unwrap_or(f64::NEG_INFINITY), b.score.unwrap_or(f64::NEG_INFINITY));
+        let (x, y) = (
+            a.score.unwrap_or(f64::NEG_INFINITY),
+            b.score.unwrap_or(f64::NEG_INFINITY),
+        );
         y.total_cmp(&x).then_with(|| a.id.cmp(&b.id))
     });
     scored.extend(records.iter().filter(|r| r.phase == Phase::Failed));
@@ -24,7 +27,10 @@ pub fn ranked(records: &[TrialRecord]) -> Vec<&TrialRecord> {
 }
 
 fn keys(records: &[TrialRecord]) -> Vec<String> {
-    let mut k: Vec<String> = records.iter().flat_map(|r| r.params.keys().cloned()).collect();
+    let mut k: Vec<String> = records
+        .iter()
+        .flat_map(|r| r.params.keys().cloned())
+        .collect();
     k.sort();
     k.dedup();
     k
@@ -40,8 +46,16 @@ pub fn csv(records: &[TrialRecord], metric: &str) -> String {
     let keys = keys(records);
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut head: Vec<String> = [
-        "rank", "trial", "state", metric, "test", "best_step", "steps_run", "planned_steps",
-        "attempts", "seconds",
+        "rank",
+        "trial",
+        "state",
+        metric,
+        "test",
+        "best_step",
+        "steps_run",
+        "planned_steps",
+        "attempts",
+        "seconds",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -67,7 +81,10 @@ pub fn csv(records: &[TrialRecord], metric: &str) -> String {
             r.attempts.to_string(),
             format!("{:.1}", r.seconds),
         ];
-        row.extend(keys.iter().map(|k| r.params.get(k).cloned().unwrap_or_default()));
+        row.extend(
+            keys.iter()
+                .map(|k| r.params.get(k).cloned().unwrap_or_default()),
+        );
         row.push(r.error.clone().unwrap_or_default());
         w.write_record(&row).expect("writing to memory");
     }
@@ -78,7 +95,8 @@ pub fn csv(records: &[TrialRecord], metric: &str) -> String {
 pub fn markdown(records: &[TrialRecord], metric: &str, title: &str, limit: usize) -> String {
     let keys = keys(records);
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-    let mut out = format!("# {title}\n\n| rank | trial | state | {metric} | test | best step | steps |");
+    let mut out =
+        format!("# {title}\n\n| rank | trial | state | {metric} | test | best step | steps |");
     for k in &keys {
         out.push_str(&format!(" {} |", cell(k)));
     }
@@ -89,7 +107,11 @@ pub fn markdown(records: &[TrialRecord], metric: &str, title: &str, limit: usize
         if i >= limit && r.phase != Phase::Failed {
             continue;
         }
-        let rank = if r.phase == Phase::Failed { "".into() } else { (i + 1).to_string() };
+        let rank = if r.phase == Phase::Failed {
+            "".into()
+        } else {
+            (i + 1).to_string()
+        };
         out.push_str(&format!(
             "| {rank} | {} | {} | {} | {} | {} | {}/{} |",
             r.id,
@@ -101,7 +123,10 @@ pub fn markdown(records: &[TrialRecord], metric: &str, title: &str, limit: usize
             r.planned_steps
         ));
         for k in &keys {
-            out.push_str(&format!(" {} |", cell(r.params.get(k).map_or("", |s| s.as_str()))));
+            out.push_str(&format!(
+                " {} |",
+                cell(r.params.get(k).map_or("", |s| s.as_str()))
+            ));
         }
         out.push_str(&format!(" {} |\n", cell(r.error.as_deref().unwrap_or(""))));
     }
@@ -139,7 +164,11 @@ mod tests {
         assert!(lines[0].ends_with(",lr,error"));
         assert!(lines[1].starts_with("1,t2,stopped,0.7000"));
         assert!(lines[3].starts_with(",t1,failed,"));
-        assert!(lines[3].ends_with("\"exit 1, \"\"boom\"\"\""), "quoted: {}", lines[3]);
+        assert!(
+            lines[3].ends_with("\"exit 1, \"\"boom\"\"\""),
+            "quoted: {}",
+            lines[3]
+        );
         let md = markdown(&rs, "validation", "quick", 1);
         assert!(md.contains("| 1 | t2 | stopped |"));
         assert!(!md.contains("| t0 |"), "beyond the limit");

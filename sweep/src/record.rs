@@ -66,13 +66,8 @@ impl TrialRecord {
 
     /// Parses a record; `what` names the file in the error.
     pub fn parse(text: &str, what: &str) -> Result<Self, String> {
-        serde_json::from_str(text).map_err(|e| {
-            format!(
-                "{what}: line {}, column {}: {e}",
-                e.line(),
-                e.column()
-            )
-        })
+        serde_json::from_str(text)
+            .map_err(|e| format!("{what}: line {}, column {}: {e}", e.line(), e.column()))
     }
 
     /// The record as written.

@@ -350,9 +350,18 @@ mod tests {
     fn gangs_fill_the_pool_and_the_next_trial_starts_when_one_ends() {
         let mut s = Scheduler::new(5, 5, 4, 2, 0, EarlyStopping::None);
         // 5 workers hold two gangs of 2; the fifth worker is never half a gang.
-        assert_eq!(starts(&s.schedule()), vec![(0, vec![0, 1]), (1, vec![2, 3])]);
+        assert_eq!(
+            starts(&s.schedule()),
+            vec![(0, vec![0, 1]), (1, vec![2, 3])]
+        );
         let a = s.handle(Event::Ended { trial: 1 });
-        assert_eq!(a[0], Action::Final { trial: 1, phase: Phase::Done });
+        assert_eq!(
+            a[0],
+            Action::Final {
+                trial: 1,
+                phase: Phase::Done
+            }
+        );
         assert_eq!(starts(&a), vec![(2, vec![2, 3])]);
         assert_eq!(s.counts(), [2, 2, 1, 0, 0]);
     }
@@ -361,10 +370,32 @@ mod tests {
     fn a_failed_trial_is_retried_then_marked_failed_with_its_error() {
         let mut s = Scheduler::new(1, 1, 1, 1, 1, EarlyStopping::None);
         s.schedule();
-        let a = s.handle(Event::Failed { trial: 0, error: "boom".into() });
-        assert!(matches!(a[..], [Action::Start { trial: 0, attempt: 2, .. }]), "{a:?}");
-        let a = s.handle(Event::Failed { trial: 0, error: "boom 2".into() });
-        assert_eq!(a, vec![Action::Final { trial: 0, phase: Phase::Failed }]);
+        let a = s.handle(Event::Failed {
+            trial: 0,
+            error: "boom".into(),
+        });
+        assert!(
+            matches!(
+                a[..],
+                [Action::Start {
+                    trial: 0,
+                    attempt: 2,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let a = s.handle(Event::Failed {
+            trial: 0,
+            error: "boom 2".into(),
+        });
+        assert_eq!(
+            a,
+            vec![Action::Final {
+                trial: 0,
+                phase: Phase::Failed
+            }]
+        );
         assert_eq!(s.slot(0).error.as_deref(), Some("boom 2"));
         assert!(s.finished());
     }
@@ -377,27 +408,62 @@ mod tests {
         let a = s.schedule();
         assert_eq!(
             a[0],
-            Action::Start { trial: 1, gang: vec![0], attempt: 1, resume: true }
+            Action::Start {
+                trial: 1,
+                gang: vec![0],
+                attempt: 1,
+                resume: true
+            }
         );
         assert_eq!(
             a[1],
-            Action::Start { trial: 2, gang: vec![1], attempt: 1, resume: false }
+            Action::Start {
+                trial: 2,
+                gang: vec![1],
+                attempt: 1,
+                resume: false
+            }
         );
         assert_eq!(s.best(0), Some(0.7));
     }
 
     #[test]
     fn a_trial_the_rule_stops_ends_stopped() {
-        let rule = EarlyStopping::Asha { grace: 10, reduction: 2.0 };
+        let rule = EarlyStopping::Asha {
+            grace: 10,
+            reduction: 2.0,
+        };
         let mut s = Scheduler::new(2, 2, 2, 1, 0, rule);
         s.schedule();
-        assert!(s.handle(Event::Eval { trial: 0, step: 10, score: 0.9 }).is_empty());
-        let a = s.handle(Event::Eval { trial: 1, step: 10, score: 0.1 });
+        assert!(s
+            .handle(Event::Eval {
+                trial: 0,
+                step: 10,
+                score: 0.9
+            })
+            .is_empty());
+        let a = s.handle(Event::Eval {
+            trial: 1,
+            step: 10,
+            score: 0.1,
+        });
         assert_eq!(a, vec![Action::Stop { trial: 1 }]);
         // Asked once only.
-        assert!(s.handle(Event::Eval { trial: 1, step: 20, score: 0.0 }).is_empty());
+        assert!(s
+            .handle(Event::Eval {
+                trial: 1,
+                step: 20,
+                score: 0.0
+            })
+            .is_empty());
         let a = s.handle(Event::Ended { trial: 1 });
-        assert_eq!(a, vec![Action::Final { trial: 1, phase: Phase::Stopped }]);
+        assert_eq!(
+            a,
+            vec![Action::Final {
+                trial: 1,
+                phase: Phase::Stopped
+            }]
+        );
     }
 
     #[derive(Debug, Clone)]

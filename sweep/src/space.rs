@@ -119,4 +119,3 @@ pub fn show(v: &Value) -> String {
         other => other.to_string(),
     }
 }
-

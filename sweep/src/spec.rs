@@ -12,10 +12,10 @@
 //! and `targets` take `[min, max]` pairs; `dataset` and `embedder` choose among
 //! `[[datasets]]` and `[[embedders]]` by name.
 
-use serde::Deserialize;
-use std::collections::BTreeMap;
 use crate::space::{dim, draw, float, set, unit};
 pub use crate::space::{show, Dim};
+use serde::Deserialize;
+use std::collections::BTreeMap;
 use toml::{Table, Value};
 
 /// Short names of the space and the configuration paths they set.
@@ -220,7 +220,11 @@ impl SweepSpec {
         let name = match sweep.get("name") {
             None => "sweep".to_string(),
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => s.clone(),
-            Some(v) => return Err(format!("[sweep] `name` must be a string of 1 to 64 characters, got {v}")),
+            Some(v) => {
+                return Err(format!(
+                    "[sweep] `name` must be a string of 1 to 64 characters, got {v}"
+                ))
+            }
         };
         let search = match sweep.get("search").and_then(|v| v.as_str()) {
             None | Some("grid") => {
@@ -303,8 +307,14 @@ impl SweepSpec {
                 None => Ok(()),
             }
         };
-        unique(self.datasets.iter().map(|d| d.name.as_str()).collect(), "dataset")?;
-        unique(self.embedders.iter().map(|d| d.name.as_str()).collect(), "embedder")?;
+        unique(
+            self.datasets.iter().map(|d| d.name.as_str()).collect(),
+            "dataset",
+        )?;
+        unique(
+            self.embedders.iter().map(|d| d.name.as_str()).collect(),
+            "embedder",
+        )?;
         for (key, dim) in &self.space {
             if self.search == Search::Grid && !matches!(dim, Dim::Values(_)) {
                 return Err(format!(
@@ -332,7 +342,9 @@ impl SweepSpec {
             }
         }
         if !self.embedders.is_empty() && self.datasets.iter().any(|d| d.data.is_none()) {
-            return Err("an embedder needs datasets with `data` (the synthetic survey has no texts)".into());
+            return Err(
+                "an embedder needs datasets with `data` (the synthetic survey has no texts)".into(),
+            );
         }
         Ok(())
     }
@@ -499,7 +511,10 @@ context = [[10, 20], [10, 50]]
     #[test]
     fn a_grid_is_every_combination_with_stable_ids_and_configs() {
         let s = SweepSpec::parse(GRID).unwrap();
-        assert_eq!((s.concurrent, s.gang, s.workers, s.max_retries), (2, 2, 4, 2));
+        assert_eq!(
+            (s.concurrent, s.gang, s.workers, s.max_retries),
+            (2, 2, 4, 2)
+        );
         let t = s.trials();
         assert_eq!(t.len(), 12);
         assert_eq!(t[0].id, "t0000");
@@ -510,7 +525,11 @@ context = [[10, 20], [10, 50]]
         seen.dedup();
         assert_eq!(seen.len(), 12, "no combination twice");
         let c = s.config(&t[5]).unwrap();
-        assert_eq!(c["model"]["d_model"].as_integer(), Some(32), "the base stays");
+        assert_eq!(
+            c["model"]["d_model"].as_integer(),
+            Some(32),
+            "the base stays"
+        );
         assert_eq!(c["steps"].as_integer(), Some(40));
         let lr = c["adam"]["lr"].as_float().unwrap();
         assert!(lr == 1e-3 || lr == 3e-4);
@@ -557,10 +576,16 @@ heads = [2, 4]
     fn bad_files_are_refused_naming_the_section_and_key() {
         let cases = [
             ("[sweep]\nconcurent = 2", "[sweep] unknown key `concurent`"),
-            ("[sweep]\ngang = 0", "[sweep] `gang` must be an integer of at least 1"),
+            (
+                "[sweep]\ngang = 0",
+                "[sweep] `gang` must be an integer of at least 1",
+            ),
             ("[sweep]\ngang = 3\nworkers = 2", "smaller than one gang"),
             ("[space]\nlr = []", "[space] `lr`: an empty list"),
-            ("[space]\nlr = { uniform = [0, 1] }", "needs search = \"random\""),
+            (
+                "[space]\nlr = { uniform = [0, 1] }",
+                "needs search = \"random\"",
+            ),
             (
                 "[sweep]\nsearch=\"random\"\n[space]\nlr = { uniform = [1, 0] }",
                 "`uniform` needs low <= high",
@@ -569,12 +594,27 @@ heads = [2, 4]
                 "[sweep]\nsearch=\"random\"\n[space]\nlr = { normal = [0, 1] }",
                 "unknown distribution `normal`",
             ),
-            ("[space]\ndataset = [\"x\"]", "[space] `dataset`: \"x\" is not one of"),
-            ("[early_stopping]\nrule = \"asha\"\nreduction = 1", "`reduction` must be a number above 1"),
-            ("[early_stopping]\nrule = \"median\"\nreduction = 2", "`reduction` does not apply"),
-            ("[sweep]\nmetric = \"loss\"", "`metric` must be \"validation\" or \"test\""),
+            (
+                "[space]\ndataset = [\"x\"]",
+                "[space] `dataset`: \"x\" is not one of",
+            ),
+            (
+                "[early_stopping]\nrule = \"asha\"\nreduction = 1",
+                "`reduction` must be a number above 1",
+            ),
+            (
+                "[early_stopping]\nrule = \"median\"\nreduction = 2",
+                "`reduction` does not apply",
+            ),
+            (
+                "[sweep]\nmetric = \"loss\"",
+                "`metric` must be \"validation\" or \"test\"",
+            ),
             ("[trian]\nsteps = 1", "unknown section `trian`"),
-            ("[[datasets]]\nname = \"a\"\n[[datasets]]\nname = \"a\"", "dataset name `a` is used twice"),
+            (
+                "[[datasets]]\nname = \"a\"\n[[datasets]]\nname = \"a\"",
+                "dataset name `a` is used twice",
+            ),
         ];
         for (text, want) in cases {
             let e = SweepSpec::parse(text).unwrap_err();
@@ -582,7 +622,10 @@ heads = [2, 4]
         }
         let s = SweepSpec::parse("[space]\ncontext = [10, 20]").unwrap();
         let e = s.config(&s.trials()[0]).unwrap_err();
-        assert!(e.contains("[space] `context` takes [min, max] pairs"), "{e}");
+        assert!(
+            e.contains("[space] `context` takes [min, max] pairs"),
+            "{e}"
+        );
     }
 
     #[test]
