@@ -6,11 +6,16 @@ use std::process::Command;
 
 /// Runs `gpo experiment --config cfg --out out`, asserts it succeeded, returns its stderr.
 fn run_ok(cfg: &Path, out: &Path) -> String {
+    run_with(cfg, out, &[])
+}
+
+fn run_with(cfg: &Path, out: &Path, flags: &[&str]) -> String {
     let res = Command::new(env!("CARGO_BIN_EXE_gpo"))
         .args(["experiment", "--config"])
         .arg(cfg)
         .arg("--out")
         .arg(out)
+        .args(flags)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&res.stderr).into_owned();
@@ -54,6 +59,33 @@ n_groups = 8
     .unwrap();
     let out = dir.path().join("out");
     run_ok(&cfg, &out);
+    // The same protocol with its runs trained 3 at a time through the sweep's scheduler:
+    // every run's scores and the few-shot curve are the same.
+    let par = dir.path().join("par");
+    run_with(&cfg, &par, &["--concurrent", "3"]);
+    for run in [
+        "split0.5/seed0",
+        "split0.5/seed1",
+        "split0.75/seed0",
+        "split0.75/seed1",
+    ] {
+        let score = |o: &Path| {
+            let v: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(o.join("synthetic").join(run).join("summary.json")).unwrap(),
+            )
+            .unwrap();
+            (
+                v["methods"].clone(),
+                v["eval_history"].clone(),
+                v["loss_history"].clone(),
+            )
+        };
+        assert_eq!(score(&out), score(&par), "{run}");
+    }
+    assert_eq!(
+        std::fs::read(out.join("fewshot.json")).unwrap(),
+        std::fs::read(par.join("fewshot.json")).unwrap()
+    );
 
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();

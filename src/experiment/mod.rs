@@ -312,136 +312,213 @@ fn few_shot(
     Ok(out)
 }
 
-/// Runs an experiment and writes its outputs to `out`.
-pub fn run(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
+/// One (dataset, split, seed) run of an experiment: meta-trains, then scores the best
+/// checkpoint with the LLM baselines and on the few-shot curve where asked.
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    cfg: &ExperimentConfig,
+    out: &Path,
+    d: &DatasetSpec,
+    (split, seed): (f64, u64),
+    lm: &std::sync::Mutex<Option<lm::LmBaselines>>,
+    bar: &ProgressBar,
+) -> Result<(RunRecord, Vec<FewShotPoint>)> {
+    let few_split = cfg.few_shot_split.unwrap_or(cfg.splits[0]);
+    let (survey, features, desc) =
+        load_dataset(d, seed).with_context(|| format!("dataset `{}`", d.name))?;
+    let mut rc = cfg.train.clone();
+    rc.seed = seed;
+    rc.group_split = split;
+    rc.model.dim_x = features.dim;
+    let run_dir = out
+        .join(&d.name)
+        .join(format!("split{split}"))
+        .join(format!("seed{seed}"));
+    bar.suspend(|| eprintln!("{}: {desc}; split {split}, seed {seed}", d.name));
+    let (survey, features) = (Arc::new(survey), Arc::new(features));
+    let mut replica = Replica::new(
+        rc.model.clone(),
+        rc.adam,
+        seed,
+        survey.clone(),
+        features.clone(),
+        Device::Cpu,
+    )?;
+    replica.set_shard_groups(rc.shard_groups);
+    let mut dispatch = InProcess::new(replica);
+    let mut on_event = |e: RunEvent| {
+        if let RunEvent::Step { .. } = e {
+            bar.inc(1);
+        }
+    };
+    let summary = train(
+        &rc,
+        survey.clone(),
+        features.clone(),
+        &mut dispatch,
+        &run_dir,
+        &mut on_event,
+    )
+    .with_context(|| format!("{} split {split} seed {seed}", d.name))?;
+    let curve_seed = cfg
+        .few_shot_seeds
+        .as_ref()
+        .is_none_or(|v| v.contains(&seed));
+    let want_curve = (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed;
+    // The LLM baselines of one dataset are one model, used by one run at a time.
+    let mut lm = if d.lm_model.is_some() {
+        Some(lm.lock().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        None
+    };
+    if let (Some(guard), Some(m)) = (lm.as_mut(), &d.lm_model) {
+        if guard.is_none() {
+            let t = std::time::Instant::now();
+            let l = lm::LmBaselines::load(m).with_context(|| format!("dataset `{}`", d.name))?;
+            bar.suspend(|| {
+                eprintln!(
+                    "{}: LLM baselines with {} (loaded in {:.1} s), {} target questions per group",
+                    d.name,
+                    l.id(),
+                    t.elapsed().as_secs_f64(),
+                    d.lm_targets
+                )
+            });
+            **guard = Some(l);
+        }
+    }
+    let mut lm = lm.as_mut().and_then(|g| g.as_mut());
+    // The best checkpoint and the run's plan, once, for what re-scores it.
+    let best = if lm.is_some() || want_curve {
+        let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
+        let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
+        Some((model, RunPlan::new(&rc, &survey)?))
+    } else {
+        None
+    };
+    let mut lm_subset = BTreeMap::new();
+    if let (Some(lm), Some((model, plan))) = (lm.as_mut(), best.as_ref()) {
+        lm_subset = subset_scores(
+            lm,
+            d.lm_targets,
+            model,
+            &survey,
+            &features,
+            &plan.train,
+            &plan.eval,
+        )
+        .with_context(|| format!("{} split {split} seed {seed}: LLM baselines", d.name))?;
+    }
+    let mut curve = Vec::new();
+    if let (true, Some((model, plan))) = (want_curve, best.as_ref()) {
+        curve = few_shot(
+            &rc,
+            (model, plan),
+            &survey,
+            &features,
+            &cfg.few_shot,
+            &d.name,
+            lm.map(|l| (l, d.lm_targets)),
+        )?;
+    }
+    Ok((
+        RunRecord {
+            dataset: d.name.clone(),
+            split,
+            seed,
+            summary,
+            lm_subset,
+        },
+        curve,
+    ))
+}
+
+/// Runs an experiment and writes its outputs to `out`. Its runs (datasets × splits ×
+/// seeds) go through the sweep's gang scheduler, `concurrent` at a time in this process;
+/// each run is seeded, so the results do not depend on `concurrent`. The first failure
+/// stops new runs from starting and is returned once the running ones end.
+pub fn run(cfg: &ExperimentConfig, out: &Path, concurrent: usize) -> Result<()> {
+    use gpo_sweep::schedule::{Action, Event, Scheduler};
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let total_runs = (cfg.datasets.len() * cfg.splits.len() * cfg.seeds.len()) as u64;
-    let bar = ProgressBar::new(total_runs * cfg.train.steps);
+    let grid: Vec<(usize, f64, u64)> = (0..cfg.datasets.len())
+        .flat_map(|d| {
+            cfg.splits
+                .iter()
+                .flat_map(move |&s| cfg.seeds.iter().map(move |&seed| (d, s, seed)))
+        })
+        .collect();
+    let bar = ProgressBar::new(grid.len() as u64 * cfg.train.steps);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {percent}% eta {eta} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let few_split = cfg.few_shot_split.unwrap_or(cfg.splits[0]);
-    let mut records = Vec::new();
-    let mut curve = Vec::new();
-    for d in &cfg.datasets {
-        let mut lm = match &d.lm_model {
-            Some(m) => {
-                let t = std::time::Instant::now();
-                let l =
-                    lm::LmBaselines::load(m).with_context(|| format!("dataset `{}`", d.name))?;
-                bar.suspend(|| {
-                    eprintln!(
-                        "{}: LLM baselines with {} (loaded in {:.1} s), {} target questions per group",
-                        d.name,
-                        l.id(),
-                        t.elapsed().as_secs_f64(),
-                        d.lm_targets
-                    )
-                });
-                Some(l)
-            }
-            None => None,
-        };
-        for &split in &cfg.splits {
-            for &seed in &cfg.seeds {
-                let (survey, features, desc) =
-                    load_dataset(d, seed).with_context(|| format!("dataset `{}`", d.name))?;
-                let mut rc = cfg.train.clone();
-                rc.seed = seed;
-                rc.group_split = split;
-                rc.model.dim_x = features.dim;
-                let run_dir = out
-                    .join(&d.name)
-                    .join(format!("split{split}"))
-                    .join(format!("seed{seed}"));
-                bar.set_message(format!("{} split {split} seed {seed}", d.name));
-                bar.suspend(|| eprintln!("{}: {desc}; split {split}, seed {seed}", d.name));
-                let (survey, features) = (Arc::new(survey), Arc::new(features));
-                let mut replica = Replica::new(
-                    rc.model.clone(),
-                    rc.adam,
-                    seed,
-                    survey.clone(),
-                    features.clone(),
-                    Device::Cpu,
-                )?;
-                replica.set_shard_groups(rc.shard_groups);
-                let mut dispatch = InProcess::new(replica);
-                let mut on_event = |e: RunEvent| {
-                    if let RunEvent::Step { .. } = e {
-                        bar.inc(1);
-                    }
+    bar.set_message(format!(
+        "{} runs, {} at a time",
+        grid.len(),
+        concurrent.max(1)
+    ));
+    let lms: Vec<std::sync::Mutex<Option<lm::LmBaselines>>> =
+        cfg.datasets.iter().map(|_| Default::default()).collect();
+    let conc = concurrent.max(1);
+    let mut sched = Scheduler::new(
+        grid.len(),
+        conc,
+        conc,
+        1,
+        0,
+        gpo_sweep::spec::EarlyStopping::None,
+    );
+    let mut results: Vec<Option<(RunRecord, Vec<FewShotPoint>)>> = Vec::new();
+    results.resize_with(grid.len(), || None);
+    let mut failure: Option<anyhow::Error> = None;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut actions = sched.schedule();
+        loop {
+            for a in std::mem::take(&mut actions) {
+                let Action::Start { trial, .. } = a else {
+                    continue;
                 };
-                let summary = train(
-                    &rc,
-                    survey.clone(),
-                    features.clone(),
-                    &mut dispatch,
-                    &run_dir,
-                    &mut on_event,
-                )
-                .with_context(|| format!("{} split {split} seed {seed}", d.name))?;
-                let curve_seed = cfg
-                    .few_shot_seeds
-                    .as_ref()
-                    .is_none_or(|v| v.contains(&seed));
-                let want_curve =
-                    (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed;
-                // The best checkpoint and the run's plan, once, for what re-scores it.
-                let best = if lm.is_some() || want_curve {
-                    let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
-                    let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
-                    Some((model, RunPlan::new(&rc, &survey)?))
-                } else {
-                    None
-                };
-                let mut lm_subset = BTreeMap::new();
-                if let (Some(lm), Some((model, plan))) = (lm.as_mut(), best.as_ref()) {
-                    bar.set_message(format!(
-                        "{} split {split} seed {seed}: LLM baselines",
-                        d.name
-                    ));
-                    lm_subset = subset_scores(
-                        lm,
-                        d.lm_targets,
-                        model,
-                        &survey,
-                        &features,
-                        &plan.train,
-                        &plan.eval,
-                    )
-                    .with_context(|| {
-                        format!("{} split {split} seed {seed}: LLM baselines", d.name)
-                    })?;
+                if failure.is_some() {
+                    // After a failure nothing new starts; the scheduler sees it end at once.
+                    actions.extend(sched.handle(Event::Failed {
+                        trial,
+                        error: "not started after an earlier failure".into(),
+                    }));
+                    continue;
                 }
-                if let (true, Some((model, plan))) = (want_curve, best.as_ref()) {
-                    bar.set_message(format!(
-                        "{} split {split} seed {seed}: few-shot curve",
-                        d.name
-                    ));
-                    curve.extend(few_shot(
-                        &rc,
-                        (model, plan),
-                        &survey,
-                        &features,
-                        &cfg.few_shot,
-                        &d.name,
-                        lm.as_mut().map(|l| (l, d.lm_targets)),
-                    )?);
-                }
-                records.push(RunRecord {
-                    dataset: d.name.clone(),
-                    split,
-                    seed,
-                    summary,
-                    lm_subset,
+                let (d, split, seed) = grid[trial];
+                let (tx, lms, bar) = (tx.clone(), &lms, &bar);
+                scope.spawn(move || {
+                    let r = one_run(cfg, out, &cfg.datasets[d], (split, seed), &lms[d], bar);
+                    let _ = tx.send((trial, r));
                 });
             }
+            if sched.finished() {
+                return Ok(());
+            }
+            let (trial, r) = rx.recv().context("an experiment run hung up")?;
+            actions = match r {
+                Ok(v) => {
+                    results[trial] = Some(v);
+                    sched.handle(Event::Ended { trial })
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    failure.get_or_insert(e);
+                    sched.handle(Event::Failed { trial, error: msg })
+                }
+            };
         }
-    }
+    })?;
     bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let (records, curves): (Vec<RunRecord>, Vec<Vec<FewShotPoint>>) =
+        results.into_iter().flatten().unzip();
+    let curve: Vec<FewShotPoint> = curves.into_iter().flatten().collect();
     report::write(cfg, out, &records, &curve)
 }

@@ -186,6 +186,13 @@ fn run_child(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    if job.resume {
+        // It ended after the sweep's process died, before its end was recorded.
+        if let Ok(Some(done)) = read_summary(&run) {
+            follow(&events, &mut 0, job.trial, tx);
+            return Ok(Some(done));
+        }
+    }
     let resume =
         job.resume && !gpo_core::io::checkpoint::resume_points(&run.join("checkpoints")).is_empty();
     if !resume {

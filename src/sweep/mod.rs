@@ -333,6 +333,8 @@ pub fn run(
                     r.evals.push((step, score));
                     r.steps_run = step;
                     book.tests[trial].push((step, test));
+                    // `gpo sweep status` and a resumed stopping rule see it.
+                    book.save(trial)?;
                 }
                 Event::Eval { trial, step, score }
             }
