@@ -332,3 +332,107 @@ fn the_quick_example_is_twelve_trials() {
     let t = support::text(&o);
     assert!(t.contains("12 trials; pending 12"), "{t}");
 }
+
+/// `gpo sweep --listen`: trials gang-scheduled on a pool of `gpo worker --sweep` processes
+/// (gangs of 2, all-reducing over the TCP ring under the pool's token). The sweep is killed
+/// halfway and started again on the same address: the pool's workers reconnect, running
+/// trials continue from their resume points, and every trial ends once.
+#[test]
+fn a_pool_of_workers_serves_gangs_and_survives_the_sweeps_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("sweep.toml");
+    std::fs::write(
+        &spec,
+        TINY.replace("concurrent = 2\ngang = 1", "concurrent = 1\ngang = 2")
+            .replace("lr = [3e-3, 1e-3, 3e-4]", "lr = [1e-3]"),
+    )
+    .unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = tmp.path().join("out");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let sweep = || {
+        let mut c = gpo();
+        c.args(["sweep", "--spec"])
+            .arg(&spec)
+            .arg("--out")
+            .arg(&out)
+            .args(["--listen", &listen, "--token-file"])
+            .arg(&token);
+        c
+    };
+    let mut first = sweep()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Their logs go to files: an unread pipe would fill and block a worker mid-step.
+    let workers: Vec<(std::process::Child, std::path::PathBuf)> = ["p0", "p1"]
+        .iter()
+        .map(|n| {
+            let log = tmp.path().join(format!("{n}.log"));
+            let c = gpo()
+                .args(["worker", "--sweep", &listen, "--name", n, "--token-file"])
+                .arg(&token)
+                .args(["--connect-timeout-s", "120"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (c, log)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mid_run = |out: &Path| {
+        records(out)
+            .iter()
+            .any(|r| r["phase"] == "running" && r["evals"].as_array().is_some_and(|e| e.len() >= 2))
+    };
+    while phase_count(&out, "done") < 1 || !mid_run(&out) {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let o = sweep().output().unwrap();
+    let text = support::text(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("resuming;"), "{text}");
+    assert!(
+        text.contains("joined the pool (2 live)"),
+        "the workers came back:\n{text}"
+    );
+    let rows = csv_rows(&out);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r[2] == "done"), "{rows:?}");
+    let mut resumed = 0;
+    let mut logs = String::new();
+    for r in records(&out) {
+        let id = r["id"].as_str().unwrap();
+        let log = std::fs::read_to_string(out.join("trials").join(id).join("train.log")).unwrap();
+        assert_eq!(log.matches("summary: ").count(), 1, "trial {id}:\n{log}");
+        assert!(
+            log.contains("waiting for 2 worker(s)"),
+            "a gang of 2:\n{log}"
+        );
+        resumed += usize::from(log.contains("stopped at step"));
+        logs.push_str(&format!("--- {id}: {r}\n{log}\n"));
+    }
+    assert!(
+        resumed >= 1,
+        "no trial continued from its resume point:\n{text}\n{logs}"
+    );
+    // The sweep's clean end ends the pool: the workers exit 0.
+    for (mut w, log) in workers {
+        let st = w.wait().unwrap();
+        let e = std::fs::read_to_string(log).unwrap();
+        assert!(st.success(), "{e}");
+        assert!(e.contains("the sweep is over"), "{e}");
+    }
+}

@@ -38,7 +38,15 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     let mut exec = crate::sweep::exec::Sleep {
         seconds: a.trial_seconds,
     };
-    let o = crate::sweep::run(&spec, &path, &dir.path().join("out"), &mut exec, None)?;
+    let o = crate::sweep::run(
+        &spec,
+        &path,
+        &dir.path().join("out"),
+        &mut exec,
+        None,
+        crate::sweep::Workers::Local,
+        std::sync::mpsc::channel(),
+    )?;
     let ideal = a.trials as f64 * a.trial_seconds / a.workers as f64;
     let ideal = ideal.max(a.trial_seconds);
     println!(

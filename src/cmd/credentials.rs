@@ -53,6 +53,25 @@ impl Flags {
     }
 
     /// `gpo serve`'s side: the same files, token and limit, for its HTTP and gRPC ports.
+    /// The flags again, for a child process that serves with the same credentials.
+    pub fn pass_through(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        for (flag, p) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+            ("--token-file", &self.token_file),
+        ] {
+            if let Some(p) = p {
+                v.push(flag.into());
+                v.push(p.into());
+            }
+        }
+        v.push("--max-message-bytes".into());
+        v.push(self.max_message_bytes.to_string().into());
+        v
+    }
+
     pub fn serve(&self) -> Result<gpo_serve::security::Security> {
         let token = self
             .token_file

@@ -17,3 +17,4 @@ pub mod sweep;
 pub mod synth;
 pub mod train;
 pub mod worker;
+pub mod worker_pool;

@@ -54,6 +54,18 @@ pub struct RunArgs {
     /// value, whatever the trial count), so a coordinator started again finds it.
     #[arg(long, env = "GPO_ETCD")]
     pub etcd: Option<String>,
+    /// Serve a worker pool on this address (`gpo worker --sweep ADDR` joins it): trials run
+    /// as `gpo coordinator` processes whose gangs come from the pool. Without it, trials run
+    /// on `[sweep] workers` processes of this machine.
+    #[arg(long, env = "GPO_SWEEP_LISTEN", value_parser = crate::cmd::coordinator::parse_listen)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The host the pool's workers reach trial coordinators at (a pod IP, a Service name;
+    /// default: the --listen address, or this host's name when it listens on all).
+    #[arg(long, env = "GPO_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// The pool's credentials, also those of every trial coordinator.
+    #[command(flatten)]
+    pub credentials: crate::cmd::credentials::Flags,
 }
 
 /// The etcd pointer's value.
@@ -150,18 +162,59 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     health.set_ready();
     let exe = std::env::current_exe().context("locating the gpo binary")?;
-    let threads = (gpo_core::grad::default_threads() / spec.workers).max(1);
-    let mut exec = Processes::new(exe, threads);
-    eprintln!(
-        "sweep `{}`: {} trials, {} at once on {} workers (gangs of {}), into {}",
-        spec.name,
-        spec.trials().len(),
-        spec.concurrent,
-        spec.workers,
-        spec.gang,
-        out.display()
-    );
-    let o = crate::sweep::run(&text, &spec_path, &out, &mut exec, Some(metrics))?;
+    let channel = std::sync::mpsc::channel();
+    let (mut exec, workers, _pool): (Box<dyn crate::sweep::exec::Executor>, _, _) = match a.listen {
+        None => {
+            let threads = (gpo_core::grad::default_threads() / spec.workers).max(1);
+            eprintln!(
+                "sweep `{}`: {} trials, {} at once on {} local workers (gangs of {}), into {}",
+                spec.name,
+                spec.trials().len(),
+                spec.concurrent,
+                spec.workers,
+                spec.gang,
+                out.display()
+            );
+            (
+                Box::new(Processes::new(exe, threads)),
+                crate::sweep::Workers::Local,
+                None,
+            )
+        }
+        Some(listen) => {
+            let sec = a.credentials.server()?;
+            let server = crate::sweep::pool::PoolServer::start(listen, &sec, channel.0.clone())?;
+            let advertise = a.advertise_host.clone().unwrap_or_else(|| {
+                if listen.ip().is_unspecified() {
+                    crate::cmd::worker::host()
+                } else {
+                    listen.ip().to_string()
+                }
+            });
+            let mut p = crate::sweep::pool::PoolExec::new(exe, listen.ip(), advertise);
+            p.credentials = a.credentials.pass_through();
+            eprintln!(
+                    "sweep `{}`: {} trials, {} at once in gangs of {}; worker pool on {} (gpo worker --sweep {}), into {}",
+                    spec.name,
+                    spec.trials().len(),
+                    spec.concurrent,
+                    spec.gang,
+                    server.addr(),
+                    server.addr(),
+                    out.display()
+                );
+            (Box::new(p), crate::sweep::Workers::Pool, Some(server))
+        }
+    };
+    let o = crate::sweep::run(
+        &text,
+        &spec_path,
+        &out,
+        exec.as_mut(),
+        Some(metrics),
+        workers,
+        channel,
+    )?;
     let [_, _, done, stopped, failed] = o.counts;
     println!(
         "sweep `{}`: {done} done, {stopped} stopped early, {failed} failed in {:.1} s",

@@ -21,6 +21,11 @@ pub struct Args {
     /// http://host:port.
     #[arg(long, env = "GPO_COORDINATOR")]
     pub coordinator: Option<String>,
+    /// Join the worker pool of the sweep at this address (`gpo sweep --listen`) instead of
+    /// one run: the worker serves trial after trial, a gang at a time, until the sweep is
+    /// over.
+    #[arg(long, env = "GPO_SWEEP", conflicts_with_all = ["coordinator", "etcd"])]
+    pub sweep: Option<String>,
     /// This worker's name (default: worker-<host>-<pid>).
     #[arg(long, env = "GPO_WORKER_NAME")]
     pub name: Option<String>,
@@ -97,7 +102,7 @@ fn default_cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".gpo-cache"))
 }
 
-fn host() -> String {
+pub fn host() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .ok()
@@ -153,7 +158,13 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
         .as_deref()
         .map(|e| gpo_worker::etcd::EtcdConfig::new(e, &a.run_name, 5))
         .transpose()?;
-    let coordinator = match (a.coordinator.clone().or(file.coordinator), &etcd) {
+    let coordinator = match (
+        a.coordinator
+            .clone()
+            .or(a.sweep.clone())
+            .or(file.coordinator),
+        &etcd,
+    ) {
         (Some(c), _) => {
             gpo_worker::addr::coordinator_url(&c)
                 .map_err(anyhow::Error::msg)
@@ -260,8 +271,15 @@ pub fn run(a: Args) -> Result<()> {
             }
             let _ = tx.send(true);
         });
-        client::run(opts, loader(), rx).await
+        if let Some(sweep) = &a.sweep {
+            crate::cmd::worker_pool::run(sweep, opts, rx).await?;
+            return Ok(None);
+        }
+        client::run(opts, loader(), rx).await.map(Some)
     })?;
+    let Some(report) = report else {
+        return Ok(());
+    };
     eprintln!(
         "worker {} of run {}: {} steps, {} rejoins; stopped: {}",
         report.worker_id, report.run_id, report.steps, report.rejoins, report.reason

@@ -7,9 +7,10 @@
 //!
 //! - [`Processes`]: each trial is a `gpo train` child process — in process for a gang of 1,
 //!   `--workers N` (a coordinator and N worker processes all-reducing over the TCP ring)
-//!   for a gang of N — following its `--events` file. A child gets SIGTERM when the sweep's
-//!   process dies (`PR_SET_PDEATHSIG`), so it writes a resume point and the resumed sweep
-//!   continues it; stopping a trial early is the same SIGTERM.
+//!   for a gang of N — following its `--events` file. A child gets SIGUSR1 when the sweep's
+//!   process dies (`PR_SET_PDEATHSIG`; see `crate::signals` for why not SIGTERM), so it
+//!   writes a resume point and the resumed sweep continues it; stopping a trial early is a
+//!   SIGTERM.
 //! - [`Sleep`]: each trial sleeps, then reports a score.
 
 use anyhow::Result;
@@ -79,6 +80,50 @@ pub enum Msg {
         /// Its outcome.
         result: Result<Option<TrialResult>, String>,
     },
+    /// A worker joined the pool (connection `conn`); its assignments go to `assign`.
+    Joined {
+        /// The pool connection.
+        conn: u64,
+        /// The worker's name.
+        name: String,
+        /// Where its assignments go.
+        assign: super::pool::AssignTx,
+    },
+    /// A pool connection ended.
+    Left {
+        /// The pool connection.
+        conn: u64,
+    },
+}
+
+/// Running children by trial.
+pub type Pids = Arc<Mutex<HashMap<usize, u32>>>;
+
+/// Sends SIGTERM to a trial's child: it stops at the next step with a resume point.
+pub fn signal(pids: &Pids, trial: usize) {
+    if let Some(pid) = pids.lock().unwrap_or_else(|p| p.into_inner()).get(&trial) {
+        // SAFETY: kill(2) on a pid this process started and has not reaped.
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGTERM);
+        }
+    }
+}
+
+/// What a trial's child process is.
+pub enum Mode {
+    /// `gpo train` (`--workers N` for a gang of N: worker processes it starts itself).
+    Train,
+    /// `gpo coordinator` for a gang lent from the sweep's pool.
+    Coordinator {
+        /// Where it listens.
+        listen: std::net::SocketAddr,
+        /// Where it writes its address.
+        addr_file: PathBuf,
+        /// Its credential flags (`--token-file`, `--tls-*`).
+        credentials: Vec<std::ffi::OsString>,
+        /// Called with its port once it listens: lends the gang to it.
+        on_listening: Box<dyn FnOnce(u16) + Send>,
+    },
 }
 
 /// Runs trials.
@@ -87,13 +132,19 @@ pub trait Executor {
     fn start(&mut self, job: Job, tx: Sender<Msg>);
     /// Asks a running trial to stop early (it keeps its best checkpoint).
     fn stop(&mut self, trial: usize);
+    /// A pool worker joined as worker `worker` of the scheduler.
+    fn joined(&mut self, _worker: usize, _name: String, _assign: super::pool::AssignTx) {}
+    /// Pool worker `worker` left.
+    fn left(&mut self, _worker: usize) {}
+    /// The sweep is over.
+    fn close(&mut self) {}
 }
 
 /// Trials as `gpo train` child processes.
 pub struct Processes {
     exe: PathBuf,
     threads: usize,
-    pids: Arc<Mutex<HashMap<usize, u32>>>,
+    pids: Pids,
 }
 
 impl Processes {
@@ -162,12 +213,14 @@ fn follow(path: &Path, pos: &mut u64, trial: usize, tx: &Sender<Msg>) {
     }
 }
 
-fn run_child(
+/// Runs one trial's child process to its end, following its events.
+pub fn run_child(
     exe: &Path,
     threads: usize,
     job: &Job,
-    pids: &Mutex<HashMap<usize, u32>>,
+    pids: &Pids,
     tx: &Sender<Msg>,
+    mode: Mode,
 ) -> Result<Option<TrialResult>, String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     std::fs::create_dir_all(&job.dir).map_err(|e| io("creating", &job.dir, e))?;
@@ -212,14 +265,34 @@ fn run_child(
         .open(&log_path)
         .map_err(|e| io("opening", &log_path, e))?;
     let mut c = Command::new(exe);
-    c.arg("train");
+    let mut on_listening = None;
+    match mode {
+        Mode::Train => {
+            c.arg("train");
+        }
+        Mode::Coordinator {
+            listen,
+            addr_file,
+            credentials,
+            on_listening: f,
+        } => {
+            c.arg("coordinator")
+                .args(["--listen", &listen.to_string()])
+                .arg("--addr-file")
+                .arg(&addr_file)
+                // A gang that never arrives fails the trial (and it is retried).
+                .args(["--registration-timeout-s", "120"]);
+            c.args(credentials);
+            on_listening = Some((addr_file, f));
+        }
+    }
     if resume {
         c.arg("--resume").arg(&run);
     } else {
         c.arg("--config").arg(&config).arg("--out").arg(&run);
     }
     c.arg("--events").arg(&events);
-    if job.gang.len() > 1 {
+    if job.gang.len() > 1 || on_listening.is_some() {
         c.args(["--workers", &job.gang.len().to_string()]);
     } else {
         c.env("RAYON_NUM_THREADS", threads.to_string());
@@ -247,7 +320,7 @@ fn run_child(
     unsafe {
         use std::os::unix::process::CommandExt;
         c.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR1);
             Ok(())
         });
     }
@@ -261,6 +334,15 @@ fn run_child(
     let mut pos = 0;
     let status = loop {
         follow(&events, &mut pos, job.trial, tx);
+        if let Some((file, _)) = &on_listening {
+            let port = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.port());
+            if let (Some(port), Some((_, f))) = (port, on_listening.take_if(|_| port.is_some())) {
+                f(port);
+            }
+        }
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
@@ -295,7 +377,7 @@ impl Executor for Processes {
     fn start(&mut self, job: Job, tx: Sender<Msg>) {
         let (exe, threads, pids) = (self.exe.clone(), self.threads, self.pids.clone());
         std::thread::spawn(move || {
-            let result = run_child(&exe, threads, &job, &pids, &tx);
+            let result = run_child(&exe, threads, &job, &pids, &tx, Mode::Train);
             let _ = tx.send(Msg::Ended {
                 trial: job.trial,
                 result,
@@ -304,17 +386,7 @@ impl Executor for Processes {
     }
 
     fn stop(&mut self, trial: usize) {
-        if let Some(pid) = self
-            .pids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&trial)
-        {
-            // SAFETY: kill(2) on a pid this process started and has not reaped.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGTERM);
-            }
-        }
+        signal(&self.pids, trial);
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod exec;
 mod plots;
+pub mod pool;
 
 use anyhow::{bail, Context, Result};
 use exec::{Executor, Job, Msg};
@@ -159,14 +160,25 @@ impl Book<'_> {
     }
 }
 
+/// Where a sweep's workers come from.
+pub enum Workers {
+    /// `[sweep] workers` slots of this machine.
+    Local,
+    /// Workers that join over gRPC; their joins and leaves arrive on the channel.
+    Pool,
+}
+
 /// Runs (or resumes) the sweep of `spec_text` in `out` with `executor`, serving the sweep's
-/// metrics into `metrics` when given.
+/// metrics into `metrics` when given. `channel` carries the executor's and the pool's
+/// messages.
 pub fn run(
     spec_text: &str,
     spec_path: &Path,
     out: &Path,
     executor: &mut dyn Executor,
     metrics: Option<gpo_ops::metrics::SweepMetrics>,
+    workers: Workers,
+    channel: (mpsc::Sender<Msg>, mpsc::Receiver<Msg>),
 ) -> Result<Outcome> {
     let t0 = Instant::now();
     let spec =
@@ -193,7 +205,10 @@ pub fn run(
     let mut old = load_records(out)?;
     let mut sched = Scheduler::new(
         trials.len(),
-        spec.workers,
+        match workers {
+            Workers::Local => spec.workers,
+            Workers::Pool => 0,
+        },
         spec.concurrent,
         spec.gang,
         spec.max_retries,
@@ -244,7 +259,8 @@ pub fn run(
         metrics,
         tests: vec![vec![]; n],
     };
-    let (tx, rx) = mpsc::channel::<Msg>();
+    let (tx, rx) = channel;
+    let mut conns: BTreeMap<u64, usize> = BTreeMap::new();
     let mut actions = sched.schedule();
     book.sync_metrics(&sched);
     loop {
@@ -313,6 +329,28 @@ pub fn run(
         }
         let msg = rx.recv().context("every trial runner hung up")?;
         let ev = match msg {
+            Msg::Joined { conn, name, assign } => {
+                let (w, a) = sched.join();
+                eprintln!(
+                    "sweep: worker `{name}` joined the pool ({} live)",
+                    sched.live_workers()
+                );
+                conns.insert(conn, w);
+                executor.joined(w, name, assign);
+                actions = a;
+                continue;
+            }
+            Msg::Left { conn } => {
+                if let Some(w) = conns.remove(&conn) {
+                    sched.leave(w);
+                    executor.left(w);
+                    eprintln!(
+                        "sweep: a worker left the pool ({} live)",
+                        sched.live_workers()
+                    );
+                }
+                continue;
+            }
             Msg::Eval {
                 trial,
                 step,
@@ -374,6 +412,7 @@ pub fn run(
         };
         actions = sched.handle(ev);
     }
+    executor.close();
     let outcome = finish(&spec, out, &book.recs)?;
     Ok(Outcome {
         seconds: t0.elapsed().as_secs_f64(),
@@ -386,7 +425,7 @@ fn finish(spec: &SweepSpec, out: &Path, recs: &[TrialRecord]) -> Result<Outcome>
     let metric = spec.metric.as_str();
     write_atomic(
         &out.join("leaderboard.csv"),
-        &gpo_sweep::leaderboard::csv(recs, metric),
+        &gpo_sweep::leaderboard::csv(recs),
     )?;
     let title = format!(
         "Sweep `{}`: {} trials, ranked by {metric}",

@@ -40,16 +40,17 @@ fn num(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.4}")).unwrap_or_default()
 }
 
-/// The CSV: `rank,trial,state,<metric>,test,best_step,steps_run,planned_steps,attempts,
-/// seconds,<params...>,error`.
-pub fn csv(records: &[TrialRecord], metric: &str) -> String {
+/// The CSV: `rank,trial,state,score,test,best_step,steps_run,planned_steps,attempts,
+/// seconds,<params...>,error`; `score` is the sweep's ranking metric (validation or test
+/// alignment), `test` the held-out groups' alignment either way.
+pub fn csv(records: &[TrialRecord]) -> String {
     let keys = keys(records);
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut head: Vec<String> = [
         "rank",
         "trial",
         "state",
-        metric,
+        "score",
         "test",
         "best_step",
         "steps_run",
@@ -157,10 +158,10 @@ mod tests {
         ];
         let ids: Vec<&str> = ranked(&rs).iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["t2", "t0", "t1"]);
-        let c = csv(&rs, "validation");
+        let c = csv(&rs);
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines.len(), 4, "a header and one row per ended trial:\n{c}");
-        assert!(lines[0].starts_with("rank,trial,state,validation,test"));
+        assert!(lines[0].starts_with("rank,trial,state,score,test"));
         assert!(lines[0].ends_with(",lr,error"));
         assert!(lines[1].starts_with("1,t2,stopped,0.7000"));
         assert!(lines[3].starts_with(",t1,failed,"));

@@ -133,8 +133,8 @@ pub struct Slot {
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     trials: Vec<Slot>,
-    /// Worker → the trial it runs.
-    workers: Vec<Option<usize>>,
+    /// The pool, by worker index (a worker that left keeps its index).
+    workers: Vec<Worker>,
     concurrent: usize,
     gang: usize,
     max_retries: u32,
@@ -145,12 +145,24 @@ pub struct Scheduler {
     counts: [usize; 5],
 }
 
+/// A worker of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Worker {
+    /// In no gang.
+    Free,
+    /// In the gang of this trial.
+    Busy(usize),
+    /// Left the pool (a gang it was in runs on without it: the run's own fault tolerance).
+    Gone,
+}
+
 fn index(p: Phase) -> usize {
     Phase::ALL.iter().position(|q| *q == p).expect("a phase")
 }
 
 impl Scheduler {
-    /// `trials` pending trials on a pool of `workers`.
+    /// `trials` pending trials on a pool of `workers` (0 for a pool that workers
+    /// [`Scheduler::join`]).
     pub fn new(
         trials: usize,
         workers: usize,
@@ -159,7 +171,7 @@ impl Scheduler {
         max_retries: u32,
         rule: EarlyStopping,
     ) -> Self {
-        assert!(gang >= 1 && workers >= gang && concurrent >= 1);
+        assert!(gang >= 1 && concurrent >= 1);
         Scheduler {
             trials: vec![
                 Slot {
@@ -172,7 +184,7 @@ impl Scheduler {
                 };
                 trials
             ],
-            workers: vec![None; workers],
+            workers: vec![Worker::Free; workers],
             concurrent,
             gang,
             max_retries,
@@ -238,7 +250,7 @@ impl Scheduler {
         let mut out = Vec::new();
         while self.running() < self.concurrent {
             let free: Vec<usize> = (0..self.workers.len())
-                .filter(|w| self.workers[*w].is_none())
+                .filter(|w| self.workers[*w] == Worker::Free)
                 .take(self.gang)
                 .collect();
             if free.len() < self.gang {
@@ -257,7 +269,7 @@ impl Scheduler {
             };
             let Some(t) = next else { break };
             for &w in &free {
-                self.workers[w] = Some(t);
+                self.workers[w] = Worker::Busy(t);
             }
             self.set(t, Phase::Running);
             let s = &mut self.trials[t];
@@ -276,8 +288,30 @@ impl Scheduler {
 
     fn release(&mut self, trial: usize) {
         for w in std::mem::take(&mut self.trials[trial].gang) {
-            self.workers[w] = None;
+            if self.workers[w] == Worker::Busy(trial) {
+                self.workers[w] = Worker::Free;
+            }
         }
+    }
+
+    /// A worker joins the pool: its index, and the trials that can start now.
+    pub fn join(&mut self) -> (usize, Vec<Action>) {
+        self.workers.push(Worker::Free);
+        (self.workers.len() - 1, self.schedule())
+    }
+
+    /// A worker leaves the pool. A trial whose gang it was in goes on (a distributed run
+    /// continues with the workers it has left, or fails and is retried); the worker is
+    /// never given to a gang again.
+    pub fn leave(&mut self, worker: usize) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            *w = Worker::Gone;
+        }
+    }
+
+    /// Workers in the pool (not gone).
+    pub fn live_workers(&self) -> usize {
+        self.workers.iter().filter(|w| **w != Worker::Gone).count()
     }
 
     /// Feeds one event; answers what to do, including the trials that can start now.
@@ -471,6 +505,8 @@ mod tests {
         Eval(usize, u64, u32),
         End(usize),
         Fail(usize),
+        Join,
+        Leave(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -478,25 +514,27 @@ mod tests {
             (0..12usize, 1..100u64, 0..100u32).prop_map(|(t, s, v)| Op::Eval(t, s, v)),
             (0..12usize).prop_map(Op::End),
             (0..12usize).prop_map(Op::Fail),
+            Just(Op::Join),
+            (0..12usize).prop_map(Op::Leave),
         ]
     }
 
     proptest! {
         #[test]
         fn every_order_of_events_keeps_gangs_whole_and_runs_each_trial_to_an_end_once(
-            workers in 1..9usize,
+            workers in 0..9usize,
             gang in 1..4usize,
             concurrent in 1..5usize,
             retries in 0..3u32,
             ops in proptest::collection::vec(op(), 0..200),
         ) {
-            let gang = gang.min(workers);
             let rule = EarlyStopping::Median { grace: 10, min_trials: 1 };
             let mut s = Scheduler::new(12, workers, concurrent, gang, retries, rule);
+            let mut gone = vec![false; workers];
             let mut actions = s.schedule();
             let mut finals = vec![0; 12];
-            let check = |s: &Scheduler, actions: &[Action], finals: &mut Vec<usize>| {
-                let mut held = vec![false; workers];
+            let check = |s: &Scheduler, gone: &[bool], actions: &[Action], finals: &mut Vec<usize>| {
+                let mut held = vec![false; gone.len()];
                 let mut running = 0;
                 for t in 0..12 {
                     let slot = s.slot(t);
@@ -512,36 +550,62 @@ mod tests {
                     }
                     prop_assert!(slot.attempts <= retries + 1);
                 }
+                for a in actions {
+                    match a {
+                        Action::Start { gang: g, .. } => {
+                            prop_assert!(g.iter().all(|w| !gone[*w]), "a gone worker in a new gang");
+                        }
+                        Action::Final { trial, .. } => {
+                            finals[*trial] += 1;
+                            prop_assert_eq!(finals[*trial], 1, "trial {} ended twice", trial);
+                        }
+                        Action::Stop { .. } => {}
+                    }
+                }
                 prop_assert!(running <= concurrent);
                 // Work conserving: nothing pending while a gang and a run slot are free.
                 let pending = (0..12).any(|t| s.slot(t).phase == Phase::Pending);
-                let free = held.iter().filter(|h| !**h).count();
+                let free = (0..gone.len()).filter(|w| !held[*w] && !gone[*w]).count();
                 prop_assert!(!(pending && running < concurrent && free >= gang));
-                for a in actions {
-                    if let Action::Final { trial, .. } = a {
-                        finals[*trial] += 1;
-                        prop_assert_eq!(finals[*trial], 1, "trial {} ended twice", trial);
-                    }
-                }
+                prop_assert_eq!(s.live_workers(), gone.iter().filter(|g| !**g).count());
                 Ok(())
             };
-            check(&s, &actions, &mut finals)?;
+            check(&s, &gone, &actions, &mut finals)?;
             for o in ops {
                 actions = match o {
                     Op::Eval(t, st, v) => s.handle(Event::Eval { trial: t, step: st, score: v as f64 / 100.0 }),
                     Op::End(t) => s.handle(Event::Ended { trial: t }),
                     Op::Fail(t) => s.handle(Event::Failed { trial: t, error: "x".into() }),
+                    Op::Join => {
+                        let (w, a) = s.join();
+                        prop_assert_eq!(w, gone.len());
+                        gone.push(false);
+                        a
+                    }
+                    Op::Leave(w) => {
+                        if w < gone.len() {
+                            s.leave(w);
+                            gone[w] = true;
+                        }
+                        vec![]
+                    }
                 };
-                check(&s, &actions, &mut finals)?;
+                check(&s, &gone, &actions, &mut finals)?;
             }
-            // Drain: end every running trial until all are final.
+            // Drain: end every running trial (adding workers when too few are left) until
+            // all are final.
             let mut guard = 0;
             while !s.finished() {
-                let t = (0..12).find(|t| s.slot(*t).phase == Phase::Running).expect("something runs");
-                let a = s.handle(Event::Ended { trial: t });
-                check(&s, &a, &mut finals)?;
+                let a = match (0..12).find(|t| s.slot(*t).phase == Phase::Running) {
+                    Some(t) => s.handle(Event::Ended { trial: t }),
+                    None => {
+                        gone.push(false);
+                        s.join().1
+                    }
+                };
+                check(&s, &gone, &a, &mut finals)?;
                 guard += 1;
-                prop_assert!(guard < 100);
+                prop_assert!(guard < 200);
             }
             prop_assert!(finals.iter().all(|f| *f == 1), "{:?}", finals);
         }

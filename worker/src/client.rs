@@ -136,6 +136,19 @@ pub async fn connect_with(
     creds: &gpo_ops::tls::ClientCredentials,
     max_message_bytes: usize,
 ) -> Result<Client> {
+    let (ch, interceptor) = channel(addr, timeout, creds).await?;
+    Ok(CoordinatorClient::with_interceptor(ch, interceptor)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
+}
+
+/// A channel to the gRPC server at `addr` with the interceptor that presents `creds`' token,
+/// retrying as [`connect_with`] does (shared by the coordinator's and a sweep pool's clients).
+pub async fn channel(
+    addr: &str,
+    timeout: Duration,
+    creds: &gpo_ops::tls::ClientCredentials,
+) -> Result<(tonic::transport::Channel, gpo_ops::auth::ClientToken)> {
     let mut url = crate::addr::coordinator_url(addr).map_err(anyhow::Error::msg)?;
     let tls = if creds.tls.any() {
         if let Some(rest) = url.strip_prefix("http://") {
@@ -167,11 +180,7 @@ pub async fn connect_with(
     let mut wait = Duration::from_millis(50);
     loop {
         match endpoint.connect().await {
-            Ok(ch) => {
-                return Ok(CoordinatorClient::with_interceptor(ch, interceptor)
-                    .max_decoding_message_size(max_message_bytes)
-                    .max_encoding_message_size(max_message_bytes))
-            }
+            Ok(ch) => return Ok((ch, interceptor)),
             Err(e) => {
                 if start.elapsed() >= timeout {
                     bail!(
