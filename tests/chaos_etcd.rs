@@ -232,3 +232,64 @@ fn etcd_stopped_for_five_seconds_does_not_disturb_the_run() {
         during - stopped_at
     );
 }
+
+/// `gpo sweep --etcd`: the sweep's folder is one small value in etcd
+/// (`/gpo/<name>/sweep`), so a sweep started again with `--etcd` and no `--out` finds its
+/// folder and resumes there (here: nothing is left to run).
+#[test]
+fn a_sweep_records_its_folder_in_etcd_and_is_found_again_without_out() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("sweep.toml");
+    std::fs::write(
+        &spec,
+        "[sweep]\nname = \"etcd-sweep\"\nmetric = \"test\"\n[train]\nsteps = 4\neval_every = 2\nselection = \"test\"\n\
+         [train.model]\nd_model = 8\nnum_layers = 1\ndim_feedforward = 8\nnhead = 2\n[space]\nseed = [0, 1]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = gpo()
+        .args(["sweep", "--spec"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .args(["--etcd", &etcd.url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", support::text(&o));
+    let v: serde_json::Value = serde_json::from_str(&etcd.get("/gpo/etcd-sweep/sweep")).unwrap();
+    assert_eq!(
+        Path::new(v["out"].as_str().unwrap()),
+        std::path::absolute(&out).unwrap()
+    );
+    let o = gpo()
+        .args(["sweep", "--spec"])
+        .arg(&spec)
+        .args(["--etcd", &etcd.url()])
+        .output()
+        .unwrap();
+    let t = support::text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("resuming; 2 of 2 trials already ended"), "{t}");
+    // A sweep etcd has never seen needs --out.
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("etcd-sweep", "other"),
+    )
+    .unwrap();
+    let o = gpo()
+        .args(["sweep", "--spec"])
+        .arg(&spec)
+        .args(["--etcd", &etcd.url()])
+        .output()
+        .unwrap();
+    let t = support::text(&o);
+    assert!(!o.status.success());
+    assert!(
+        t.contains("etcd has no /gpo/other/sweep: pass --out"),
+        "{t}"
+    );
+}
