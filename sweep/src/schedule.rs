@@ -320,11 +320,13 @@ impl Scheduler {
         match ev {
             Event::Eval { trial, step, score } => {
                 let s = &self.trials[trial];
-                if s.phase == Phase::Running && self.stopper.report(trial, step, score) {
-                    if !s.stopping {
-                        self.trials[trial].stopping = true;
-                        out.push(Action::Stop { trial });
-                    }
+                let stopping = s.stopping;
+                if s.phase == Phase::Running
+                    && self.stopper.report(trial, step, score)
+                    && !stopping
+                {
+                    self.trials[trial].stopping = true;
+                    out.push(Action::Stop { trial });
                 }
             }
             Event::Ended { trial } => {
