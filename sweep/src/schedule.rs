@@ -321,9 +321,7 @@ impl Scheduler {
             Event::Eval { trial, step, score } => {
                 let s = &self.trials[trial];
                 let stopping = s.stopping;
-                if s.phase == Phase::Running
-                    && self.stopper.report(trial, step, score)
-                    && !stopping
+                if s.phase == Phase::Running && self.stopper.report(trial, step, score) && !stopping
                 {
                     self.trials[trial].stopping = true;
                     out.push(Action::Stop { trial });
