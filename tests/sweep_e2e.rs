@@ -116,6 +116,17 @@ fn a_sweep_killed_halfway_resumes_to_exactly_one_result_per_trial() {
     if scrape.is_empty() {
         scrape = get(metrics, "/metrics").unwrap_or_default();
     }
+    // One sweep process per folder.
+    let o = gpo()
+        .args(["sweep", "--spec"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let t = support::text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("is in use by another gpo sweep (pid "), "{t}");
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(scrape.contains("gpo_trials{state=\"running\"}"), "{scrape}");

@@ -48,6 +48,33 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Holds `DIR/lock` (flock) while the sweep runs: a second `gpo sweep` on the same folder
+/// would start the same trials twice. The lock dies with the process (a killed sweep frees
+/// it at once; its trial processes do not hold it).
+fn lock(out: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = out.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "{} is in use by another gpo sweep ({}): one sweep process per folder",
+            out.display(),
+            holder.trim()
+        );
+    }
+    let _ = f.set_len(0);
+    let _ = std::fs::write(&path, format!("pid {}\n", std::process::id()));
+    Ok(f)
+}
+
 /// The record files of a sweep folder, by trial id.
 pub fn load_records(out: &Path) -> Result<BTreeMap<String, TrialRecord>> {
     let dir = out.join("trials");
@@ -185,6 +212,7 @@ pub fn run(
         SweepSpec::parse(spec_text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
     std::fs::create_dir_all(out.join("trials"))
         .with_context(|| format!("creating {}", out.display()))?;
+    let _lock = lock(out)?;
     let saved = out.join("sweep.toml");
     match std::fs::read_to_string(&saved) {
         Ok(old) if old != spec_text => bail!(
