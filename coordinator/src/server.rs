@@ -153,22 +153,8 @@ impl CoordinatorService {
             let shutdown = async {
                 let _ = rx.await;
             };
-            let r = match tls {
-                Some(cfg) => {
-                    let accepted = gpo_ops::tls_accept::accept_loop(listener, cfg, failures);
-                    let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
-                    router
-                        .serve_with_incoming_shutdown(incoming, shutdown)
-                        .await
-                }
-                None => {
-                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                        .with_nodelay(Some(true));
-                    router
-                        .serve_with_incoming_shutdown(incoming, shutdown)
-                        .await
-                }
-            };
+            let r =
+                gpo_ops::tls_accept::serve_router(router, listener, tls, failures, shutdown).await;
             if let Err(e) = r {
                 tracing::error!("the coordinator's gRPC server stopped: {e}");
             }

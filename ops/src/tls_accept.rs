@@ -115,3 +115,32 @@ pub fn accept_loop(
     });
     rx
 }
+
+/// Serves `router` on `listener` until `shutdown`: over TLS through [`accept_loop`] when
+/// `tls` is given (refused handshakes counted in `failures`), else plain TCP with
+/// `TCP_NODELAY`. The one serving path of every gpo gRPC port (coordinator, sweep pool,
+/// `gpo serve`).
+pub async fn serve_router(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    failures: AuthFailures,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(cfg) => {
+            let accepted = accept_loop(listener, cfg, failures);
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+}

@@ -79,18 +79,7 @@ pub async fn run(
         let stop = async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         };
-        match grpc_tls {
-            Some(cfg) => {
-                let accepted = gpo_ops::tls_accept::accept_loop(grpc, cfg, failures);
-                let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
-                router.serve_with_incoming_shutdown(incoming, stop).await
-            }
-            None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-                router.serve_with_incoming_shutdown(incoming, stop).await
-            }
-        }
+        gpo_ops::tls_accept::serve_router(router, grpc, grpc_tls, failures, stop).await
     });
     shutdown.await;
     let _ = stop_tx.send(true);
