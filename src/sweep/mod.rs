@@ -161,6 +161,8 @@ struct Book<'a> {
     /// Per trial: the (step, test score) of each evaluation, to report a stopped trial's
     /// test score at its best evaluation.
     tests: Vec<Vec<(u64, f64)>>,
+    /// The best score of a trial that ended (kept as trials end, not searched per event).
+    best: Option<f64>,
 }
 
 impl Book<'_> {
@@ -170,17 +172,10 @@ impl Book<'_> {
         write_atomic(&dir.join("trial.json"), &self.recs[i].to_json())
     }
 
-    fn best(&self) -> Option<(String, f64)> {
-        gpo_sweep::leaderboard::ranked(&self.recs)
-            .first()
-            .filter(|r| r.phase != Phase::Failed)
-            .and_then(|r| Some((r.id.clone(), r.score?)))
-    }
-
     fn sync_metrics(&self, sched: &Scheduler) {
         if let Some(m) = &self.metrics {
             m.states(sched.counts());
-            if let Some((_, s)) = self.best() {
+            if let Some(s) = self.best {
                 m.best(s);
             }
         }
@@ -282,10 +277,11 @@ pub fn run(
     let n = trials.len();
     let mut book = Book {
         out,
-        recs,
         started: vec![None; n],
         metrics,
         tests: vec![vec![]; n],
+        best: gpo_sweep::leaderboard::best(&recs).and_then(|r| r.score),
+        recs,
     };
     let (tx, rx) = channel;
     let mut conns: BTreeMap<u64, usize> = BTreeMap::new();
@@ -346,6 +342,9 @@ pub fn run(
                             r.best_step = Some(step);
                             r.test = book.tests[trial].iter().find(|p| p.0 == step).map(|p| p.1);
                         }
+                    }
+                    if let Some(s) = book.recs[trial].score.filter(|_| phase != Phase::Failed) {
+                        book.best = Some(book.best.map_or(s, |b| b.max(s)));
                     }
                     book.save(trial)?;
                 }
@@ -464,11 +463,7 @@ fn finish(spec: &SweepSpec, out: &Path, recs: &[TrialRecord]) -> Result<Outcome>
         &out.join("leaderboard.md"),
         &gpo_sweep::leaderboard::markdown(recs, metric, &title, 50),
     )?;
-    let ranked = gpo_sweep::leaderboard::ranked(recs);
-    let best = ranked
-        .first()
-        .filter(|r| r.phase != Phase::Failed)
-        .and_then(|r| Some((r.id.clone(), r.score?)));
+    let best = gpo_sweep::leaderboard::best(recs).and_then(|r| Some((r.id.clone(), r.score?)));
     if let Some((id, _)) = &best {
         let run = out.join("trials").join(id).join("run");
         let dst = out.join("best");

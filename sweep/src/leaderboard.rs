@@ -26,6 +26,21 @@ pub fn ranked(records: &[TrialRecord]) -> Vec<&TrialRecord> {
     scored
 }
 
+/// The first of [`ranked`] that ran (not failed), without sorting: the best score, ties to
+/// the lower id.
+pub fn best(records: &[TrialRecord]) -> Option<&TrialRecord> {
+    records
+        .iter()
+        .filter(|r| matches!(r.phase, Phase::Done | Phase::Stopped) && r.score.is_some())
+        .min_by(|a, b| {
+            let (x, y) = (
+                a.score.unwrap_or(f64::NEG_INFINITY),
+                b.score.unwrap_or(f64::NEG_INFINITY),
+            );
+            y.total_cmp(&x).then_with(|| a.id.cmp(&b.id))
+        })
+}
+
 fn keys(records: &[TrialRecord]) -> Vec<String> {
     let mut k: Vec<String> = records
         .iter()
@@ -92,12 +107,16 @@ pub fn csv(records: &[TrialRecord]) -> String {
     String::from_utf8(w.into_inner().expect("flushing to memory")).expect("utf-8 in, utf-8 out")
 }
 
-/// The Markdown table (the top `limit` rows, and every failed trial).
+/// The Markdown file: a title over [`table`] (the top `limit` rows, and every failed trial).
 pub fn markdown(records: &[TrialRecord], metric: &str, title: &str, limit: usize) -> String {
+    format!("# {title}\n\n{}", table(records, metric, limit))
+}
+
+/// The table of [`markdown`], without its title (`gpo sweep status`).
+pub fn table(records: &[TrialRecord], metric: &str, limit: usize) -> String {
     let keys = keys(records);
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-    let mut out =
-        format!("# {title}\n\n| rank | trial | state | {metric} | test | best step | steps |");
+    let mut out = format!("| rank | trial | state | {metric} | test | best step | steps |");
     for k in &keys {
         out.push_str(&format!(" {} |", cell(k)));
     }
@@ -158,6 +177,7 @@ mod tests {
         ];
         let ids: Vec<&str> = ranked(&rs).iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["t2", "t0", "t1"]);
+        assert_eq!(best(&rs).map(|r| r.id.as_str()), Some("t2"));
         let c = csv(&rs);
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines.len(), 4, "a header and one row per ended trial:\n{c}");

@@ -238,7 +238,7 @@ impl Scheduler {
 
     /// The best score a trial reported.
     pub fn best(&self, trial: usize) -> Option<f64> {
-        self.stopper.best_of(trial)
+        self.stopper.best(trial)
     }
 
     fn running(&self) -> usize {

@@ -438,16 +438,6 @@ impl SweepSpec {
             None => self.embedders.first(),
         }
     }
-
-    /// The steps a trial runs when not stopped early (`[train] steps`, or its swept value).
-    pub fn steps(&self, trial: &Trial, default: u64) -> u64 {
-        trial
-            .params
-            .get("steps")
-            .or_else(|| self.train.get("steps"))
-            .and_then(|v| v.as_integer())
-            .map_or(default, |s| s.max(0) as u64)
-    }
 }
 
 fn parse_stopping(es: &Table) -> Result<EarlyStopping, String> {

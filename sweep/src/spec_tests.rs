@@ -44,7 +44,6 @@ fn a_grid_is_every_combination_with_stable_ids_and_configs() {
     assert!(lr == 1e-3 || lr == 3e-4);
     assert_eq!(c["sampler"]["min_ctx"].as_integer(), Some(10));
     assert!(c["sampler"]["max_ctx"].as_integer().is_some());
-    assert_eq!(s.steps(&t[0], 1000), 40);
 }
 
 #[test]

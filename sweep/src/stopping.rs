@@ -63,7 +63,8 @@ impl Stopper {
         out
     }
 
-    fn best(&self, trial: usize) -> Option<f64> {
+    /// The best score trial `trial` reported.
+    pub fn best(&self, trial: usize) -> Option<f64> {
         self.history.get(&trial).and_then(|h| h.last()).map(|p| p.1)
     }
 
@@ -106,11 +107,6 @@ impl Stopper {
                 others.len() >= min_trials && best < quantile(&others, 0.5)
             }
         }
-    }
-
-    /// The best score trial `trial` reported.
-    pub fn best_of(&self, trial: usize) -> Option<f64> {
-        self.best(trial)
     }
 }
 

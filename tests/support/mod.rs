@@ -23,6 +23,24 @@ pub fn gpo() -> Command {
     c
 }
 
+/// The installed models' packages (`scripts/models.sh`; `$GPO_MODELS_DIR` overrides).
+pub fn model_pkgs() -> PathBuf {
+    std::env::var_os("GPO_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models"))
+        .join("pkgs")
+}
+
+/// `gpo sweep --spec SPEC [--out OUT]`.
+pub fn sweep(spec: &Path, out: Option<&Path>) -> Command {
+    let mut c = gpo();
+    c.args(["sweep", "--spec"]).arg(spec);
+    if let Some(o) = out {
+        c.arg("--out").arg(o);
+    }
+    c
+}
+
 pub fn small() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/synthetic-small.toml")
 }
