@@ -40,11 +40,16 @@ fn check(out: Output, what: &str) -> String {
 /// `gpo train` of the small config for `steps`, with `workers` worker processes (0: in
 /// process); returns the output folder.
 fn train(dir: &Path, name: &str, steps: u32, workers: usize) -> PathBuf {
+    train_config(dir, name, &small(), steps, workers)
+}
+
+/// [`train`] of the config file `config`.
+fn train_config(dir: &Path, name: &str, config: &Path, steps: u32, workers: usize) -> PathBuf {
     let out = dir.join(name);
     let mut c = gpo();
     c.arg("train")
         .arg("--config")
-        .arg(small())
+        .arg(config)
         .args(["--steps", &steps.to_string(), "--eval-every", "10", "--out"])
         .arg(&out);
     if workers > 0 {
@@ -136,6 +141,31 @@ fn same_seed_and_world_size_give_bitwise_identical_runs() {
     for f in ["last.safetensors", "best.safetensors"] {
         assert!(content(&a.join(f)) == content(&b.join(f)), "{f} differs");
     }
+}
+
+#[test]
+fn a_variant_that_reads_the_prior_trains_bitwise_alike_on_two_workers() {
+    // The workers rebuild the population prior from the meta-training groups the
+    // coordinator names at registration; a wrong or missing prior would change every step.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(small()).unwrap();
+    let config = dir.path().join("residual.toml");
+    std::fs::write(
+        &config,
+        text.replace("[model]\n", "[model]\nvariant = \"residual\"\n"),
+    )
+    .unwrap();
+    let single = train_config(dir.path(), "single", &config, 12, 0);
+    let two = train_config(dir.path(), "two", &config, 12, 2);
+    assert_eq!(summary(&single)["config"]["model"]["variant"], "residual");
+    assert!(params(&single.join("last.safetensors")) == params(&two.join("last.safetensors")));
+    assert_eq!(summary(&single)["methods"], summary(&two)["methods"]);
+    // The faithful run of the same seed is another run.
+    let faithful = train(dir.path(), "faithful", 12, 0);
+    assert_ne!(
+        summary(&single)["methods"]["gpo"],
+        summary(&faithful)["methods"]["gpo"]
+    );
 }
 
 struct Proc(Child);

@@ -134,6 +134,69 @@ n_groups = 8
 }
 
 #[test]
+fn each_variant_runs_beside_faithful_gpo_and_is_reported_as_gpo_plus_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("exp.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+splits = [0.6]
+seeds = [0, 1]
+few_shot = [0, 5]
+variants = ["faithful", "residual"]
+[train]
+steps = 6
+eval_every = 3
+[train.model]
+d_model = 16
+num_layers = 1
+dim_feedforward = 16
+[[datasets]]
+name = "synthetic"
+[datasets.synth]
+n_questions = 40
+n_groups = 10
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run_ok(&cfg, &out);
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let results = json(&out.join("results.json"));
+    let r = &results["synthetic"]["0.6"];
+    for m in ["gpo", "gpo+residual", "uniform", "train_mean"] {
+        assert_eq!(r[m]["n"], 2, "{m}: one value per seed, not per run: {r}");
+    }
+    assert_eq!(r["gpo+residual (validation groups)"]["n"], 2, "{r}");
+    // Each variant's score is its own run's.
+    let mean: f64 = [0, 1]
+        .iter()
+        .map(|s| {
+            let v = json(&out.join(format!("synthetic/split0.6/seed{s}-residual/summary.json")));
+            assert_eq!(v["config"]["model"]["variant"], "residual");
+            v["methods"]["gpo"].as_f64().unwrap()
+        })
+        .sum::<f64>()
+        / 2.0;
+    assert!((r["gpo+residual"]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let faithful = json(&out.join("synthetic/split0.6/seed0/summary.json"));
+    assert_eq!(faithful["config"]["model"]["variant"], "faithful");
+    // One few-shot point per seed and k, holding both forms of GPO (none at k = 0).
+    let fs: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("fewshot.json")).unwrap()).unwrap();
+    assert_eq!(fs.len(), 2 * 2);
+    for p in &fs {
+        for m in ["gpo", "gpo+residual"] {
+            assert_eq!(p["methods"].get(m).is_some(), p["k"] != 0, "{p}");
+        }
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("| gpo+residual |"), "{report}");
+}
+
+#[test]
 fn bad_experiment_files_are_rejected_with_the_file_name() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");

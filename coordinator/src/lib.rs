@@ -15,7 +15,7 @@ pub mod data_files;
 pub mod dispatch;
 pub mod etcd;
 pub mod machine;
-mod plan;
+pub mod plan;
 mod resume;
 pub mod run;
 pub mod security;

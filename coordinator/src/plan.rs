@@ -85,12 +85,24 @@ fn plan_eval(
     Ok((keep, eps))
 }
 
-impl RunPlan {
-    /// Plans a run over a survey.
-    pub fn new(cfg: &RunConfig, s: &Survey) -> Result<Self> {
-        let mut notes = Vec::new();
-        // `min_questions`: groups that answered too little take no part.
-        let kept: Vec<usize> = (0..s.groups.len())
+/// The run's features as its replicas and evaluations read them: `f` with the population
+/// prior of the run's meta-training groups when the model variant reads it, else `f` itself.
+pub fn run_features(cfg: &RunConfig, s: &Survey, f: PointFeatures) -> Result<PointFeatures> {
+    if !cfg.model.variant.reads_prior() {
+        return Ok(f);
+    }
+    let (train, _, _) = split_groups(cfg, s, &mut Vec::new())?;
+    Ok(f.with_prior(s, &train))
+}
+
+/// (meta-training, validation, test) groups of a run; groups left out are noted in `notes`.
+fn split_groups(
+    cfg: &RunConfig,
+    s: &Survey,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    // `min_questions`: groups that answered too little take no part.
+    let kept: Vec<usize> = (0..s.groups.len())
             .filter(|&g| {
                 let n = s.answered(g).len();
                 let ok = n >= cfg.min_questions;
@@ -103,25 +115,33 @@ impl RunPlan {
                 ok
             })
             .collect();
-        let (train, test) =
-            group_split(kept.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
-        let (train, test): (Vec<usize>, Vec<usize>) = (
-            train.iter().map(|&i| kept[i]).collect(),
-            test.iter().map(|&i| kept[i]).collect(),
-        );
-        let (train, validation) = match cfg.selection {
-            Selection::Test => (train, Vec::new()),
-            Selection::Validation => {
-                // Only groups that can be evaluated can validate; the others still train.
-                let (able, thin) = evaluable_groups(s, &train, cfg.eval_context);
-                let (mut rest, val) = validation_split(&able, cfg.validation_split, cfg.seed)
+    let (train, test) =
+        group_split(kept.len(), cfg.group_split, cfg.seed).map_err(anyhow::Error::msg)?;
+    let (train, test): (Vec<usize>, Vec<usize>) = (
+        train.iter().map(|&i| kept[i]).collect(),
+        test.iter().map(|&i| kept[i]).collect(),
+    );
+    let (train, validation) = match cfg.selection {
+        Selection::Test => (train, Vec::new()),
+        Selection::Validation => {
+            // Only groups that can be evaluated can validate; the others still train.
+            let (able, thin) = evaluable_groups(s, &train, cfg.eval_context);
+            let (mut rest, val) = validation_split(&able, cfg.validation_split, cfg.seed)
                     .map_err(anyhow::Error::msg)
                     .context("carving the validation groups (`validation_split`) from the meta-training groups that answered more than `eval_context` questions")?;
-                rest.extend(thin.iter().map(|&(g, _)| g));
-                rest.sort_unstable();
-                (rest, val)
-            }
-        };
+            rest.extend(thin.iter().map(|&(g, _)| g));
+            rest.sort_unstable();
+            (rest, val)
+        }
+    };
+    Ok((train, validation, test))
+}
+
+impl RunPlan {
+    /// Plans a run over a survey.
+    pub fn new(cfg: &RunConfig, s: &Survey) -> Result<Self> {
+        let mut notes = Vec::new();
+        let (train, validation, test) = split_groups(cfg, s, &mut notes)?;
         let shares = s.metric.shares_questions();
         let train_pool = shares.then(|| common_questions(s, &train));
         let (test, eval) = plan_eval(s, cfg.seed, &test, cfg.eval_context, "test", &mut notes)?;

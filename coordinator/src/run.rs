@@ -214,6 +214,17 @@ pub fn train_with(
 ) -> Result<Summary> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let plan = RunPlan::new(cfg, &survey)?;
+    if cfg.model.variant.reads_prior() {
+        let mut want = plan.train.clone();
+        want.sort_unstable();
+        if features.prior.as_ref().map(|p| p.groups()) != Some(want.as_slice()) {
+            anyhow::bail!(
+                "the `{}` variant reads the population prior of the run's meta-training groups, and the features given carry {} (build them with `plan::run_features`)",
+                cfg.model.variant.name(),
+                if features.prior.is_some() { "another's" } else { "none" }
+            );
+        }
+    }
     let device = Device::Cpu;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;

@@ -86,6 +86,9 @@ pub struct RunInfo {
     pub total_steps: u64,
     /// Episodes per gradient shard: each worker gets whole shards.
     pub shard_groups: usize,
+    /// The meta-training groups whose population prior the model variant reads (empty:
+    /// the faithful module reads none).
+    pub prior_groups: Vec<usize>,
     /// The committed step the run starts from (0, or a checkpoint's on resume).
     pub start_step: u64,
     /// Generations are numbered after this one (a restarted coordinator's last).
@@ -201,6 +204,7 @@ impl Coordinator for Service {
             run_id: sh.run_id.clone(),
             worker_id: id,
             config_json: sh.info.config_json.clone(),
+            prior_groups: sh.info.prior_groups.iter().map(|&g| g as u64).collect(),
             data: Some(sh.info.data.clone()),
             data_fingerprint: sh.info.fingerprint.clone(),
             param_count: sh.info.param_count as u64,

@@ -3,8 +3,10 @@
 
 use crate::data::{Question, Survey};
 use crate::model::{build_batch, ModelBatch};
+use crate::prior::Prior;
 use crate::sampler::EpisodeSpec;
 use candle_core::Device;
+use std::sync::Arc;
 
 /// The x of every point of a survey, laid out question by question.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +19,9 @@ pub struct PointFeatures {
     pub start: Vec<usize>,
     /// Points (non-refusal options) of each question.
     pub len: Vec<usize>,
+    /// The population prior of the run's meta-training groups, for the model variants that
+    /// read it (`None`: batches carry none, as the faithful module needs).
+    pub prior: Option<Arc<Prior>>,
 }
 
 impl PointFeatures {
@@ -33,6 +38,7 @@ impl PointFeatures {
             x: Vec::new(),
             start: Vec::new(),
             len: Vec::new(),
+            prior: None,
         };
         for q in &s.questions {
             f.start.push(f.x.len() / dim);
@@ -61,6 +67,12 @@ impl PointFeatures {
         &self.x[self.start[q] * self.dim..(self.start[q] + self.len[q]) * self.dim]
     }
 
+    /// These features with the population prior of the meta-training groups `train`.
+    pub fn with_prior(mut self, s: &Survey, train: &[usize]) -> Self {
+        self.prior = Some(Arc::new(Prior::new(s, train)));
+        self
+    }
+
     /// Points of a list of questions.
     pub fn points(&self, qs: &[usize]) -> usize {
         qs.iter().map(|&q| self.len[q]).sum()
@@ -70,6 +82,8 @@ impl PointFeatures {
 /// Assembles episodes into one batch. When every episode has the same context and target
 /// questions (OpinionQA-style steps), x is stored once and shared; otherwise groups are
 /// padded to the longest context and target (padding is masked out of attention and loss).
+/// With a prior in `f`, each point also carries its prior probability (context padding 0,
+/// target padding 1).
 pub fn assemble(
     s: &Survey,
     f: &PointFeatures,
@@ -90,6 +104,9 @@ pub fn assemble(
     let mut yc = vec![0f32; g * nc];
     let mut yt = vec![0f32; g * nt];
     let mut ctx_valid = vec![false; g * nc];
+    let prior = f.prior.as_deref();
+    let mut pc = vec![0f32; if prior.is_some() { g * nc } else { 0 }];
+    let mut pt = vec![1f32; if prior.is_some() { g * nt } else { 0 }];
     let mut segments = Vec::with_capacity(g);
     for (gi, e) in eps.iter().enumerate() {
         let answers = &s.answers[e.group];
@@ -104,6 +121,9 @@ pub fn assemble(
                 yc[gi * nc + off..gi * nc + off + n].copy_from_slice(dist);
             }
             ctx_valid[gi * nc + off..gi * nc + off + n].fill(true);
+            if let Some(p) = prior {
+                pc[gi * nc + off..gi * nc + off + n].copy_from_slice(&p.of(s, e.group, q, n));
+            }
             off += n;
         }
         let mut segs = Vec::with_capacity(e.target.len());
@@ -116,10 +136,17 @@ pub fn assemble(
             if let Some(dist) = &answers[q] {
                 yt[gi * nt + off..gi * nt + off + n].copy_from_slice(dist);
             }
+            if let Some(p) = prior {
+                pt[gi * nt + off..gi * nt + off + n].copy_from_slice(&p.of(s, e.group, q, n));
+            }
             segs.push((off, n));
             off += n;
         }
         segments.push(segs);
     }
-    build_batch(g, d, xc, xt, yc, yt, &ctx_valid, segments, device)
+    let b = build_batch(g, d, xc, xt, yc, yt, &ctx_valid, segments, device)?;
+    match prior {
+        Some(_) => b.with_prior(pc, pt),
+        None => Ok(b),
+    }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod presets;
+pub mod prior;
 pub mod prompt;
 pub mod rng;
 pub mod sampler;

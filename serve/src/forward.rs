@@ -123,6 +123,7 @@ pub fn predict_with(
         x: Vec::new(),
         start: Vec::new(),
         len: Vec::new(),
+        prior: None,
     };
     let mut eps = Vec::with_capacity(jobs.len());
     let mut answers: Vec<(usize, usize, Vec<f32>)> = Vec::new();

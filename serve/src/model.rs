@@ -22,6 +22,13 @@ pub fn load(path: &Path) -> Result<(Gpo, u64)> {
                 path.display()
             )
         })?;
+    if cfg.variant.reads_prior() {
+        anyhow::bail!(
+            "{}: a `{}` checkpoint reads the population prior of its meta-training groups' answers to each question, which a served request does not carry; serve a `faithful` checkpoint (`model.variant`)",
+            path.display(),
+            cfg.variant.name()
+        );
+    }
     let named: HashMap<String, Tensor> = c
         .params
         .iter()

@@ -176,7 +176,16 @@ pub(crate) fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, Po
         len.push(q.options.len());
         off += q.options.len();
     }
-    (survey, PointFeatures { dim, x, start, len })
+    (
+        survey,
+        PointFeatures {
+            dim,
+            x,
+            start,
+            len,
+            prior: None,
+        },
+    )
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -483,6 +492,7 @@ fn dispatch(a: DispatchArgs) -> Result<()> {
         },
         fingerprint: String::new(),
         param_count,
+        prior_groups: Vec::new(),
         total_steps: a.steps,
         shard_groups: 1,
         start_step: 0,

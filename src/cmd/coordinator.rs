@@ -278,6 +278,12 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
         param_count: cfg.model.param_count(),
         total_steps: cfg.steps,
         shard_groups: cfg.shard_groups,
+        prior_groups: p
+            .features
+            .prior
+            .as_ref()
+            .map(|pr| pr.groups().to_vec())
+            .unwrap_or_default(),
         start_step: mirror.applied_step(),
         start_generation: pointer.as_ref().map_or(0, |ptr| ptr.generation),
     };

@@ -140,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let model = model_from_checkpoint(&c, &cfg.model)?;
     let plan = RunPlan::new(&cfg, &survey)?;
+    let features = gpo_coordinator::plan::run_features(&cfg, &survey, features)?;
     let scores = plan.evaluate(&model, &survey, &features, &Device::Cpu)?;
     let report = scores.test;
     eprintln!("data: {desc}; checkpoint step {}", c.step);

@@ -261,6 +261,7 @@ pub fn prepare_with(a: &Args, resume: Option<&std::path::Path>) -> Result<Prepar
         cfg.seed,
         cfg.group_split
     );
+    let features = gpo_coordinator::plan::run_features(&cfg, &survey, features)?;
     Ok(Prepared {
         cfg,
         survey: Arc::new(survey),

@@ -8,6 +8,7 @@
 mod lm;
 pub(crate) mod plots;
 mod report;
+mod variants;
 
 use crate::inputs::{self, DataArgs};
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,7 @@ use gpo_core::data::Survey;
 use gpo_core::eval::evaluate;
 use gpo_core::features::PointFeatures;
 use gpo_core::io::checkpoint;
+use gpo_core::model::Variant;
 use gpo_core::sampler::{common_questions, eval_episodes, evaluable_groups, subsample_targets};
 use gpo_core::synth::SynthConfig;
 use gpo_worker::Replica;
@@ -144,6 +146,11 @@ pub struct ExperimentConfig {
     /// Training settings shared by every run (seed and split are set per run).
     #[serde(default)]
     pub train: RunConfig,
+    /// The forms of GPO to train (`model.variant`), each as its own run per dataset, split
+    /// and seed, reported as `gpo` (faithful) and `gpo+<variant>`. Default: the one
+    /// `train.model.variant` names. The first listed also runs the LLM baselines.
+    #[serde(default)]
+    pub variants: Vec<Variant>,
     /// Datasets.
     pub datasets: Vec<DatasetSpec>,
 }
@@ -177,12 +184,26 @@ impl ExperimentConfig {
                 bail!("{}: split {s} is not in (0, 1)", file.display());
             }
         }
+        let mut vs = c.variants.clone();
+        vs.sort_by_key(|v| v.name());
+        if vs.windows(2).any(|w| w[0] == w[1]) {
+            bail!("{}: `variants` lists a variant twice", file.display());
+        }
         let mut names: Vec<&str> = c.datasets.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
             bail!("{}: dataset names must be unique", file.display());
         }
         Ok(c)
+    }
+
+    /// The variants trained, in order (see [`ExperimentConfig::variants`]).
+    pub fn variants(&self) -> Vec<Variant> {
+        if self.variants.is_empty() {
+            vec![self.train.model.variant]
+        } else {
+            self.variants.clone()
+        }
     }
 }
 
@@ -195,6 +216,8 @@ pub struct RunRecord {
     pub split: f64,
     /// Seed.
     pub seed: u64,
+    /// The form of GPO the run trained.
+    pub variant: Variant,
     /// The run's summary (scores, curves, checkpoint).
     pub summary: Summary,
     /// Every method on the LLM baselines' target subset (empty without `lm_model`).
@@ -212,6 +235,9 @@ pub struct FewShotPoint {
     pub k: usize,
     /// Alignment per method (GPO is absent at k = 0: it has nothing to attend to).
     pub methods: BTreeMap<String, f64>,
+    /// The form of GPO whose run drew the point (its methods fold into one point per k).
+    #[serde(skip)]
+    pub variant: Variant,
 }
 
 fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, String)> {
@@ -241,7 +267,7 @@ fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, St
 /// Every method on the LLM baselines' subset of `eps`' targets: GPO from its best
 /// checkpoint, `uniform`, `train_mean`, and the LLM's three.
 fn subset_scores(
-    lm: &mut lm::LmBaselines,
+    lm: Option<&mut lm::LmBaselines>,
     targets: usize,
     model: &gpo_core::model::Gpo,
     s: &Survey,
@@ -255,18 +281,21 @@ fn subset_scores(
     } else {
         evaluate(model, s, f, train, &sub, &Device::Cpu)?.methods
     };
-    let t = std::time::Instant::now();
-    methods.extend(lm.evaluate(s, &sub)?);
-    tracing::info!(
-        "LLM baselines on {} episodes in {:.1} s",
-        sub.len(),
-        t.elapsed().as_secs_f64()
-    );
+    if let Some(lm) = lm {
+        let t = std::time::Instant::now();
+        methods.extend(lm.evaluate(s, &sub)?);
+        tracing::info!(
+            "LLM baselines on {} episodes in {:.1} s",
+            sub.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
     Ok(methods)
 }
 
 /// Few-shot curve of one trained run: GPO (best checkpoint) and baselines at each k (all on
-/// the LLM baselines' target subset when an LLM is given).
+/// the LLM baselines' target subset of `subset` questions when the dataset has an LLM; the
+/// LLM's own methods only when `lm` is given).
 #[allow(clippy::too_many_arguments)]
 fn few_shot(
     cfg: &RunConfig,
@@ -275,7 +304,8 @@ fn few_shot(
     f: &PointFeatures,
     ks: &[usize],
     dataset: &str,
-    mut lm: Option<(&mut lm::LmBaselines, usize)>,
+    subset: Option<usize>,
+    mut lm: Option<&mut lm::LmBaselines>,
 ) -> Result<Vec<FewShotPoint>> {
     let mut out = Vec::new();
     for &k in ks {
@@ -297,8 +327,10 @@ fn few_shot(
             .then(|| common_questions(s, &groups));
         let eps =
             eval_episodes(s, cfg.seed, &groups, pool.as_deref(), k).map_err(anyhow::Error::msg)?;
-        let methods = match lm.as_mut() {
-            Some((lm, targets)) => subset_scores(lm, *targets, model, s, f, &plan.train, &eps)?,
+        let methods = match subset {
+            Some(targets) => {
+                subset_scores(lm.as_deref_mut(), targets, model, s, f, &plan.train, &eps)?
+            }
             None if k == 0 => gpo_core::eval::baselines(s, &plan.train, &eps),
             None => evaluate(model, s, f, &plan.train, &eps, &Device::Cpu)?.methods,
         };
@@ -307,6 +339,7 @@ fn few_shot(
             seed: cfg.seed,
             k,
             methods,
+            variant: cfg.model.variant,
         });
     }
     Ok(out)
@@ -319,7 +352,7 @@ fn one_run(
     cfg: &ExperimentConfig,
     out: &Path,
     d: &DatasetSpec,
-    (split, seed): (f64, u64),
+    (split, seed, variant): (f64, u64, Variant),
     lm: &std::sync::Mutex<Option<lm::LmBaselines>>,
     bar: &ProgressBar,
 ) -> Result<(RunRecord, Vec<FewShotPoint>)> {
@@ -330,11 +363,22 @@ fn one_run(
     rc.seed = seed;
     rc.group_split = split;
     rc.model.dim_x = features.dim;
+    rc.model.variant = variant;
+    let features = gpo_coordinator::plan::run_features(&rc, &survey, features)?;
     let run_dir = out
         .join(&d.name)
         .join(format!("split{split}"))
-        .join(format!("seed{seed}"));
-    bar.suspend(|| eprintln!("{}: {desc}; split {split}, seed {seed}", d.name));
+        .join(match variant {
+            Variant::Faithful => format!("seed{seed}"),
+            v => format!("seed{seed}-{}", v.name()),
+        });
+    bar.suspend(|| {
+        eprintln!(
+            "{}: {desc}; split {split}, seed {seed}, {}",
+            d.name,
+            variant.method()
+        )
+    });
     let (survey, features) = (Arc::new(survey), Arc::new(features));
     let mut replica = Replica::new(
         rc.model.clone(),
@@ -365,8 +409,10 @@ fn one_run(
         .as_ref()
         .is_none_or(|v| v.contains(&seed));
     let want_curve = (split - few_split).abs() < 1e-12 && !cfg.few_shot.is_empty() && curve_seed;
-    // The LLM baselines of one dataset are one model, used by one run at a time.
-    let mut lm = if d.lm_model.is_some() {
+    // The LLM baselines of one dataset are one model, used by one run at a time, and by
+    // the first variant's runs only (the others score GPO on the same subset).
+    let subset = d.lm_model.is_some().then_some(d.lm_targets);
+    let mut lm = if d.lm_model.is_some() && variant == cfg.variants()[0] {
         Some(lm.lock().unwrap_or_else(|p| p.into_inner()))
     } else {
         None
@@ -389,7 +435,7 @@ fn one_run(
     }
     let mut lm = lm.as_mut().and_then(|g| g.as_mut());
     // The best checkpoint and the run's plan, once, for what re-scores it.
-    let best = if lm.is_some() || want_curve {
+    let best = if subset.is_some() || want_curve {
         let c = checkpoint::load(&summary.checkpoint).map_err(anyhow::Error::msg)?;
         let model = crate::cmd::eval::model_from_checkpoint(&c, &rc.model)?;
         Some((model, RunPlan::new(&rc, &survey)?))
@@ -397,10 +443,10 @@ fn one_run(
         None
     };
     let mut lm_subset = BTreeMap::new();
-    if let (Some(lm), Some((model, plan))) = (lm.as_mut(), best.as_ref()) {
+    if let (Some(targets), Some((model, plan))) = (subset, best.as_ref()) {
         lm_subset = subset_scores(
-            lm,
-            d.lm_targets,
+            lm.as_deref_mut(),
+            targets,
             model,
             &survey,
             &features,
@@ -418,7 +464,8 @@ fn one_run(
             &features,
             &cfg.few_shot,
             &d.name,
-            lm.map(|l| (l, d.lm_targets)),
+            subset,
+            lm,
         )?;
     }
     Ok((
@@ -426,6 +473,7 @@ fn one_run(
             dataset: d.name.clone(),
             split,
             seed,
+            variant,
             summary,
             lm_subset,
         },
@@ -440,11 +488,15 @@ fn one_run(
 pub fn run(cfg: &ExperimentConfig, out: &Path, concurrent: usize) -> Result<()> {
     use gpo_sweep::schedule::{Action, Event, Scheduler};
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let grid: Vec<(usize, f64, u64)> = (0..cfg.datasets.len())
+    let variants = cfg.variants();
+    let grid: Vec<(usize, f64, u64, Variant)> = (0..cfg.datasets.len())
         .flat_map(|d| {
-            cfg.splits
-                .iter()
-                .flat_map(move |&s| cfg.seeds.iter().map(move |&seed| (d, s, seed)))
+            let variants = &variants;
+            cfg.splits.iter().flat_map(move |&s| {
+                cfg.seeds
+                    .iter()
+                    .flat_map(move |&seed| variants.iter().map(move |&v| (d, s, seed, v)))
+            })
         })
         .collect();
     let bar = ProgressBar::new(grid.len() as u64 * cfg.train.steps);
@@ -489,10 +541,17 @@ pub fn run(cfg: &ExperimentConfig, out: &Path, concurrent: usize) -> Result<()> 
                     }));
                     continue;
                 }
-                let (d, split, seed) = grid[trial];
+                let (d, split, seed, variant) = grid[trial];
                 let (tx, lms, bar) = (tx.clone(), &lms, &bar);
                 scope.spawn(move || {
-                    let r = one_run(cfg, out, &cfg.datasets[d], (split, seed), &lms[d], bar);
+                    let r = one_run(
+                        cfg,
+                        out,
+                        &cfg.datasets[d],
+                        (split, seed, variant),
+                        &lms[d],
+                        bar,
+                    );
                     let _ = tx.send((trial, r));
                 });
             }
@@ -520,5 +579,6 @@ pub fn run(cfg: &ExperimentConfig, out: &Path, concurrent: usize) -> Result<()> 
     let (records, curves): (Vec<RunRecord>, Vec<Vec<FewShotPoint>>) =
         results.into_iter().flatten().unzip();
     let curve: Vec<FewShotPoint> = curves.into_iter().flatten().collect();
+    let (records, curve) = variants::merge(records, curve);
     report::write(cfg, out, &records, &curve)
 }

@@ -67,8 +67,13 @@ pub fn results(records: &[RunRecord]) -> Results {
             push(r.dataset.clone(), m, *v);
         }
         // GPO on the validation groups that selected its checkpoint (not held out groups).
-        if let Some(v) = r.summary.validation.as_ref().and_then(|v| v.get("gpo")) {
-            push(r.dataset.clone(), VALIDATION_METHOD, *v);
+        // Each variant's (`gpo+<variant>`) under its own name.
+        for (m, v) in r.summary.validation.iter().flatten() {
+            if m == "gpo" {
+                push(r.dataset.clone(), VALIDATION_METHOD, *v);
+            } else if m.starts_with("gpo+") {
+                push(r.dataset.clone(), &format!("{m} (validation groups)"), *v);
+            }
         }
         for (m, v) in &r.lm_subset {
             if LM_METHODS.contains(&m.as_str()) {

@@ -282,6 +282,20 @@ fn build_replica(
 ) -> Result<Replica> {
     let spec: ReplicaSpec = serde_json::from_str(&reg.config_json)
         .context("the coordinator sent a run configuration this worker cannot read")?;
+    let features = if spec.model.variant.reads_prior() {
+        let groups: Vec<usize> = reg.prior_groups.iter().map(|&g| g as usize).collect();
+        if groups.is_empty() || groups.iter().any(|&g| g >= survey.groups.len()) {
+            bail!(
+                "the run's `{}` variant reads the population prior, and the coordinator named {} meta-training groups for it (the survey has {})",
+                spec.model.variant.name(),
+                groups.len(),
+                survey.groups.len()
+            );
+        }
+        features.with_prior(&survey, &groups)
+    } else {
+        features
+    };
     let mut r = Replica::new(
         spec.model,
         spec.adam,

@@ -27,6 +27,10 @@ pub struct ModelBatch {
     pub ctx_mask: Option<Arc<Vec<f32>>>,
     /// Per group, the target questions as `(start, len)` runs of target points.
     pub segments: Arc<Vec<Vec<(usize, usize)>>>,
+    /// The population prior of every point, for the variants that read it
+    /// ([`crate::model::Variant`]): context `[G, Nc, 1]` (0 on padding) and targets
+    /// `[G, Nt, 1]` (1 on padding). `None` for the faithful module.
+    pub prior: Option<(Tensor, Tensor)>,
 }
 
 impl ModelBatch {
@@ -112,7 +116,20 @@ impl ModelBatch {
             yt: Arc::new(yt.flatten_all().and_then(|t| t.to_vec1()).map_err(e)?),
             ctx_mask: mask.iter().any(|&m| m != 0.0).then(|| Arc::new(mask)),
             segments: Arc::new(segments),
+            prior: None,
         })
+    }
+
+    /// This batch with the population prior of its points: `pc` holds `G * Nc` values,
+    /// `pt` `G * Nt` (see [`ModelBatch::prior`]).
+    pub fn with_prior(mut self, pc: Vec<f32>, pt: Vec<f32>) -> Result<Self> {
+        let dev = self.xc.device().clone();
+        let dt = self.xc.dtype();
+        self.prior = Some((
+            Tensor::from_vec(pc, (self.groups, self.nc, 1), &dev)?.to_dtype(dt)?,
+            Tensor::from_vec(pt, (self.groups, self.nt, 1), &dev)?.to_dtype(dt)?,
+        ));
+        Ok(self)
     }
 
     /// Target points that belong to a question (not padding), per group.
@@ -164,5 +181,6 @@ pub fn build_batch(
         yt: Arc::new(yt),
         ctx_mask: ctx_valid.iter().any(|v| !v).then(|| Arc::new(mask)),
         segments: Arc::new(segments),
+        prior: None,
     })
 }

@@ -125,24 +125,58 @@ impl Gpo {
         Ok((wx, self.p("embedder.0.bias")))
     }
 
+    /// The batch's population prior (context, targets) when the variant reads it: an error
+    /// when it needs one and the batch has none.
+    fn prior<'a>(&self, b: &'a ModelBatch) -> Result<Option<&'a (Tensor, Tensor)>> {
+        let v = self.cfg.variant;
+        if !v.reads_prior() {
+            return Ok(None);
+        }
+        match &b.prior {
+            Some(p) => Ok(Some(p)),
+            None => candle_core::bail!(
+                "the `{}` variant of GPO reads the population prior, and this batch has none \
+                 (its point features were built without the meta-training groups' prior)",
+                v.name()
+            ),
+        }
+    }
+
+    /// Column `col` of the embedder's first weight, as `[1, 1, d_model]`.
+    fn embedder_column(&self, col: usize) -> Result<Tensor> {
+        self.p("embedder.0.weight")
+            .narrow(1, col, 1)?
+            .reshape((1, 1, self.cfg.d_model))
+    }
+
     /// Embeds the context points: `[G, Nc, d_model]` (the x-part once per distinct x, the
     /// y-part per group).
     fn embed_context(&self, b: &ModelBatch) -> Result<Tensor> {
         let (wx, b0) = self.embedder_x()?;
         let dx = self.cfg.dim_x;
-        let wy = self
-            .p("embedder.0.weight")
-            .narrow(1, dx, 1)?
-            .reshape((1, 1, self.cfg.d_model))?;
-        let hc = linear_with(self.path, &b.xc, &wx, &b0, false)?
-            .broadcast_add(&b.yc.broadcast_mul(&wy)?)?;
+        let prior = self.prior(b)?;
+        let y = match prior {
+            Some((pc, _)) if self.cfg.variant.residual_context() => (&b.yc - pc)?,
+            _ => b.yc.clone(),
+        };
+        let mut hc = linear_with(self.path, &b.xc, &wx, &b0, false)?
+            .broadcast_add(&y.broadcast_mul(&self.embedder_column(dx)?)?)?;
+        if let (Some((pc, _)), 1) = (prior, self.cfg.variant.extra_inputs()) {
+            hc = hc.broadcast_add(&pc.broadcast_mul(&self.embedder_column(dx + 1)?)?)?;
+        }
         self.embedder_tail(hc.relu()?)
     }
 
     /// Embeds the target points: `[G, Nt, d_model]`. Their y is 0, so the whole embedder
-    /// output depends on x alone.
+    /// output depends on x alone (and on the prior, for `prior_input`).
     fn embed_targets(&self, b: &ModelBatch) -> Result<Tensor> {
         let (wx, b0) = self.embedder_x()?;
+        if let (Some((_, pt)), 1) = (self.prior(b)?, self.cfg.variant.extra_inputs()) {
+            let wp = self.embedder_column(self.cfg.dim_x + 1)?;
+            let h = linear_with(self.path, &b.xt, &wx, &b0, false)?
+                .broadcast_add(&pt.broadcast_mul(&wp)?)?;
+            return self.embedder_tail(h.relu()?);
+        }
         let ht = self.embedder_tail(linear_with(self.path, &b.xt, &wx, &b0, true)?)?;
         if ht.dims()[0] == b.groups {
             Ok(ht)
@@ -267,12 +301,21 @@ impl Gpo {
         let kv = self.keys_values(last, &h.narrow(1, 0, b.nc)?.contiguous()?)?;
         let ht = h.narrow(1, b.nc, b.nt)?.contiguous()?;
         let z = self.layer(last, &ht, &kv, mask.as_ref(), b)?;
-        self.predictor(&z)
+        self.predictor(&z, b)
     }
 
-    fn predictor(&self, z: &Tensor) -> Result<Tensor> {
+    /// The predictor on the target rows `z`; for the variants that predict a deviation
+    /// from the prior, `log prior` is added to the means (before the per-question softmax).
+    fn predictor(&self, z: &Tensor, b: &ModelBatch) -> Result<Tensor> {
         let f = self.linear(z, "predictor.0", true)?;
-        self.linear(&f, "predictor.2", false)
+        let out = self.linear(&f, "predictor.2", false)?;
+        match self.prior(b)? {
+            Some((_, pt)) if self.cfg.variant.logit_offset() => {
+                let lp = pt.log()?;
+                out + Tensor::cat(&[&lp, &lp.zeros_like()?], 2)?
+            }
+            _ => Ok(out),
+        }
     }
 
     /// Runs `b`'s context through the encoder alone, for [`Gpo::predict_encoded`], keeping
@@ -318,7 +361,7 @@ impl Gpo {
         for (l, kv) in ctx.layers.iter().enumerate() {
             ht = self.layer(l, &ht, kv, mask.as_ref(), b)?;
         }
-        let out = self.predictor(&ht)?.detach();
+        let out = self.predictor(&ht, b)?.detach();
         self.distributions(&out, b)
     }
 

@@ -12,7 +12,9 @@ pub mod params;
 
 pub use batch::{build_batch, ModelBatch};
 pub use gpo::{EncodedContext, Gpo, OpPath};
-pub use params::{GpoConfig, Params};
+pub use params::{GpoConfig, Params, Variant};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod variant_tests;

@@ -27,6 +27,78 @@ pub struct GpoConfig {
     pub num_layers: usize,
     /// LayerNorm ε.
     pub layer_norm_eps: f64,
+    /// Which form of the module: the official one (`faithful`, the default and the
+    /// reference), or a variant that reads the population prior ([`Variant`]).
+    pub variant: Variant,
+}
+
+/// Forms of the GPO module. Every variant but `faithful` reads the *population prior* of
+/// each point: its option's probability under the meta-training groups' mean answer to the
+/// question ([`crate::prior::Prior`]), which on survey data is a strong baseline of its own
+/// (`train_mean`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// The official module (TNP-D as GPO trains it).
+    #[default]
+    Faithful,
+    /// The prior as one more input column of every point: the embedder reads
+    /// `[x; y; prior]` (targets: `[x; 0; prior]`).
+    PriorInput,
+    /// The means predict a deviation from the prior in logit space: `log prior` is added to
+    /// each predicted mean before the per-question softmax, so a zero output predicts the prior.
+    PriorLogit,
+    /// `prior_logit`, and context points carry their residual `y − prior` as y: the model
+    /// sees how the group departs from the population, not its raw answers.
+    Residual,
+}
+
+impl Variant {
+    /// Every variant, in the order reports list them.
+    pub const ALL: [Variant; 4] = [
+        Variant::Faithful,
+        Variant::PriorInput,
+        Variant::PriorLogit,
+        Variant::Residual,
+    ];
+
+    /// The name in configuration files and reports (`gpo+<name>` as a method).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Faithful => "faithful",
+            Variant::PriorInput => "prior_input",
+            Variant::PriorLogit => "prior_logit",
+            Variant::Residual => "residual",
+        }
+    }
+
+    /// Whether batches must carry the population prior.
+    pub fn reads_prior(self) -> bool {
+        self != Variant::Faithful
+    }
+
+    /// Input columns beyond `[x; y]`.
+    pub fn extra_inputs(self) -> usize {
+        usize::from(self == Variant::PriorInput)
+    }
+
+    /// Whether `log prior` is added to the predicted means.
+    pub fn logit_offset(self) -> bool {
+        matches!(self, Variant::PriorLogit | Variant::Residual)
+    }
+
+    /// Whether context points carry `y − prior`.
+    pub fn residual_context(self) -> bool {
+        self == Variant::Residual
+    }
+
+    /// The method name of this variant's GPO in results (`gpo`, or `gpo+<name>`).
+    pub fn method(self) -> String {
+        match self {
+            Variant::Faithful => "gpo".into(),
+            v => format!("gpo+{}", v.name()),
+        }
+    }
 }
 
 impl Default for GpoConfig {
@@ -40,6 +112,7 @@ impl Default for GpoConfig {
             nhead: 4,
             num_layers: 6,
             layer_norm_eps: 1e-5,
+            variant: Variant::Faithful,
         }
     }
 }
@@ -90,7 +163,12 @@ impl GpoConfig {
             v.push((format!("{name}.weight"), vec![o, i]));
             v.push((format!("{name}.bias"), vec![o]));
         };
-        lin(&mut v, "embedder.0".into(), d, self.dim_x + self.dim_y);
+        lin(
+            &mut v,
+            "embedder.0".into(),
+            d,
+            self.dim_x + self.dim_y + self.variant.extra_inputs(),
+        );
         for k in 1..self.emb_depth {
             lin(&mut v, format!("embedder.{}", 2 * k), d, d);
         }
@@ -230,6 +308,7 @@ impl Params {
             nhead,
             num_layers,
             layer_norm_eps: 1e-5,
+            variant: Variant::Faithful,
         })
     }
 

@@ -5,7 +5,7 @@ use super::*;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 
-fn tiny_cfg(dim_x: usize) -> GpoConfig {
+pub(super) fn tiny_cfg(dim_x: usize) -> GpoConfig {
     GpoConfig {
         dim_x,
         d_model: 8,
@@ -18,7 +18,7 @@ fn tiny_cfg(dim_x: usize) -> GpoConfig {
 }
 
 /// A random batch: `g` groups, questions with 2–4 options, optional padding.
-fn random_batch(seed: u64, g: usize, d: usize, shared: bool, pad: bool) -> ModelBatch {
+pub(super) fn random_batch(seed: u64, g: usize, d: usize, shared: bool, pad: bool) -> ModelBatch {
     let mut r = Rng::new(seed);
     let qs = |r: &mut Rng, n: usize| (0..n).map(|_| r.range(2, 4)).collect::<Vec<_>>();
     let ctx_q = qs(&mut r, 3);
@@ -73,7 +73,7 @@ fn random_batch(seed: u64, g: usize, d: usize, shared: bool, pad: bool) -> Model
     build_batch(g, d, xc, xt, yc, yt, &ctx_valid, segments, &Device::Cpu).unwrap()
 }
 
-fn as_f64(b: &ModelBatch) -> ModelBatch {
+pub(super) fn as_f64(b: &ModelBatch) -> ModelBatch {
     let mut b = b.clone();
     b.xc = b.xc.to_dtype(DType::F64).unwrap();
     b.xt = b.xt.to_dtype(DType::F64).unwrap();
@@ -81,7 +81,7 @@ fn as_f64(b: &ModelBatch) -> ModelBatch {
     b
 }
 
-fn grads(m: &Gpo, b: &ModelBatch) -> (f64, Vec<Vec<f64>>) {
+pub(super) fn grads(m: &Gpo, b: &ModelBatch) -> (f64, Vec<Vec<f64>>) {
     let loss = m.loss(b).unwrap();
     let g = loss.backward().unwrap();
     let per = m

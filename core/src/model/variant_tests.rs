@@ -1,0 +1,186 @@
+//! Tests of the model variants that read the population prior: each against the composite
+//! path and finite differences, the prior recovered exactly by a zero deviation, and the
+//! residual variant's y.
+
+use super::tests::{as_f64, grads, random_batch, tiny_cfg};
+use super::*;
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor};
+
+/// `b` with a random prior: a distribution over each target question's points, any
+/// probability on context points (padding as `assemble` lays it out).
+fn with_prior(b: ModelBatch, seed: u64) -> ModelBatch {
+    let mut r = Rng::new(seed);
+    let mut pt = vec![1f32; b.groups * b.nt];
+    for (gi, segs) in b.segments.iter().enumerate() {
+        for &(s, n) in segs.iter() {
+            let v: Vec<f32> = (0..n).map(|_| r.f64() as f32 + 0.05).collect();
+            let sum: f32 = v.iter().sum();
+            for (i, x) in v.into_iter().enumerate() {
+                pt[gi * b.nt + s + i] = x / sum;
+            }
+        }
+    }
+    let pc: Vec<f32> = (0..b.groups * b.nc)
+        .map(|_| r.f64() as f32 * 0.9 + 0.05)
+        .collect();
+    b.with_prior(pc, pt).unwrap()
+}
+
+fn prior_f64(mut b: ModelBatch) -> ModelBatch {
+    let (pc, pt) = b.prior.take().unwrap();
+    b = as_f64(&b);
+    b.prior = Some((
+        pc.to_dtype(DType::F64).unwrap(),
+        pt.to_dtype(DType::F64).unwrap(),
+    ));
+    b
+}
+
+fn cfg(v: Variant, dim_x: usize) -> GpoConfig {
+    GpoConfig {
+        variant: v,
+        ..tiny_cfg(dim_x)
+    }
+}
+
+const VARIANTS: [Variant; 3] = [Variant::PriorInput, Variant::PriorLogit, Variant::Residual];
+
+#[test]
+fn each_variant_matches_the_composite_path_and_finite_differences() {
+    for v in VARIANTS {
+        for (shared, pad) in [(false, true), (true, false)] {
+            let b = with_prior(random_batch(7, 4, 6, shared, pad), 3);
+            let mut m = Gpo::new(cfg(v, 6), 5, &Device::Cpu).unwrap();
+            let (lf, gf) = grads(&m, &b);
+            m.path = OpPath::Composite;
+            let (lc, gc) = grads(&m, &b);
+            assert!(
+                (lf - lc).abs() <= 1e-4 * lc.abs().max(1.0),
+                "{v:?}: {lf} vs {lc}"
+            );
+            for (((name, _), a), c) in m.params.entries().iter().zip(&gf).zip(&gc) {
+                let scale = c.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-3);
+                let worst = a.iter().zip(c).fold(0f64, |s, (x, y)| s.max((x - y).abs()));
+                assert!(
+                    worst <= 1e-3 * scale,
+                    "{v:?} {name}: {worst} (scale {scale})"
+                );
+            }
+        }
+        // Finite differences on the composite path in f64, on the embedder's input columns
+        // (x, y and, for prior_input, the prior) and the predictor's output.
+        let b = prior_f64(with_prior(random_batch(1, 3, 5, false, true), 9));
+        let mut m = Gpo::new(cfg(v, 5), 3, &Device::Cpu).unwrap();
+        m.params = m.params.to_dtype(DType::F64).unwrap();
+        m.path = OpPath::Composite;
+        let (_, analytic) = grads(&m, &b);
+        let h = 1e-6;
+        for ((name, var), ga) in m.params.entries().iter().zip(&analytic) {
+            if name != "embedder.0.weight" && name != "predictor.2.bias" {
+                continue;
+            }
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let cols = var.dims()[var.dims().len() - 1];
+            let picks: Vec<usize> = if name == "embedder.0.weight" {
+                (0..m.cfg.d_model)
+                    .flat_map(|r| (m.cfg.dim_x..cols).map(move |c| r * cols + c))
+                    .chain([0, 7])
+                    .collect()
+            } else {
+                (0..base.len()).collect()
+            };
+            for i in picks {
+                let eval = |delta: f64| {
+                    let mut x = base.clone();
+                    x[i] += delta;
+                    var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    m.loss(&b).unwrap().to_scalar::<f64>().unwrap()
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                assert!(
+                    (fd - ga[i]).abs() <= 1e-5 + 1e-4 * fd.abs(),
+                    "{v:?} {name}[{i}]: finite difference {fd} vs autograd {}",
+                    ga[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_zero_deviation_predicts_the_prior_exactly() {
+    for v in [Variant::PriorLogit, Variant::Residual] {
+        let b = with_prior(random_batch(4, 3, 6, false, true), 2);
+        let m = Gpo::new(cfg(v, 6), 1, &Device::Cpu).unwrap();
+        for n in ["predictor.2.weight", "predictor.2.bias"] {
+            let var = m.params.get(n);
+            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+        }
+        let pred = m.predict(&b).unwrap();
+        let pt = b.prior.as_ref().unwrap().1.flatten_all().unwrap();
+        let pt = pt.to_vec1::<f32>().unwrap();
+        for (gi, segs) in b.segments.iter().enumerate() {
+            for &(s, n) in segs.iter() {
+                for i in gi * b.nt + s..gi * b.nt + s + n {
+                    assert!(
+                        (pred[i] - pt[i]).abs() < 1e-6,
+                        "{v:?}: {} vs {}",
+                        pred[i],
+                        pt[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_residual_variant_reads_y_minus_the_prior() {
+    let b = with_prior(random_batch(5, 3, 4, true, false), 6);
+    let (pc, _) = b.prior.clone().unwrap();
+    let mut shifted = b.clone();
+    shifted.yc = (&b.yc - &pc).unwrap();
+    let residual = Gpo::new(cfg(Variant::Residual, 4), 8, &Device::Cpu).unwrap();
+    let logit = Gpo::from_params(cfg(Variant::PriorLogit, 4), residual.params.clone());
+    assert_eq!(
+        residual.predict(&b).unwrap(),
+        logit.predict(&shifted).unwrap()
+    );
+    // Its predictions move with the context's answers (the prior is not all it reads).
+    assert_ne!(
+        residual.predict(&b).unwrap(),
+        residual.predict(&shifted).unwrap()
+    );
+}
+
+#[test]
+fn a_variant_without_a_prior_is_an_error_naming_it() {
+    let b = random_batch(3, 2, 4, false, false);
+    for v in VARIANTS {
+        let m = Gpo::new(cfg(v, 4), 0, &Device::Cpu).unwrap();
+        let e = m.loss(&b).unwrap_err().to_string();
+        assert!(e.contains(v.name()) && e.contains("prior"), "{e}");
+    }
+    // The faithful module ignores a prior it is given.
+    let m = Gpo::new(tiny_cfg(4), 0, &Device::Cpu).unwrap();
+    let with = with_prior(b.clone(), 1);
+    assert_eq!(m.predict(&b).unwrap(), m.predict(&with).unwrap());
+}
+
+#[test]
+fn prior_input_adds_one_embedder_column() {
+    let f = cfg(Variant::Faithful, 6).param_shapes();
+    let p = cfg(Variant::PriorInput, 6).param_shapes();
+    assert_eq!(f[0].1, vec![8, 7]);
+    assert_eq!(p[0].1, vec![8, 8]);
+    assert_eq!(f[1..], p[1..]);
+}
