@@ -232,6 +232,17 @@ impl Params {
                     .map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32)
                     .collect()
             };
+            let mut data = data;
+            if cfg.variant.logit_offset() && name.starts_with("predictor.2.") {
+                // The means' row starts at zero: a variant that predicts a deviation from
+                // the prior starts as the prior itself, and learns only what helps.
+                let row = if name.ends_with("weight") {
+                    shape[1]
+                } else {
+                    1
+                };
+                data[..row].fill(0.0);
+            }
             let t = Tensor::from_vec(data, shape.as_slice(), device)?;
             entries.push((name, Var::from_tensor(&t)?));
         }

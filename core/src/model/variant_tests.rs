@@ -117,14 +117,34 @@ fn each_variant_matches_the_composite_path_and_finite_differences() {
 }
 
 #[test]
-fn a_zero_deviation_predicts_the_prior_exactly() {
+fn a_fresh_logit_variant_predicts_the_prior_exactly() {
     for v in [Variant::PriorLogit, Variant::Residual] {
         let b = with_prior(random_batch(4, 3, 6, false, true), 2);
+        // A fresh module starts at zero deviation: its mean row starts at zero.
         let m = Gpo::new(cfg(v, 6), 1, &Device::Cpu).unwrap();
-        for n in ["predictor.2.weight", "predictor.2.bias"] {
-            let var = m.params.get(n);
-            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
-        }
+        let w = m.params.get("predictor.2.weight").as_tensor().clone();
+        assert!(
+            w.get(0)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                == 0.0
+        );
+        assert!(
+            w.get(1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
         let pred = m.predict(&b).unwrap();
         let pt = b.prior.as_ref().unwrap().1.flatten_all().unwrap();
         let pt = pt.to_vec1::<f32>().unwrap();
@@ -149,8 +169,11 @@ fn the_residual_variant_reads_y_minus_the_prior() {
     let (pc, _) = b.prior.clone().unwrap();
     let mut shifted = b.clone();
     shifted.yc = (&b.yc - &pc).unwrap();
-    let residual = Gpo::new(cfg(Variant::Residual, 4), 8, &Device::Cpu).unwrap();
-    let logit = Gpo::from_params(cfg(Variant::PriorLogit, 4), residual.params.clone());
+    // The faithful initialization (the variants' mean row starts at zero, which would
+    // predict the prior whatever the context).
+    let params = Gpo::new(tiny_cfg(4), 8, &Device::Cpu).unwrap().params;
+    let residual = Gpo::from_params(cfg(Variant::Residual, 4), params.clone());
+    let logit = Gpo::from_params(cfg(Variant::PriorLogit, 4), params);
     assert_eq!(
         residual.predict(&b).unwrap(),
         logit.predict(&shifted).unwrap()
