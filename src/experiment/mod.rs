@@ -241,7 +241,6 @@ pub struct FewShotPoint {
 }
 
 fn load_dataset(d: &DatasetSpec, seed: u64) -> Result<(Survey, PointFeatures, String)> {
-    ensure_embeddings(d)?;
     let (s, f, desc) = match &d.data {
         Some(_) => inputs::load(
             &DataArgs {
@@ -488,6 +487,11 @@ fn one_run(
 pub fn run(cfg: &ExperimentConfig, out: &Path, concurrent: usize) -> Result<()> {
     use gpo_sweep::schedule::{Action, Event, Scheduler};
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Each store is completed once, before any run reads it (concurrent runs would
+    // otherwise each rewrite it).
+    for d in &cfg.datasets {
+        ensure_embeddings(d)?;
+    }
     let variants = cfg.variants();
     let grid: Vec<(usize, f64, u64, Variant)> = (0..cfg.datasets.len())
         .flat_map(|d| {

@@ -51,15 +51,19 @@ pub enum Variant {
     /// `prior_logit`, and context points carry their residual `y − prior` as y: the model
     /// sees how the group departs from the population, not its raw answers.
     Residual,
+    /// `residual` with the prior as an input column too (`prior_input`): every point reads
+    /// its prior, context points their residual, and the means depart from the prior.
+    ResidualInput,
 }
 
 impl Variant {
     /// Every variant, in the order reports list them.
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 5] = [
         Variant::Faithful,
         Variant::PriorInput,
         Variant::PriorLogit,
         Variant::Residual,
+        Variant::ResidualInput,
     ];
 
     /// The name in configuration files and reports (`gpo+<name>` as a method).
@@ -69,6 +73,7 @@ impl Variant {
             Variant::PriorInput => "prior_input",
             Variant::PriorLogit => "prior_logit",
             Variant::Residual => "residual",
+            Variant::ResidualInput => "residual_input",
         }
     }
 
@@ -79,17 +84,20 @@ impl Variant {
 
     /// Input columns beyond `[x; y]`.
     pub fn extra_inputs(self) -> usize {
-        usize::from(self == Variant::PriorInput)
+        usize::from(matches!(self, Variant::PriorInput | Variant::ResidualInput))
     }
 
     /// Whether `log prior` is added to the predicted means.
     pub fn logit_offset(self) -> bool {
-        matches!(self, Variant::PriorLogit | Variant::Residual)
+        matches!(
+            self,
+            Variant::PriorLogit | Variant::Residual | Variant::ResidualInput
+        )
     }
 
     /// Whether context points carry `y − prior`.
     pub fn residual_context(self) -> bool {
-        self == Variant::Residual
+        matches!(self, Variant::Residual | Variant::ResidualInput)
     }
 
     /// The method name of this variant's GPO in results (`gpo`, or `gpo+<name>`).

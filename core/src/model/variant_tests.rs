@@ -44,7 +44,12 @@ fn cfg(v: Variant, dim_x: usize) -> GpoConfig {
     }
 }
 
-const VARIANTS: [Variant; 3] = [Variant::PriorInput, Variant::PriorLogit, Variant::Residual];
+const VARIANTS: [Variant; 4] = [
+    Variant::PriorInput,
+    Variant::PriorLogit,
+    Variant::Residual,
+    Variant::ResidualInput,
+];
 
 #[test]
 fn each_variant_matches_the_composite_path_and_finite_differences() {
@@ -118,7 +123,11 @@ fn each_variant_matches_the_composite_path_and_finite_differences() {
 
 #[test]
 fn a_fresh_logit_variant_predicts_the_prior_exactly() {
-    for v in [Variant::PriorLogit, Variant::Residual] {
+    for v in [
+        Variant::PriorLogit,
+        Variant::Residual,
+        Variant::ResidualInput,
+    ] {
         let b = with_prior(random_batch(4, 3, 6, false, true), 2);
         // A fresh module starts at zero deviation: its mean row starts at zero.
         let m = Gpo::new(cfg(v, 6), 1, &Device::Cpu).unwrap();
