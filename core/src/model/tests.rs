@@ -109,13 +109,15 @@ pub(super) fn grads(m: &Gpo, b: &ModelBatch) -> (f64, Vec<Vec<f64>>) {
     )
 }
 
-#[test]
-fn finite_differences_match_autograd_for_every_parameter_tensor() {
-    let b = as_f64(&random_batch(1, 3, 5, false, true));
-    let mut m = Gpo::new(tiny_cfg(5), 3, &Device::Cpu).unwrap();
-    m.params = m.params.to_dtype(DType::F64).unwrap();
-    m.path = OpPath::Composite;
-    let (_, analytic) = grads(&m, &b);
+/// Central finite differences (h = 1e-6, f64, composite path) match autograd on the
+/// entries `picks(name, analytic gradient)` of every parameter tensor of `m`.
+pub(super) fn assert_finite_differences(
+    m: &Gpo,
+    b: &ModelBatch,
+    what: &str,
+    picks: impl Fn(&str, &[f64]) -> Vec<usize>,
+) {
+    let (_, analytic) = grads(m, b);
     let h = 1e-6;
     for ((name, var), ga) in m.params.entries().iter().zip(&analytic) {
         let base = var
@@ -124,23 +126,13 @@ fn finite_differences_match_autograd_for_every_parameter_tensor() {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        // Check the three largest-gradient entries and one random entry of each tensor.
-        let mut idx: Vec<usize> = (0..base.len()).collect();
-        idx.sort_by(|&a, &c| ga[c].abs().total_cmp(&ga[a].abs()));
-        let mut picks: Vec<usize> = idx.into_iter().take(3).collect();
-        picks.push((name.len() * 7919) % base.len());
-        if name == "embedder.0.weight" {
-            // The y column: the only path from the context answers into the model.
-            let cols = m.cfg.dim_x + 1;
-            picks.extend((0..m.cfg.d_model).map(|r| r * cols + m.cfg.dim_x));
-        }
-        for &i in &picks {
+        for i in picks(name, ga) {
             let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
-                m.loss(&b).unwrap().to_scalar::<f64>().unwrap()
+                m.loss(b).unwrap().to_scalar::<f64>().unwrap()
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
             var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
@@ -148,10 +140,57 @@ fn finite_differences_match_autograd_for_every_parameter_tensor() {
             let err = (fd - ga[i]).abs();
             assert!(
                 err <= 1e-5 + 1e-4 * fd.abs(),
-                "{name}[{i}]: finite difference {fd} vs autograd {}",
+                "{what} {name}[{i}]: finite difference {fd} vs autograd {}",
                 ga[i]
             );
         }
+    }
+}
+
+/// `m` in f64 on the composite path, for finite differences.
+pub(super) fn composite_f64(mut m: Gpo) -> Gpo {
+    m.params = m.params.to_dtype(DType::F64).unwrap();
+    m.path = OpPath::Composite;
+    m
+}
+
+#[test]
+fn finite_differences_match_autograd_for_every_parameter_tensor() {
+    let b = as_f64(&random_batch(1, 3, 5, false, true));
+    let m = composite_f64(Gpo::new(tiny_cfg(5), 3, &Device::Cpu).unwrap());
+    let (dx, d) = (m.cfg.dim_x, m.cfg.d_model);
+    assert_finite_differences(&m, &b, "faithful", |name, ga| {
+        // The three largest-gradient entries and one random entry of each tensor.
+        let mut idx: Vec<usize> = (0..ga.len()).collect();
+        idx.sort_by(|&a, &c| ga[c].abs().total_cmp(&ga[a].abs()));
+        let mut picks: Vec<usize> = idx.into_iter().take(3).collect();
+        picks.push((name.len() * 7919) % ga.len());
+        if name == "embedder.0.weight" {
+            // The y column: the only path from the context answers into the model.
+            picks.extend((0..d).map(|r| r * (dx + 1) + dx));
+        }
+        picks
+    });
+}
+
+/// The fused and composite paths of `m` give the same loss and gradients on `b` (`m` is
+/// left on the composite path).
+pub(super) fn assert_paths_agree(m: &mut Gpo, b: &ModelBatch, what: &str) {
+    m.path = OpPath::Fused;
+    let (lf, gf) = grads(m, b);
+    m.path = OpPath::Composite;
+    let (lc, gc) = grads(m, b);
+    assert!(
+        (lf - lc).abs() <= 1e-4 * lc.abs().max(1.0),
+        "{what}: loss fused {lf} composite {lc}"
+    );
+    for (((name, _), a), c) in m.params.entries().iter().zip(&gf).zip(&gc) {
+        let scale = c.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-3);
+        let worst = a.iter().zip(c).fold(0f64, |s, (x, y)| s.max((x - y).abs()));
+        assert!(
+            worst <= 1e-3 * scale,
+            "{what} {name}: fused/composite gradients differ by {worst} (scale {scale})"
+        );
     }
 }
 
@@ -160,22 +199,7 @@ fn fused_ops_match_composite_values_and_gradients() {
     for (shared, pad) in [(false, true), (true, false), (false, false)] {
         let b = random_batch(7, 4, 6, shared, pad);
         let mut m = Gpo::new(tiny_cfg(6), 5, &Device::Cpu).unwrap();
-        m.path = OpPath::Fused;
-        let (lf, gf) = grads(&m, &b);
-        m.path = OpPath::Composite;
-        let (lc, gc) = grads(&m, &b);
-        assert!(
-            (lf - lc).abs() <= 1e-4 * lc.abs().max(1.0),
-            "loss fused {lf} composite {lc}"
-        );
-        for (((name, _), a), c) in m.params.entries().iter().zip(&gf).zip(&gc) {
-            let scale = c.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-3);
-            let worst = a.iter().zip(c).fold(0f64, |s, (x, y)| s.max((x - y).abs()));
-            assert!(
-                worst <= 1e-3 * scale,
-                "{name}: fused/composite gradients differ by {worst} (scale {scale})"
-            );
-        }
+        assert_paths_agree(&mut m, &b, "faithful");
         assert_eq!(m.predict(&b).unwrap().len(), b.groups * b.nt);
     }
 }

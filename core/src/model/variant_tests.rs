@@ -2,10 +2,12 @@
 //! path and finite differences, the prior recovered exactly by a zero deviation, and the
 //! residual variant's y.
 
-use super::tests::{as_f64, grads, random_batch, tiny_cfg};
+use super::tests::{
+    as_f64, assert_finite_differences, assert_paths_agree, composite_f64, random_batch, tiny_cfg,
+};
 use super::*;
 use crate::rng::Rng;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 /// `b` with a random prior: a distribution over each target question's points, any
 /// probability on context points (padding as `assemble` lays it out).
@@ -57,67 +59,22 @@ fn each_variant_matches_the_composite_path_and_finite_differences() {
         for (shared, pad) in [(false, true), (true, false)] {
             let b = with_prior(random_batch(7, 4, 6, shared, pad), 3);
             let mut m = Gpo::new(cfg(v, 6), 5, &Device::Cpu).unwrap();
-            let (lf, gf) = grads(&m, &b);
-            m.path = OpPath::Composite;
-            let (lc, gc) = grads(&m, &b);
-            assert!(
-                (lf - lc).abs() <= 1e-4 * lc.abs().max(1.0),
-                "{v:?}: {lf} vs {lc}"
-            );
-            for (((name, _), a), c) in m.params.entries().iter().zip(&gf).zip(&gc) {
-                let scale = c.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-3);
-                let worst = a.iter().zip(c).fold(0f64, |s, (x, y)| s.max((x - y).abs()));
-                assert!(
-                    worst <= 1e-3 * scale,
-                    "{v:?} {name}: {worst} (scale {scale})"
-                );
-            }
+            assert_paths_agree(&mut m, &b, &format!("{v:?}"));
         }
         // Finite differences on the composite path in f64, on the embedder's input columns
         // (x, y and, for prior_input, the prior) and the predictor's output.
         let b = prior_f64(with_prior(random_batch(1, 3, 5, false, true), 9));
-        let mut m = Gpo::new(cfg(v, 5), 3, &Device::Cpu).unwrap();
-        m.params = m.params.to_dtype(DType::F64).unwrap();
-        m.path = OpPath::Composite;
-        let (_, analytic) = grads(&m, &b);
-        let h = 1e-6;
-        for ((name, var), ga) in m.params.entries().iter().zip(&analytic) {
-            if name != "embedder.0.weight" && name != "predictor.2.bias" {
-                continue;
-            }
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let cols = var.dims()[var.dims().len() - 1];
-            let picks: Vec<usize> = if name == "embedder.0.weight" {
-                (0..m.cfg.d_model)
-                    .flat_map(|r| (m.cfg.dim_x..cols).map(move |c| r * cols + c))
-                    .chain([0, 7])
-                    .collect()
-            } else {
-                (0..base.len()).collect()
-            };
-            for i in picks {
-                let eval = |delta: f64| {
-                    let mut x = base.clone();
-                    x[i] += delta;
-                    var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    m.loss(&b).unwrap().to_scalar::<f64>().unwrap()
-                };
-                let fd = (eval(h) - eval(-h)) / (2.0 * h);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                assert!(
-                    (fd - ga[i]).abs() <= 1e-5 + 1e-4 * fd.abs(),
-                    "{v:?} {name}[{i}]: finite difference {fd} vs autograd {}",
-                    ga[i]
-                );
-            }
-        }
+        let m = composite_f64(Gpo::new(cfg(v, 5), 3, &Device::Cpu).unwrap());
+        let (dx, d) = (m.cfg.dim_x, m.cfg.d_model);
+        let cols = dx + 1 + v.extra_inputs();
+        assert_finite_differences(&m, &b, &format!("{v:?}"), |name, ga| match name {
+            "embedder.0.weight" => (0..d)
+                .flat_map(|r| (dx..cols).map(move |c| r * cols + c))
+                .chain([0, 7])
+                .collect(),
+            "predictor.2.bias" => (0..ga.len()).collect(),
+            _ => Vec::new(),
+        });
     }
 }
 
@@ -131,29 +88,13 @@ fn a_fresh_logit_variant_predicts_the_prior_exactly() {
         let b = with_prior(random_batch(4, 3, 6, false, true), 2);
         // A fresh module starts at zero deviation: its mean row starts at zero.
         let m = Gpo::new(cfg(v, 6), 1, &Device::Cpu).unwrap();
-        let w = m.params.get("predictor.2.weight").as_tensor().clone();
-        assert!(
-            w.get(0)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                == 0.0
-        );
-        assert!(
-            w.get(1)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
+        let w = m
+            .params
+            .get("predictor.2.weight")
+            .as_tensor()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(w[0].iter().all(|&x| x == 0.0) && w[1].iter().any(|&x| x != 0.0));
         let pred = m.predict(&b).unwrap();
         let pt = b.prior.as_ref().unwrap().1.flatten_all().unwrap();
         let pt = pt.to_vec1::<f32>().unwrap();
