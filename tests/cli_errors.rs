@@ -49,7 +49,7 @@ fn an_unknown_collective_is_refused_by_the_parser_with_the_choices() {
 
 #[test]
 fn nccl_without_an_nccl_build_is_refused_before_any_work() {
-    if cfg!(feature = "nccl") {
+    if cfg!(feature = "cuda") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -433,9 +433,9 @@ pub fn finish(summary: &Summary, out: &std::path::Path) {
 /// Refuses `--collective nccl` for workers this binary would start when it was built without
 /// NCCL, before any data is read or any file written.
 pub fn check_local_collective(collective: &str) -> Result<()> {
-    if collective == "nccl" && !cfg!(feature = "nccl") {
+    if collective == "nccl" && !cfg!(feature = "cuda") {
         anyhow::bail!(
-            "--collective nccl: this gpo was built without NCCL (rebuild with `--features nccl` on a machine with CUDA), or use --collective tcp-ring"
+            "--collective nccl: this gpo was built without NCCL (rebuild with `--features cuda`: scripts/cuda_build.sh), or use --collective tcp-ring"
         );
     }
     Ok(())

@@ -215,7 +215,7 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
             memory_bytes: memory_bytes(),
             embedder: String::new(),
             threads: threads.unwrap_or_else(gpo_core::grad::default_threads) as u32,
-            collectives: if cfg!(feature = "nccl") {
+            collectives: if cfg!(feature = "cuda") {
                 vec!["tcp-ring".into(), "nccl".into()]
             } else {
                 vec!["tcp-ring".into()]

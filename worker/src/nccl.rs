@@ -20,6 +20,7 @@
 
 use crate::collective::{Aborter, Collective};
 use anyhow::{bail, Context, Result};
+use candle_core::cuda_backend::cudarc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut};
 use cudarc::nccl::{result, sys, Id};
 use std::sync::atomic::{AtomicBool, Ordering};
