@@ -8,7 +8,6 @@ use crate::replica::Replica;
 use crate::session::{self, Ended};
 use crate::wire;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use gpo_core::data::Survey;
 use gpo_core::features::PointFeatures;
 use gpo_core::model::GpoConfig;
@@ -302,7 +301,7 @@ fn build_replica(
         spec.seed,
         Arc::new(survey),
         Arc::new(features),
-        Device::Cpu,
+        crate::device::for_capability(&opts.capabilities.device)?,
     )?;
     let threads = opts
         .threads

@@ -13,6 +13,7 @@ pub mod client;
 pub mod collective;
 pub mod data_cache;
 pub mod data_fetch;
+pub mod device;
 pub mod etcd;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -4,7 +4,8 @@
 //! `CollectiveSetup` request; every member receives it in the response and joins the
 //! communicator with [`Nccl::new`]. Each all-reduce copies the host gradient to the device,
 //! sums it in place across ranks (`ncclAllReduce`, f64) and copies it back. The replica
-//! itself computes on the CPU: this is the collective only.
+//! computes its gradient wherever `--device` says (the host buffer is what Adam and this
+//! collective share): this is the collective only.
 //!
 //! The communicator is held as NCCL's raw handle rather than cudarc's `Comm`, because
 //! recovery must be able to abort it from another thread (`ncclCommAbort`, through
@@ -14,11 +15,13 @@
 //! waiting in the stream synchronization, which `ncclCommAbort` ends (NCCL's kernels stop).
 //! A failed or aborted call leaves the caller's buffer as it was.
 //!
-//! cudarc loads the driver and NCCL at run time (`fallback-dynamic-loading`) and panics,
-//! rather than returning an error, when the driver is missing; every entry point here
-//! catches that and returns an error instead.
+//! This is the cudarc candle re-exports (`candle_core::cuda_backend::cudarc`, linked
+//! dynamically against libcuda and libnccl by candle's `cuda` and `nccl` features). The
+//! driver is probed ([`crate::device::probe_cuda`]) before a context is made, and every
+//! entry point runs under [`guarded`], so a broken driver is an error, not a panic.
 
 use crate::collective::{Aborter, Collective};
+use crate::device::guarded;
 use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut};
@@ -32,13 +35,6 @@ pub fn device_ordinal() -> usize {
         .iter()
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(_) => bail!("{what}: the CUDA driver or NCCL library could not be loaded"),
-    }
 }
 
 /// A fresh NCCL unique id (rank 0), as the 128 bytes that travel through the coordinator.
@@ -118,8 +114,12 @@ impl Nccl {
         for (d, s) in internal.iter_mut().zip(id) {
             *d = *s as std::ffi::c_char;
         }
+        let count = crate::device::probe_cuda()?;
         guarded("joining the NCCL communicator", || {
             let ordinal = device_ordinal();
+            if ordinal >= count {
+                bail!("NCCL rank {rank}: CUDA device {ordinal} asked for (GPO_CUDA_DEVICE or LOCAL_RANK), the driver sees {count}");
+            }
             let ctx = CudaContext::new(ordinal)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
             let stream = ctx.default_stream();
@@ -157,39 +157,83 @@ impl Nccl {
         aborted_error(self.rank)
     }
 
+    /// Enqueues an in-place sum of the first `count` values of the device buffer.
+    fn enqueue(&mut self, count: usize) -> Result<()> {
+        let rank = self.rank;
+        let (ptr, _written) = self.dev.device_ptr_mut(&self.stream);
+        let comm = self.handle.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if comm.is_null() {
+            return Err(aborted_error(rank));
+        }
+        // SAFETY: `ptr` is this communicator's device buffer of at least `count` f64 values
+        // (callers check), reduced in place on this communicator's stream; the handle is
+        // live (non-null under the lock) for the duration of the enqueue.
+        unsafe {
+            result::all_reduce(
+                ptr as _,
+                ptr as _,
+                count,
+                sys::ncclDataType_t::ncclFloat64,
+                sys::ncclRedOp_t::ncclSum,
+                *comm,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("ncclAllReduce: {e:?}"))?;
+        Ok(())
+    }
+
     fn reduce(&mut self, buf: &[f64]) -> Result<()> {
         self.stream
             .memcpy_htod(buf, &mut self.dev)
             .context("copying the gradient to the device")?;
-        {
-            let count = self.dev.len();
-            let rank = self.rank;
-            let (ptr, _written) = self.dev.device_ptr_mut(&self.stream);
-            let comm = self.handle.comm.lock().unwrap_or_else(|p| p.into_inner());
-            if comm.is_null() {
-                return Err(aborted_error(rank));
-            }
-            // SAFETY: `ptr` is this communicator's device buffer of `count` f64 values,
-            // reduced in place on this communicator's stream; the handle is live (non-null
-            // under the lock) for the duration of the enqueue.
-            unsafe {
-                result::all_reduce(
-                    ptr as _,
-                    ptr as _,
-                    count,
-                    sys::ncclDataType_t::ncclFloat64,
-                    sys::ncclRedOp_t::ncclSum,
-                    *comm,
-                    self.stream.cu_stream() as _,
-                )
-            }
-            .map_err(|e| anyhow::anyhow!("ncclAllReduce: {e:?}"))?;
-        }
+        self.enqueue(self.dev.len())?;
         self.stream
             .memcpy_dtoh(&self.dev, &mut self.host)
             .context("copying the gradient back")?;
         self.stream.synchronize().context("waiting for NCCL")?;
         Ok(())
+    }
+
+    /// Seconds per in-place all-reduce of the first `count` f64 values of the device
+    /// buffer, over `reps` back-to-back calls after one warm-up, without host copies: the
+    /// collective's own speed (`gpo gpu-check`'s bandwidth sweep).
+    pub fn time_device_all_reduce(&mut self, count: usize, reps: usize) -> Result<f64> {
+        if count > self.dev.len() {
+            bail!(
+                "nccl: {count} values asked for, the buffer holds {}",
+                self.dev.len()
+            );
+        }
+        guarded("timing nccl all-reduce", || {
+            self.enqueue(count)?;
+            self.stream.synchronize().context("waiting for NCCL")?;
+            let t = std::time::Instant::now();
+            for _ in 0..reps.max(1) {
+                self.enqueue(count)?;
+            }
+            self.stream.synchronize().context("waiting for NCCL")?;
+            Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+        })
+    }
+
+    /// Bytes per second of a device-to-device copy of `bytes` (counting the bytes copied
+    /// once), on this communicator's device: the memory bandwidth that bounds a 1-rank
+    /// all-reduce, where no link is crossed.
+    pub fn device_copy_rate(&self, bytes: usize, reps: usize) -> Result<f64> {
+        guarded("timing a device copy", || {
+            let n = bytes / 8;
+            let src = self.stream.alloc_zeros::<f64>(n).context("allocating")?;
+            let mut dst = self.stream.alloc_zeros::<f64>(n).context("allocating")?;
+            self.stream.memcpy_dtod(&src, &mut dst).context("copying")?;
+            self.stream.synchronize().context("waiting for the copy")?;
+            let t = std::time::Instant::now();
+            for _ in 0..reps.max(1) {
+                self.stream.memcpy_dtod(&src, &mut dst).context("copying")?;
+            }
+            self.stream.synchronize().context("waiting for the copy")?;
+            Ok((n * 8 * reps.max(1)) as f64 / t.elapsed().as_secs_f64())
+        })
     }
 }
 
