@@ -3,6 +3,7 @@
 //! [`cmd`]; [`inputs`] is the I/O edge that turns paths into surveys and features.
 
 mod cmd;
+mod embedding;
 mod experiment;
 mod inputs;
 mod signals;

@@ -7,12 +7,16 @@
 //! serves the `gpo.v1` gRPC API ([`server::CoordinatorService`], [`service`]) and dispatches to remote
 //! workers ([`dispatch::GrpcDispatch`]). Membership, generations, fencing, the step round
 //! and recovery are decided by the pure state machine in [`machine`]; the service and the
-//! dispatch only carry its events and actions.
+//! dispatch only carry its events and actions. Before a run whose embedding store lacks
+//! texts, [`embed_service`] serves the embedding phase (the pure [`embed_job`] under a
+//! tonic service) on the same port.
 
 pub mod config;
 mod data_fetch;
 pub mod data_files;
 pub mod dispatch;
+pub mod embed_job;
+pub mod embed_service;
 pub mod etcd;
 pub mod machine;
 pub mod plan;

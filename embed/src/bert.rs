@@ -174,14 +174,40 @@ fn fused_linear(parts: &[Linear]) -> Result<Linear> {
     Ok(Linear::new(w, b))
 }
 
+/// A BERT folder read up to its weights.
+struct Prepared {
+    cfg: BertConfig,
+    act: Act,
+    pooling: Pooling,
+    normalize: bool,
+    encoder: TextEncoder,
+    id: String,
+}
+
 impl BertEmbedder {
-    /// Loads a BERT-family model from a Hugging Face folder.
-    pub fn load(
+    /// What a BERT-family folder would embed with (id, width, tokenizer), read from its
+    /// config and tokenizer without loading the weights.
+    pub fn describe(
         dir: &Path,
         cfg_json: &serde_json::Value,
         opts: &LoadOptions,
         id_base: &str,
-    ) -> Result<BertEmbedder> {
+    ) -> Result<crate::Description> {
+        let p = Self::prepare(dir, cfg_json, opts, id_base)?;
+        Ok(crate::Description {
+            id: p.id,
+            dim: p.cfg.hidden_size,
+            encoder: p.encoder,
+        })
+    }
+
+    /// The config, tokenizer, pooling and id: everything but the weights.
+    fn prepare(
+        dir: &Path,
+        cfg_json: &serde_json::Value,
+        opts: &LoadOptions,
+        id_base: &str,
+    ) -> Result<Prepared> {
         let cfg_path = dir.join("config.json");
         let cfg: BertConfig = serde_json::from_value(cfg_json.clone())
             .map_err(|e| invalid(&cfg_path, format!("not a BERT config: {e}")))?;
@@ -237,7 +263,37 @@ impl BertEmbedder {
             ));
         }
         let encoder = TextEncoder::new(tok, max_len)?;
+        let id = format!(
+            "{id_base}|{}{}|{}",
+            pooling.name(),
+            if sc.normalize { "+l2" } else { "" },
+            opts.compute_dtype().as_str()
+        );
+        Ok(Prepared {
+            cfg,
+            act,
+            pooling,
+            normalize: sc.normalize,
+            encoder,
+            id,
+        })
+    }
 
+    /// Loads a BERT-family model from a Hugging Face folder.
+    pub fn load(
+        dir: &Path,
+        cfg_json: &serde_json::Value,
+        opts: &LoadOptions,
+        id_base: &str,
+    ) -> Result<BertEmbedder> {
+        let Prepared {
+            cfg,
+            act,
+            pooling,
+            normalize,
+            encoder,
+            id,
+        } = Self::prepare(dir, cfg_json, opts, id_base)?;
         let dtype = opts.compute_dtype();
         let files = crate::source::safetensors_files(dir)?;
         // SAFETY: the files are memory-mapped read-only while the weights are copied out.
@@ -280,12 +336,6 @@ impl BertEmbedder {
                 out_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
             });
         }
-        let id = format!(
-            "{id_base}|{}{}|{}",
-            pooling.name(),
-            if sc.normalize { "+l2" } else { "" },
-            dtype.as_str()
-        );
         Ok(BertEmbedder {
             id,
             cfg,
@@ -297,7 +347,7 @@ impl BertEmbedder {
             layers,
             act,
             pooling,
-            normalize: sc.normalize,
+            normalize,
             dtype,
             device: opts.device.clone(),
         })

@@ -293,6 +293,16 @@ fn rope_tables(
     Ok((f.cos()?.to_dtype(dtype)?, f.sin()?.to_dtype(dtype)?))
 }
 
+/// A GGUF file read up to its tensors.
+struct GgufPrepared {
+    ct: gguf_file::Content,
+    file: std::fs::File,
+    cfg: DecoderConfig,
+    encoder: TextEncoder,
+    pooling: Pooling,
+    id: String,
+}
+
 impl DecoderEmbedder {
     fn build(
         cfg: DecoderConfig,
@@ -388,13 +398,28 @@ impl DecoderEmbedder {
         })
     }
 
-    /// Loads a decoder from a Hugging Face folder.
-    pub fn load_hf(
+    /// What a decoder folder would embed with (id, width, tokenizer), without its weights.
+    pub fn describe_hf(
         dir: &Path,
         cfg_json: &serde_json::Value,
         opts: &LoadOptions,
         id_base: &str,
-    ) -> Result<DecoderEmbedder> {
+    ) -> Result<crate::Description> {
+        let (cfg, encoder, _, id) = Self::prepare_hf(dir, cfg_json, opts, id_base)?;
+        Ok(crate::Description {
+            id,
+            dim: cfg.hidden_size,
+            encoder,
+        })
+    }
+
+    /// A folder's config, tokenizer, pooling and id: everything but the weights.
+    fn prepare_hf(
+        dir: &Path,
+        cfg_json: &serde_json::Value,
+        opts: &LoadOptions,
+        id_base: &str,
+    ) -> Result<(DecoderConfig, TextEncoder, Pooling, String)> {
         let cfg = DecoderConfig::from_hf(cfg_json, &dir.join("config.json"))?;
         let tok = tokenize::from_file(&dir.join("tokenizer.json"))?;
         let tv = tok.get_vocab_size(true);
@@ -412,18 +437,61 @@ impl DecoderEmbedder {
             m.min(cfg.max_position_embeddings)
         });
         let encoder = TextEncoder::new(tok, max_len)?;
-        let dtype = opts.compute_dtype();
-        let files = crate::source::safetensors_files(dir)?;
-        // SAFETY: read-only mapping; the weights are copied out at load.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &opts.device)? };
         let pooling = opts.pooling.unwrap_or(Pooling::Mean);
         check_pooling(pooling)?;
-        let id = format!("{id_base}|{}|{}", pooling.name(), dtype.as_str());
+        let id = format!(
+            "{id_base}|{}|{}",
+            pooling.name(),
+            opts.compute_dtype().as_str()
+        );
+        Ok((cfg, encoder, pooling, id))
+    }
+
+    /// Loads a decoder from a Hugging Face folder.
+    pub fn load_hf(
+        dir: &Path,
+        cfg_json: &serde_json::Value,
+        opts: &LoadOptions,
+        id_base: &str,
+    ) -> Result<DecoderEmbedder> {
+        let (cfg, encoder, pooling, id) = Self::prepare_hf(dir, cfg_json, opts, id_base)?;
+        let files = crate::source::safetensors_files(dir)?;
+        // SAFETY: read-only mapping; the weights are copied out at load.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&files, opts.compute_dtype(), &opts.device)?
+        };
         DecoderEmbedder::build(cfg, &mut HfWeights { vb }, encoder, pooling, opts, id)
+    }
+
+    /// What a GGUF file would embed with (id, width, tokenizer), from its metadata alone.
+    pub fn describe_gguf(
+        path: &Path,
+        opts: &LoadOptions,
+        id_base: &str,
+    ) -> Result<crate::Description> {
+        let g = Self::prepare_gguf(path, opts, id_base)?;
+        Ok(crate::Description {
+            id: g.id,
+            dim: g.cfg.hidden_size,
+            encoder: g.encoder,
+        })
     }
 
     /// Loads a decoder from a GGUF file, dequantizing every tensor.
     pub fn load_gguf(path: &Path, opts: &LoadOptions, id_base: &str) -> Result<DecoderEmbedder> {
+        let g = Self::prepare_gguf(path, opts, id_base)?;
+        let mut w = GgufWeights {
+            ct: &g.ct,
+            file: g.file,
+            dtype: opts.compute_dtype(),
+            device: opts.device.clone(),
+            path,
+        };
+        DecoderEmbedder::build(g.cfg, &mut w, g.encoder, g.pooling, opts, g.id)
+    }
+
+    /// A GGUF file's metadata read into the config, tokenizer, pooling and id.
+    fn prepare_gguf(path: &Path, opts: &LoadOptions, id_base: &str) -> Result<GgufPrepared> {
         let mut file = std::fs::File::open(path).map_err(io_err(path))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| invalid(path, format!("not a valid GGUF file: {e}")))?;
@@ -496,18 +564,21 @@ impl DecoderEmbedder {
         cfg.check(path)?;
         let max_len = opts.max_len.map_or(ctx, |m| m.min(ctx));
         let encoder = TextEncoder::new(tok, max_len)?;
-        let dtype = opts.compute_dtype();
         let pooling = opts.pooling.unwrap_or(Pooling::Mean);
         check_pooling(pooling)?;
-        let id = format!("{id_base}|{}|{}", pooling.name(), dtype.as_str());
-        let mut w = GgufWeights {
-            ct: &ct,
+        let id = format!(
+            "{id_base}|{}|{}",
+            pooling.name(),
+            opts.compute_dtype().as_str()
+        );
+        Ok(GgufPrepared {
+            ct,
             file,
-            dtype,
-            device: opts.device.clone(),
-            path,
-        };
-        DecoderEmbedder::build(cfg, &mut w, encoder, pooling, opts, id)
+            cfg,
+            encoder,
+            pooling,
+            id,
+        })
     }
 
     /// The model's configuration.

@@ -28,7 +28,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 
 pub use error::{EmbedError, Result};
-pub use source::{load, load_decoder};
+pub use source::{describe, load, load_decoder};
 pub use tokenize::{TextEncoder, Tokens};
 
 /// How a sequence of hidden states becomes one vector.
@@ -113,6 +113,17 @@ impl LoadOptions {
     }
 }
 
+/// What an embedder would produce, known without its weights ([`describe`]).
+#[derive(Debug)]
+pub struct Description {
+    /// The embedder id ([`Embedder::id`]).
+    pub id: String,
+    /// The width of every vector.
+    pub dim: usize,
+    /// The tokenizer and context length.
+    pub encoder: TextEncoder,
+}
+
 /// A model that turns texts into fixed-size vectors.
 pub trait Embedder: Send + Sync {
     /// A stable identifier of what produces the vectors (model, pooling, normalization,
@@ -153,6 +164,22 @@ pub fn embed_sharded(e: &dyn Embedder, batch: &[&[u32]], shards: usize) -> Resul
         out.extend(p?);
     }
     Ok(out)
+}
+
+/// Embeds whole planned batches, in parallel on rayon's pool (one process's cores; `parallel <= 1`: in turn), each as one
+/// [`Embedder::embed_tokens`] call, so a text's vector depends only on the batch the plan
+/// put it in: vectors are not bitwise invariant to a batch's padding, and a store must not
+/// depend on the thread count or on which process ran the batch.
+pub fn embed_batches(
+    e: &dyn Embedder,
+    batches: &[Vec<&[u32]>],
+    parallel: usize,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    if parallel <= 1 || batches.len() < 2 {
+        return batches.iter().map(|b| e.embed_tokens(b)).collect();
+    }
+    use rayon::prelude::*;
+    batches.par_iter().map(|b| e.embed_tokens(b)).collect()
 }
 
 /// Groups texts into batches under a token budget, like TEI's max-batch-tokens: indices are

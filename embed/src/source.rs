@@ -246,6 +246,26 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn Embedder>> {
     }
 }
 
+/// What `spec` would embed with under `opts`: the embedder id (the fingerprint every
+/// vector is keyed by), the width and the tokenizer, read from the config, tokenizer and
+/// metadata without loading any weights. The id equals [`load`]'s. A coordinator that
+/// plans embedding batches for its workers needs only this.
+pub fn describe(spec: &str, opts: &LoadOptions) -> Result<crate::Description> {
+    match resolve_model(spec)? {
+        Resolved::Gguf { path, id } => DecoderEmbedder::describe_gguf(&path, opts, &id),
+        Resolved::Folder {
+            path,
+            cfg,
+            model_type,
+            id,
+        } => match model_type.as_str() {
+            "bert" => BertEmbedder::describe(&path, &cfg, opts, &id),
+            t if DECODERS.contains(&t) => DecoderEmbedder::describe_hf(&path, &cfg, opts, &id),
+            other => Err(unknown(&path, other)),
+        },
+    }
+}
+
 /// The `model_type`s of the decoder families.
 const DECODERS: [&str; 3] = ["llama", "mistral", "qwen2"];
 

@@ -276,3 +276,36 @@ fn smollm2_next_token_logits_match_transformers() {
         }
     }
 }
+
+/// `describe` (what a coordinator plans with) gives `load`'s id, width and tokens, without
+/// the weights.
+#[test]
+fn describe_gives_the_loaded_embedders_id_width_and_tokens() {
+    for (spec, pooling) in [
+        (minilm_dir(), None),
+        (minilm_dir(), Some(Pooling::Cls)),
+        (smollm_gguf(), None),
+    ] {
+        let opts = LoadOptions {
+            pooling,
+            ..Default::default()
+        };
+        let spec = spec.display().to_string();
+        let d = gpo_embed::describe(&spec, &opts).unwrap();
+        let e = gpo_embed::load(&spec, &opts).unwrap();
+        assert_eq!(d.id, e.id());
+        assert_eq!(d.dim, e.dim());
+        let text = "Question: How do you feel? Answer: Fine";
+        assert_eq!(
+            d.encoder.encode(text, false).unwrap().ids,
+            e.encoder().encode(text, false).unwrap().ids
+        );
+    }
+    // bf16 is another fingerprint.
+    let bf16 = LoadOptions {
+        dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    let d = gpo_embed::describe(&minilm_dir().display().to_string(), &bf16).unwrap();
+    assert!(d.id.ends_with("|bf16"), "{}", d.id);
+}

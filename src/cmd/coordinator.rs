@@ -254,6 +254,51 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
             ptr.step, ptr.generation, ptr.leader
         );
     }
+    // Spawned workers serve their metrics on free ports of the coordinator's metrics host.
+    let worker_metrics = metrics_server
+        .as_ref()
+        .map(|m| SocketAddr::new(m.addr().ip(), 0));
+    let log_format = match a.log_format {
+        gpo_ops::logs::LogFormat::Json => "json",
+        gpo_ops::logs::LogFormat::Text => "text",
+    };
+    // A store that lacks texts is filled first, by the workers, on this port.
+    let embedded = match a.embed.settings() {
+        Some(st) => {
+            let (survey, store) = crate::embedding::run_survey(&a.data)?;
+            let extra = crate::cmd::embed::worker_embed_args(&st);
+            let token = service.worker_token.clone();
+            health.set_not_ready("filling the run's embedding store");
+            if let Some(f) = &service.addr_file {
+                gpo_core::io::checkpoint::write_atomic(f, bound.to_string().as_bytes())
+                    .with_context(|| format!("writing {}", f.display()))?;
+            }
+            let phase = crate::embedding::Phase {
+                listener: listener.try_clone()?,
+                security: &service.opts.security,
+                timing: gpo_coordinator::embed_service::EmbedTiming {
+                    heartbeat_interval: service.opts.heartbeat_interval,
+                    heartbeat_timeout: service.opts.heartbeat_timeout.max(Duration::from_secs(10)),
+                },
+                then_train: true,
+                spawn: Box::new(move |addr, embed| {
+                    let extra = if embed { &extra[..] } else { &[] };
+                    spawn_workers(
+                        spawn,
+                        addr,
+                        token.as_deref(),
+                        worker_metrics,
+                        log_format,
+                        extra,
+                    )
+                }),
+            };
+            Some(crate::embedding::fill_distributed(
+                &st, &survey, &store, phase,
+            )?)
+        }
+        None => None,
+    };
     let p = train::prepare_with(a, resume_from.as_deref())?;
     let cfg = &p.cfg;
     let config_sha256 = {
@@ -321,20 +366,18 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
             .with_context(|| format!("writing {}", f.display()))?;
     }
     health.set_ready();
-    // Spawned workers serve their metrics on free ports of the coordinator's metrics host.
-    let worker_metrics = metrics_server
-        .as_ref()
-        .map(|m| SocketAddr::new(m.addr().ip(), 0));
-    let children = Arc::new(Mutex::new(spawn_workers(
-        spawn,
-        addr,
-        service.worker_token.as_deref(),
-        worker_metrics,
-        match a.log_format {
-            gpo_ops::logs::LogFormat::Json => "json",
-            gpo_ops::logs::LogFormat::Text => "text",
-        },
-    )?));
+    let children = Arc::new(Mutex::new(match embedded {
+        // The workers that embedded train next.
+        Some(c) => c,
+        None => spawn_workers(
+            spawn,
+            addr,
+            service.worker_token.as_deref(),
+            worker_metrics,
+            log_format,
+            &[],
+        )?,
+    }));
     // A worker process that dies is a lost worker, which the run recovers from; only when
     // every spawned process has failed can no worker come, and the run fails.
     let watcher = {
@@ -401,12 +444,15 @@ fn drive(a: &train::Args, service: Service, spawn: usize) -> Result<()> {
     Ok(())
 }
 
-fn spawn_workers(
+/// Starts `n` `gpo worker` processes for the coordinator at `addr` (with `extra` flags,
+/// e.g. the embedder of an embedding phase).
+pub(crate) fn spawn_workers(
     n: usize,
     addr: SocketAddr,
     token: Option<&Path>,
     metrics: Option<SocketAddr>,
     log_format: &str,
+    extra: &[String],
 ) -> Result<Vec<Child>> {
     let exe = std::env::current_exe().context("locating the gpo binary")?;
     (0..n)
@@ -415,7 +461,8 @@ fn spawn_workers(
             c.args(["worker", "--coordinator"])
                 .arg(format!("http://{addr}"))
                 .args(["--name", &format!("worker-{i}")])
-                .args(["--log-format", log_format]);
+                .args(["--log-format", log_format])
+                .args(extra);
             if let Some(t) = token {
                 c.arg("--token-file").arg(t);
             }
@@ -423,6 +470,7 @@ fn spawn_workers(
                 c.args(["--metrics-addr", &m.to_string()]);
             }
             c.env_remove("GPO_WORKER_CONFIG")
+                .env_remove("GPO_EMBEDDER")
                 .env_remove("GPO_TLS_CERT")
                 .env_remove("GPO_TLS_KEY")
                 .env_remove("GPO_TLS_CA")
@@ -437,7 +485,7 @@ fn spawn_workers(
 
 /// Waits for the worker processes to exit (killing any still alive after `grace`);
 /// returns a message if one failed.
-fn reap(children: &mut [Child], grace: Duration) -> Option<String> {
+pub(crate) fn reap(children: &mut [Child], grace: Duration) -> Option<String> {
     let deadline = Instant::now() + grace;
     let mut failed = None;
     for (i, c) in children.iter_mut().enumerate() {

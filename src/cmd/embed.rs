@@ -5,21 +5,23 @@
 //! Texts are tokenized first (over-long ones are an error, or truncated with a warning under
 //! `--truncate`), sorted by length and batched to a token budget (`--max-batch-tokens`, like
 //! TEI's), so little compute goes to padding. On CPU each batch is split across the threads
-//! (each kernel single-threaded). The store is rewritten every `--flush-secs` and at the end;
-//! keys already in it are skipped, so an interrupted run resumes where it stopped.
+//! (each planned batch one forward, so the store does not depend on the core count). The
+//! store is rewritten every `--flush-secs` and at the end; keys already in it are skipped, so
+//! an interrupted run resumes where it stopped. `--workers N` embeds the same plan on N
+//! worker processes on loopback ([`crate::embedding::fill_distributed`]), bitwise alike.
 
+use crate::embedding::{self, Settings};
 use crate::inputs::parse_format;
 use anyhow::{bail, Context, Result};
+use gpo_core::data::Survey;
 use gpo_core::io::dataset;
-use gpo_core::io::store::{EmbeddingStore, StoreWriter, INDEX_FILE};
-use gpo_core::prompt::Template;
+use gpo_core::io::store::EmbeddingStore;
 use gpo_core::store::StoreMeta;
-use gpo_embed::{embed_sharded, plan_batches, Embedder, LoadOptions, Pooling};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashSet;
+use gpo_embed::Pooling;
+use indicatif::ProgressStyle;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -74,140 +76,38 @@ pub struct Args {
     /// /readyz on this address while it embeds (default: off).
     #[arg(long, env = "GPO_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Embed on N worker processes on loopback (the embedding phase of a distributed run):
+    /// the same plan, the same store, bit for bit.
+    #[arg(long, requires = "data")]
+    pub workers: Option<usize>,
     /// The embedding families this run feeds.
     #[arg(skip)]
     pub metrics: gpo_ops::metrics::EmbedMetrics,
 }
 
-fn device(s: &str) -> Result<candle_core::Device> {
-    match s {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        _ if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse().context("--device cuda:N needs a number"))
-                .transpose()?
-                .unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this gpo was built without the `cuda` feature (cargo build --release --features cuda)");
-            }
-            Ok(candle_core::Device::new_cuda(ord)?)
-        }
-        _ => bail!("unknown --device `{s}` (expected cpu, cuda or cuda:N)"),
-    }
-}
-
-fn dtype(s: &str) -> Result<candle_core::DType> {
-    Ok(match s {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        _ => bail!("unknown --dtype `{s}` (expected f32, f16 or bf16)"),
-    })
-}
-
-fn style(unit: &str) -> ProgressStyle {
+pub(crate) fn style(unit: &str) -> ProgressStyle {
     ProgressStyle::with_template(&format!(
         "{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit}, {{per_sec}}, eta {{eta}} {{msg}}"
     ))
     .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
-/// Tokenizes `texts` (warning on truncation), returning ids in order.
-fn tokenize(e: &dyn Embedder, texts: &[String], truncate: bool) -> Result<Vec<Vec<u32>>> {
-    use rayon::prelude::*;
-    let toks: Vec<gpo_embed::Tokens> = texts
-        .par_iter()
-        .map(|t| e.encoder().encode(t, truncate))
-        .collect::<Result<_, _>>()?;
-    let cut: Vec<&gpo_embed::Tokens> = toks.iter().filter(|t| t.truncated_from.is_some()).collect();
-    if !cut.is_empty() {
-        eprintln!(
-            "warning: truncated {} text(s) to the context of {} tokens (longest was {} tokens)",
-            cut.len(),
-            e.encoder().max_len(),
-            cut.iter()
-                .filter_map(|t| t.truncated_from)
-                .max()
-                .unwrap_or(0)
-        );
-    }
-    Ok(toks.into_iter().map(|t| t.ids).collect())
-}
-
-/// Embeds `ids` in token-budget batches, calling `sink(index, vector)` for each, with a
-/// progress bar; `flush` is called at most every `flush_every`.
-fn run_batches(
-    e: &dyn Embedder,
-    ids: &[Vec<u32>],
-    a: &Args,
-    shards: usize,
-    mut sink: impl FnMut(usize, Vec<f32>) -> Result<()>,
-    mut flush: impl FnMut() -> Result<()>,
-) -> Result<()> {
-    let lens: Vec<usize> = ids.iter().map(|v| v.len()).collect();
-    let batches = plan_batches(&lens, a.max_batch_tokens, a.max_batch_size);
-    let bar = ProgressBar::new(ids.len() as u64);
-    bar.set_style(style("texts"));
-    let tokens: usize = lens.iter().sum();
-    let start = Instant::now();
-    let mut last_flush = Instant::now();
-    let every = Duration::from_secs(a.flush_secs);
-    for b in &batches {
-        let refs: Vec<&[u32]> = b.iter().map(|&i| ids[i].as_slice()).collect();
-        let t = Instant::now();
-        let out = embed_sharded(e, &refs, shards)?;
-        let batch_tokens: usize = refs.iter().map(|r| r.len()).sum();
-        a.metrics
-            .batch(batch_tokens as u64, t.elapsed().as_secs_f64());
-        for (&i, v) in b.iter().zip(out) {
-            sink(i, v)?;
-        }
-        bar.inc(b.len() as u64);
-        if last_flush.elapsed() >= every {
-            bar.suspend(&mut flush)?;
-            last_flush = Instant::now();
+impl Args {
+    /// The embedding settings these flags give.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            model: self.model.clone(),
+            template: self.template.clone(),
+            pooling: self.pooling,
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            max_batch_tokens: self.max_batch_tokens,
+            max_batch_size: self.max_batch_size,
+            max_len: self.max_len,
+            truncate: self.truncate,
+            flush_secs: self.flush_secs,
         }
     }
-    bar.finish_and_clear();
-    let s = start.elapsed().as_secs_f64().max(1e-9);
-    eprintln!(
-        "embedded {} texts ({} tokens) in {:.1} s: {:.1} texts/s, {:.0} tokens/s, {} batches",
-        ids.len(),
-        tokens,
-        s,
-        ids.len() as f64 / s,
-        tokens as f64 / s,
-        batches.len()
-    );
-    Ok(())
-}
-
-fn load_embedder(a: &Args) -> Result<(Box<dyn Embedder>, usize)> {
-    let dev = device(&a.device)?;
-    let shards = if dev.is_cpu() {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let opts = LoadOptions {
-        pooling: a.pooling,
-        device: dev,
-        dtype: a.dtype.as_deref().map(dtype).transpose()?,
-        max_len: a.max_len,
-        lm_head: false,
-    };
-    let t = Instant::now();
-    let e =
-        gpo_embed::load(&a.model, &opts).with_context(|| format!("loading model `{}`", a.model))?;
-    eprintln!(
-        "model: {} (dim {}, context {} tokens), loaded in {:.1} s",
-        e.id(),
-        e.dim(),
-        e.encoder().max_len(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok((e, shards))
 }
 
 fn run_texts(a: &Args, input: &Path, output: &Path) -> Result<()> {
@@ -223,16 +123,23 @@ fn run_texts(a: &Args, input: &Path, output: &Path) -> Result<()> {
     if texts.is_empty() {
         bail!("{}: no texts (every line is blank)", input.display());
     }
-    let (e, shards) = load_embedder(a)?;
-    let ids = tokenize(e.as_ref(), &texts, a.truncate)?;
+    let st = a.settings();
+    let (e, parallel) = st.load()?;
+    let ids = embedding::tokenize(e.encoder(), &texts, a.truncate)?;
+    let lens: Vec<usize> = ids.iter().map(|v| v.len()).collect();
+    let batches = gpo_embed::plan_batches(&lens, a.max_batch_tokens, a.max_batch_size);
     let mut vecs: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
-    run_batches(
+    embedding::run_plan(
         e.as_ref(),
+        parallel,
         &ids,
-        a,
-        shards,
-        |i, v| {
-            vecs[i] = Some(v);
+        &batches,
+        &st,
+        &a.metrics,
+        |b, v| {
+            for (&i, v) in b.iter().zip(v) {
+                vecs[i] = Some(v);
+            }
             Ok(())
         },
         || Ok(()),
@@ -259,93 +166,34 @@ fn run_texts(a: &Args, input: &Path, output: &Path) -> Result<()> {
 }
 
 fn run_dataset(a: &Args, data: &Path, out: &Path) -> Result<()> {
-    let template = Template::parse(&a.template).map_err(anyhow::Error::msg)?;
+    let st = a.settings();
+    let template = st.template()?;
     let survey = match &a.format {
         Some(f) => dataset::load_as(data, parse_format(f)?)?,
         None => dataset::load(data)?,
     };
-    let (e, shards) = load_embedder(a)?;
+    if let Some(n) = a.workers {
+        return run_workers(&st, &survey, out, n);
+    }
+    let (e, parallel) = st.load()?;
     let meta = StoreMeta {
         embedder: e.id().to_string(),
         template: template.name().to_string(),
         dim: e.dim(),
         synthetic: false,
     };
-    let mut writer = if out.join(INDEX_FILE).exists() {
-        let old = EmbeddingStore::open(out)?;
-        let m = old.meta();
-        if m.embedder != meta.embedder || m.template != meta.template || m.dim != meta.dim {
-            bail!(
-                "{} holds embeddings of `{}` with template `{}` (dim {}), not `{}` with `{}` \
-                 (dim {}): choose another --out",
-                out.display(),
-                m.embedder,
-                m.template,
-                m.dim,
-                meta.embedder,
-                meta.template,
-                meta.dim
-            );
-        }
-        StoreWriter::from_existing(&old)
-    } else {
-        StoreWriter::new(meta.clone())
-    };
-    // Every (question, non-refusal option), rendered; each distinct text once.
-    let mut seen = HashSet::new();
-    let mut todo: Vec<(String, String)> = Vec::new();
-    let mut total = 0usize;
-    for q in &survey.questions {
-        for (k, o) in q.options.iter().enumerate() {
-            if o.refusal {
-                continue;
-            }
-            let text = template.render(q, k);
-            let key = meta.key(&text);
-            if seen.insert(key.clone()) {
-                total += 1;
-                if !writer.contains(&key) {
-                    todo.push((key, text));
-                }
-            }
-        }
-    }
+    let todo = embedding::todo(&survey, &template, meta.clone(), out)?;
     eprintln!(
         "{}: {} questions, {} texts under template `{}`; {} already in {}, {} to embed",
         data.display(),
         survey.questions.len(),
-        total,
+        todo.total,
         template.name(),
-        total - todo.len(),
+        todo.total - todo.missing.len(),
         out.display(),
-        todo.len()
+        todo.missing.len()
     );
-    if !todo.is_empty() {
-        let texts: Vec<String> = todo.iter().map(|(_, t)| t.clone()).collect();
-        let ids = tokenize(e.as_ref(), &texts, a.truncate)?;
-        let writer_cell = std::cell::RefCell::new(&mut writer);
-        run_batches(
-            e.as_ref(),
-            &ids,
-            a,
-            shards,
-            |i, v| {
-                writer_cell
-                    .borrow_mut()
-                    .insert(todo[i].0.clone(), &v)
-                    .with_context(|| format!("embedding of {:?}", todo[i].1))
-            },
-            || {
-                writer_cell
-                    .borrow()
-                    .write(out)
-                    .with_context(|| format!("writing {}", out.display()))
-            },
-        )?;
-    }
-    writer
-        .write(out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    let writer = embedding::fill_local(e.as_ref(), parallel, todo, &st, out, &a.metrics)?;
     println!(
         "wrote {}: {} embeddings (dim {}) of `{}`, template `{}`",
         out.display(),
@@ -355,6 +203,68 @@ fn run_dataset(a: &Args, data: &Path, out: &Path) -> Result<()> {
         meta.template
     );
     Ok(())
+}
+
+/// `--workers N`: the embedding phase on a loopback coordinator, with N worker processes
+/// this command starts and reaps.
+fn run_workers(st: &Settings, survey: &Survey, out: &Path, n: usize) -> Result<()> {
+    anyhow::ensure!(n >= 1, "--workers must be at least 1");
+    let token = crate::cmd::credentials::LocalToken::create()?;
+    let security = gpo_coordinator::Security {
+        token: Some(token.token.clone()),
+        ..Default::default()
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let worker_args = worker_embed_args(st);
+    let token_path = token.path().to_path_buf();
+    let phase = embedding::Phase {
+        listener: listener.try_clone()?,
+        security: &security,
+        timing: Default::default(),
+        then_train: false,
+        spawn: Box::new(move |addr, embed| {
+            if !embed {
+                return Ok(Vec::new());
+            }
+            crate::cmd::coordinator::spawn_workers(
+                n,
+                addr,
+                Some(&token_path),
+                None,
+                "text",
+                &worker_args,
+            )
+        }),
+    };
+    let mut children = embedding::fill_distributed(st, survey, out, phase)?;
+    if let Some(f) = crate::cmd::coordinator::reap(&mut children, Duration::from_secs(15)) {
+        tracing::warn!("{f}");
+    }
+    let store = EmbeddingStore::open(out)?;
+    println!(
+        "wrote {}: {} embeddings (dim {}) of `{}`, template `{}`, on {n} worker(s)",
+        out.display(),
+        store.len(),
+        store.meta().dim,
+        store.meta().embedder,
+        store.meta().template
+    );
+    Ok(())
+}
+
+/// The `gpo worker` flags that make a spawned worker embed with `st`'s model.
+pub fn worker_embed_args(st: &Settings) -> Vec<String> {
+    let mut v = vec!["--embedder".to_string(), st.model.clone()];
+    if let Some(p) = st.pooling {
+        v.extend(["--embed-pooling".into(), p.name().into()]);
+    }
+    if st.device != "cpu" {
+        v.extend(["--embed-device".into(), st.device.clone()]);
+    }
+    if let Some(d) = &st.dtype {
+        v.extend(["--embed-dtype".into(), d.clone()]);
+    }
+    v
 }
 
 pub fn run(a: Args) -> Result<()> {

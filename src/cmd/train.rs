@@ -24,6 +24,8 @@ const COLLECTIVES: [&str; 2] = ["tcp-ring", "nccl"];
 pub struct Args {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub embed: crate::embedding::EmbedFlags,
     /// TOML file with a run configuration (see `examples/train.toml`).
     #[arg(long, env = "GPO_CONFIG")]
     pub config: Option<PathBuf>,
@@ -455,6 +457,7 @@ pub fn run(a: Args) -> Result<()> {
         &health,
         |r| metrics.register(r),
     )?;
+    crate::embedding::fill_before_training(&a.embed, &a.data)?;
     let p = prepare(&a)?;
     let mut dispatch = InProcess::new(p.replica()?);
     health.set_ready();

@@ -70,6 +70,20 @@ pub struct Args {
     /// lists it in `gpo status`.
     #[arg(long, env = "GPO_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Take part in the run's embedding phase with this model (an HF folder, a .gguf file
+    /// or a hub id): the coordinator deals the texts its store lacks to the workers whose
+    /// embedder fingerprint is its own.
+    #[arg(long, env = "GPO_EMBEDDER")]
+    pub embedder: Option<String>,
+    /// Pooling of the embedder (default: the model's own).
+    #[arg(long, requires = "embedder")]
+    pub embed_pooling: Option<gpo_embed::Pooling>,
+    /// Device of the embedder: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", requires = "embedder")]
+    pub embed_device: String,
+    /// Compute dtype of the embedder: f32, f16 or bf16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long, requires = "embedder")]
+    pub embed_dtype: Option<String>,
     /// Log lines as `text` or `json` (with run id, generation and step).
     #[arg(long, env = "GPO_LOG_FORMAT", default_value = "text")]
     pub log_format: gpo_ops::logs::LogFormat,
@@ -254,6 +268,27 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(s) = &server {
         opts.capabilities.metrics_addr = s.addr().to_string();
     }
+    // The embedder is loaded before anything connects: a wrong model fails at once.
+    let embedder: Option<Arc<dyn gpo_worker::embed_work::BatchEmbedder>> = match &a.embedder {
+        Some(m) => {
+            let st = crate::embedding::Settings {
+                model: m.clone(),
+                template: "plain".into(),
+                pooling: a.embed_pooling,
+                device: a.embed_device.clone(),
+                dtype: a.embed_dtype.clone(),
+                max_batch_tokens: 0,
+                max_batch_size: 0,
+                max_len: None,
+                truncate: false,
+                flush_secs: 60,
+            };
+            let (e, parallel) = st.load()?;
+            opts.capabilities.embedder = e.id().to_string();
+            Some(Arc::new(ModelEmbedder { e, parallel }))
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -275,6 +310,26 @@ pub fn run(a: Args) -> Result<()> {
             crate::cmd::worker_pool::run(sweep, opts, rx).await?;
             return Ok(None);
         }
+        if let Some(e) = embedder {
+            // A test hook: `N` or `NAME:N` ends this worker abruptly after N leases.
+            let crash = std::env::var("GPO_TEST_EMBED_CRASH_AFTER")
+                .ok()
+                .and_then(|v| match v.rsplit_once(':') {
+                    Some((name, n)) if name == opts.name => n.parse().ok(),
+                    Some(_) => None,
+                    None => v.parse().ok(),
+                });
+            let out = gpo_worker::embed_work::run(&opts, e, rx.clone(), crash).await?;
+            if out.phase {
+                eprintln!(
+                    "embedded {} batches ({} tokens) for the run's store",
+                    out.batches, out.tokens
+                );
+            }
+            if !out.then_train {
+                return Ok(None);
+            }
+        }
         client::run(opts, loader(), rx).await.map(Some)
     })?;
     let Some(report) = report else {
@@ -285,4 +340,26 @@ pub fn run(a: Args) -> Result<()> {
         report.worker_id, report.run_id, report.steps, report.rejoins, report.reason
     );
     Ok(())
+}
+
+/// A worker's embedder for the embedding phase: each planned batch one forward.
+struct ModelEmbedder {
+    e: Box<dyn gpo_embed::Embedder>,
+    parallel: usize,
+}
+
+impl gpo_worker::embed_work::BatchEmbedder for ModelEmbedder {
+    fn id(&self) -> &str {
+        self.e.id()
+    }
+    fn dim(&self) -> usize {
+        self.e.dim()
+    }
+    fn parallel(&self) -> usize {
+        self.parallel
+    }
+    fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let refs: Vec<&[u32]> = batch.iter().map(|t| t.as_slice()).collect();
+        Ok(self.e.embed_tokens(&refs)?)
+    }
 }

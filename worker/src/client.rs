@@ -247,6 +247,7 @@ async fn register(
 ) -> Result<pb::RegisterResponse> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(50);
+    let mut told = false;
     loop {
         let req = pb::RegisterRequest {
             name: opts.name.clone(),
@@ -258,6 +259,17 @@ async fn register(
         };
         match within(CALL_TIMEOUT, "registering", client.register(req)).await {
             Ok(r) => return Ok(r.into_inner()),
+            // The port serves the run's embedding phase (`gpo.v1.Embedding`) until the
+            // store is complete; the run's service follows on it, however long that takes.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                if !told {
+                    tracing::info!(
+                        "the coordinator is filling the run's embedding store; waiting to register"
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(s)
                 if matches!(
                     s.code(),

@@ -14,6 +14,7 @@ pub mod collective;
 pub mod data_cache;
 pub mod data_fetch;
 pub mod device;
+pub mod embed_work;
 pub mod etcd;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -506,7 +506,11 @@ impl StoreWriter {
             ("format".to_string(), FORMAT.to_string()),
         ]);
         let tensor_bytes = safetensors::serialize([(TENSOR_NAME, view)], Some(header))
-            .map_err(|e| invalid(&tensor_path, format!("cannot serialize: {e}")))?;
+            .map_err(|e| invalid(&tensor_path, format!("cannot serialize: {e}")))
+            .and_then(|b| {
+                canonical_header(&b)
+                    .ok_or_else(|| invalid(&tensor_path, "cannot reorder the safetensors header"))
+            })?;
         drop(bytes);
 
         let index = IndexFile {
@@ -529,6 +533,30 @@ impl StoreWriter {
         }
         Ok(())
     }
+}
+
+/// The same safetensors file with its JSON header's keys sorted (safetensors writes the
+/// metadata from a `HashMap`, in an order that changes from process to process), so equal
+/// stores are equal files, byte for byte.
+fn canonical_header(file: &[u8]) -> Option<Vec<u8>> {
+    use std::collections::BTreeMap;
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let header = file.get(8..8 + n)?;
+    let mut top: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    if let Some(m) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(m.take()).ok()?;
+        *m = serde_json::to_value(sorted).ok()?;
+    }
+    let mut json = serde_json::to_vec(&top).ok()?;
+    // The data starts 8-byte aligned, as safetensors pads it: with spaces.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + file.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&file[8 + n..]);
+    Some(out)
 }
 
 /// Writes `bytes` to a fresh temporary file in `dir`, fsyncs it, and renames it to `dest`.
@@ -662,6 +690,25 @@ mod tests {
             msg.contains("index.json`: dim is 64 but embeddings.safetensors has 32 columns"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn equal_stores_are_equal_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = StoreWriter::new(meta(3));
+        w.insert(key(0), &[1.0, 2.0, 3.0]).unwrap();
+        let mut files = Vec::new();
+        for i in 0..6 {
+            // Each write builds its metadata map afresh (a new hash order).
+            let d = dir.path().join(format!("s{i}"));
+            w.write(&d).unwrap();
+            files.push(std::fs::read(d.join(TENSOR_FILE)).unwrap());
+            let s = EmbeddingStore::open(&d).unwrap();
+            assert_eq!(s.get(&key(0)).unwrap(), &[1.0, 2.0, 3.0]);
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        let n = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + n) % 8, 0);
     }
 
     #[test]
