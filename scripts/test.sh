@@ -8,3 +8,7 @@ scripts/check_deploy.sh # deploy/ and helm/, offline with the real tools (about 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The `cuda` feature (candle's CUDA backend and NCCL), compiled and linked against the CUDA
+# toolkit from PyPI and a stub driver, all inside the clone (.cuda/, target/): the code no
+# CPU test runs must still build (BENCHMARKS.md "GPU" has its time).
+scripts/cuda_build.sh

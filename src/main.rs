@@ -51,6 +51,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Run a sweep of trials on a pool of workers, with early stopping and a leaderboard.
     Sweep(cmd::sweep::Args),
+    /// Run every GPU check and write one JSON of results (a build with `--features cuda`).
+    GpuCheck(cmd::gpu_check::Args),
 }
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the kernel: candle
@@ -90,6 +92,7 @@ fn main() {
         Command::Status(a) => cmd::status::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Sweep(a) => cmd::sweep::run(a),
+        Command::GpuCheck(a) => cmd::gpu_check::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod embed;
 pub mod eval;
 pub mod experiment;
+pub mod gpu_check;
 pub mod loss;
 pub mod model_info;
 pub mod roofline;

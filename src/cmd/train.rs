@@ -92,6 +92,11 @@ pub struct Args {
     /// "best"}`), flushed as it happens: what `gpo sweep` follows a trial by.
     #[arg(long, env = "GPO_EVENTS", value_name = "FILE")]
     pub events: Option<PathBuf>,
+    /// Where gradients are computed: cpu (the fused ops) or cuda / cuda:N (the composite
+    /// ops in f32; a build with `--features cuda`). Parameters, Adam and the all-reduce stay
+    /// on the host. With --workers N every worker uses it; `gpo coordinator` ignores it.
+    #[arg(long, env = "GPO_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 /// The built-in default run (no `--data`, no `--config`): the official module on the
@@ -444,10 +449,17 @@ pub fn check_local_collective(collective: &str) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let device = gpo_worker::device::DeviceSpec::parse(&a.device)?.check_build()?;
     if let Some(n) = a.workers.filter(|&n| n > 0) {
         check_local_collective(&a.collective)?;
+        // Probed here, so a missing driver fails before any worker starts; the worker
+        // processes read their --device from the environment they inherit.
+        device.probe()?;
+        std::env::set_var("GPO_DEVICE", &a.device);
         return crate::cmd::coordinator::run_distributed(&a, n, None);
     }
+    // Opened before any data is read: a missing driver fails at once.
+    let device = device.open()?;
     let stop = crate::signals::stop_flag();
     let metrics = gpo_ops::metrics::CoordinatorMetrics::default();
     let health = gpo_ops::http::Health::not_ready("loading the data");
@@ -459,7 +471,11 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     crate::embedding::fill_before_training(&a.embed, &a.data)?;
     let p = prepare(&a)?;
-    let mut dispatch = InProcess::new(p.replica()?);
+    let mut replica = p.replica()?;
+    if !device.is_cpu() {
+        replica.set_compute(&device, gpo_core::model::OpPath::Composite)?;
+    }
+    let mut dispatch = InProcess::new(replica);
     health.set_ready();
     let mut progress = Progress::new(p.cfg.steps);
     progress.metrics = Some((metrics, true));

@@ -87,6 +87,11 @@ pub struct Args {
     /// Log lines as `text` or `json` (with run id, generation and step).
     #[arg(long, env = "GPO_LOG_FORMAT", default_value = "text")]
     pub log_format: gpo_ops::logs::LogFormat,
+    /// Where this worker computes its gradients: cpu (the fused ops) or cuda / cuda:N (the
+    /// composite ops in f32; a build with `--features cuda`). Parameters, Adam and the
+    /// all-reduce buffer stay on the host.
+    #[arg(long, env = "GPO_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 /// The worker's TOML file.
@@ -225,7 +230,9 @@ pub fn options(a: &Args) -> Result<WorkerOptions> {
         )?,
         threads,
         capabilities: pb::Capabilities {
-            device: "cpu".into(),
+            device: gpo_worker::device::DeviceSpec::parse(&a.device)?
+                .probe()?
+                .name(),
             memory_bytes: memory_bytes(),
             embedder: String::new(),
             threads: threads.unwrap_or_else(gpo_core::grad::default_threads) as u32,

@@ -53,16 +53,26 @@ impl DeviceSpec {
         Ok(self)
     }
 
+    /// [`DeviceSpec::check_build`], then, for a GPU, the driver is probed and the ordinal
+    /// checked, without opening the device: what a process checks before it starts work
+    /// that would open it later (a worker before it registers).
+    pub fn probe(self) -> Result<Self> {
+        if let DeviceSpec::Cuda(n) = self.check_build()? {
+            let count = probe_cuda()?;
+            if n >= count {
+                bail!("--device cuda:{n}: the driver sees {count} CUDA device(s)");
+            }
+        }
+        Ok(self)
+    }
+
     /// Opens the device: the driver is probed first, so a machine without one gets an
     /// error rather than a panic.
     pub fn open(self) -> Result<Device> {
         match self.check_build()? {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
-                let count = probe_cuda()?;
-                if n >= count {
-                    bail!("--device cuda:{n}: the driver sees {count} CUDA device(s)");
-                }
+                self.probe()?;
                 guarded("opening the CUDA device", || {
                     Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
                 })
@@ -147,10 +157,12 @@ mod tests {
         assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
         assert!(open("cpu").unwrap().is_cpu());
         assert!(for_capability("simulated").unwrap().is_cpu());
+        assert_eq!(DeviceSpec::Cpu.probe().unwrap(), DeviceSpec::Cpu);
         if !cfg!(feature = "cuda") {
             let e = open("cuda").unwrap_err().to_string();
             assert!(e.contains("without the `cuda` feature"), "{e}");
             assert!(probe_cuda().is_err());
+            assert!(DeviceSpec::Cuda(0).probe().is_err());
         }
     }
 
