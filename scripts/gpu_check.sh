@@ -99,7 +99,7 @@ export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 missing="$(ldd "$bin" 2>/dev/null | grep 'not found' || true)"
 [ -z "$missing" ] || echo "gpu_check: libraries not found (checks that need them fail): $missing" >&2
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+command -v nvidia-smi >/dev/null && { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true; }
 args=(gpu-check --out "$out")
 [ -n "$minilm" ] && args+=(--minilm "$minilm")
 [ -n "$smollm" ] && args+=(--smollm "$smollm")
