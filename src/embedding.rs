@@ -194,12 +194,11 @@ pub fn todo(survey: &Survey, template: &Template, meta: StoreMeta, out: &Path) -
     })
 }
 
+/// Token ids of texts, and planned batches of indices into them.
+pub type Planned = (Vec<Vec<u32>>, Vec<Vec<usize>>);
+
 /// The missing texts' token ids and their batches (indices into `missing`).
-pub fn plan(
-    enc: &TextEncoder,
-    missing: &[(String, String)],
-    s: &Settings,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<usize>>)> {
+pub fn plan(enc: &TextEncoder, missing: &[(String, String)], s: &Settings) -> Result<Planned> {
     let texts: Vec<String> = missing.iter().map(|(_, t)| t.clone()).collect();
     let ids = tokenize(enc, &texts, s.truncate)?;
     let lens: Vec<usize> = ids.iter().map(|v| v.len()).collect();
@@ -247,6 +246,7 @@ fn report(texts: usize, tokens: usize, batches: usize, start: Instant) {
 /// Embeds planned `batches` of `ids` in this process, whole batches `parallel` at a time,
 /// with a progress bar: `sink(batch, vectors)` in plan order, `flush()` at most every
 /// `s.flush_secs`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_plan(
     e: &dyn Embedder,
     parallel: usize,
