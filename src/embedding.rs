@@ -159,7 +159,7 @@ pub fn todo(survey: &Survey, template: &Template, meta: StoreMeta, out: &Path) -
         if m.embedder != meta.embedder || m.template != meta.template || m.dim != meta.dim {
             bail!(
                 "{} holds embeddings of `{}` with template `{}` (dim {}), not `{}` with `{}` \
-                 (dim {}): choose another store folder",
+                 (dim {}): choose another --out (gpo embed) or --embeddings (gpo train)",
                 out.display(),
                 m.embedder,
                 m.template,
