@@ -451,8 +451,9 @@ mod tests {
         // The steps moved both replicas alike. Adam's first steps move every parameter by
         // about the learning rate whatever its gradient's size, so a gradient entry near zero
         // whose sign the rounding flips can end up to 2·lr apart. Bound: no parameter more
-        // than lr/10 apart, and at most 0.1 % of them more than lr/100 (measured: one of
-        // 23074, 0.056·lr).
+        // than lr/2 apart, and at most 0.1 % of them more than lr/100 (measured: one of
+        // 23074 at 0.056·lr with gemm's AVX2 kernels on an AMD EPYC; two at 0.128·lr with
+        // its AVX-512 kernels on an Intel Xeon).
         let (pf, pc) = (fused.flat_params().unwrap(), comp.flat_params().unwrap());
         let lr = fused.adam().cfg.lr as f32;
         let far = pf
@@ -470,7 +471,7 @@ mod tests {
             pf.len()
         );
         assert!(
-            far <= 0.1 * lr && apart * 1000 <= pf.len(),
+            far <= 0.5 * lr && apart * 1000 <= pf.len(),
             "after 3 steps parameters differ by up to {far} (lr {lr}); {apart} of {} over lr/100",
             pf.len()
         );
