@@ -14,7 +14,7 @@
 
 use crate::data::Survey;
 use crate::features::{assemble, PointFeatures};
-use crate::model::Gpo;
+use crate::model::{tape, Gpo};
 use crate::optim::flat_grads;
 use crate::sampler::EpisodeSpec;
 use candle_core::{Device, Result};
@@ -121,6 +121,10 @@ pub fn step_gradient(
     let denom = step.denominator();
     let shard = |eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
         let batch = assemble(s, f, eps, device)?;
+        if tape::applies(model, &batch) {
+            let (loss, grad) = tape::loss_and_grad(model, &batch, denom)?;
+            return Ok((loss as f64, grad));
+        }
         let loss = model.loss_over(&batch, denom)?;
         let grads = loss.backward()?;
         Ok((

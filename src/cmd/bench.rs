@@ -26,7 +26,7 @@ use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
 use gpo_core::features::{assemble, PointFeatures};
 use gpo_core::grad::episodes_gradient;
 use gpo_core::model::flops::{step_flops, step_gemms, BatchShape, Gemm};
-use gpo_core::model::{Gpo, GpoConfig, OpPath};
+use gpo_core::model::{Backward, Gpo, GpoConfig, OpPath};
 use gpo_core::optim::{Adam, AdamConfig};
 use gpo_core::rng::Rng;
 use gpo_core::sampler::{step_episodes, SamplerConfig};
@@ -104,6 +104,10 @@ pub struct StepArgs {
     /// Use the composite (reference) ops instead of the fused ones.
     #[arg(long)]
     pub composite: bool,
+    /// Backpropagate the fused ops with candle's autograd instead of the hand-written
+    /// backward (the tape), for a side-by-side comparison.
+    #[arg(long)]
+    pub autograd: bool,
     /// Threads: the groups are cut into this many gradient shards, computed in parallel
     /// (default: all cores; 8 groups on 2 threads is the trainer's default of 4 per shard).
     #[arg(long, default_value_t = gpo_core::grad::default_threads())]
@@ -111,6 +115,11 @@ pub struct StepArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Write every step's batch shape (the option counts of its context and target
+    /// questions, warm-ups included) to this JSON file, for the PyTorch twin to replay
+    /// (`tools/reference/gpo_reference.py bench --shapes FILE`).
+    #[arg(long)]
+    pub shapes_out: Option<std::path::PathBuf>,
 }
 
 /// A random survey at OpinionQA's scale: 684 questions, options drawn 2–5 with mean 3.6.
@@ -207,12 +216,16 @@ fn step(a: StepArgs) -> Result<()> {
     if a.composite {
         model.path = OpPath::Composite;
     }
+    if a.autograd {
+        model.backward = Backward::Autograd;
+    }
     let mut adam = Adam::new(model.params.count(), AdamConfig::default());
     let mut times = Vec::new();
     let mut points = Vec::new();
     // Per timed step: (operations forward + backward, its matrix products).
     let mut work: Vec<(f64, f64, Vec<Gemm>)> = Vec::new();
     let shard = a.groups.div_ceil(a.threads.max(1));
+    let mut shapes = Vec::new();
     for it in 0..a.iters + 2 {
         let eps = step_episodes(
             &survey,
@@ -223,6 +236,11 @@ fn step(a: StepArgs) -> Result<()> {
             &SamplerConfig::default(),
         )
         .map_err(anyhow::Error::msg)?;
+        let counts = |qs: &[usize]| qs.iter().map(|&q| features.len[q]).collect::<Vec<_>>();
+        shapes.push(serde_json::json!({
+            "context": counts(&eps[0].context),
+            "target": counts(&eps[0].target),
+        }));
         let t = Instant::now();
         let (_, g) = episodes_gradient(
             &model,
@@ -262,6 +280,16 @@ fn step(a: StepArgs) -> Result<()> {
             if it < 2 { " warm-up" } else { "" }
         );
     }
+    if let Some(path) = &a.shapes_out {
+        let doc = serde_json::json!({
+            "dim_x": a.dim_x,
+            "groups": a.groups,
+            "warmup": 2,
+            "steps": shapes,
+        });
+        std::fs::write(path, serde_json::to_string(&doc)? + "\n")
+            .with_context(|| format!("writing --shapes-out {}", path.display()))?;
+    }
     let total_s: f64 = times.iter().sum();
     let n = work.len().max(1) as f64;
     let (fw, bw) = work
@@ -277,7 +305,11 @@ fn step(a: StepArgs) -> Result<()> {
         "dim_x {} groups {} path {} mean points/group {:.0} threads {}",
         a.dim_x,
         a.groups,
-        if a.composite { "composite" } else { "fused" },
+        match (a.composite, a.autograd) {
+            (true, _) => "composite",
+            (false, true) => "fused+autograd",
+            (false, false) => "fused+tape",
+        },
         mean_points,
         a.threads
     );

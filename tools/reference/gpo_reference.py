@@ -256,7 +256,9 @@ def cmd_bench(a):
         idx = torch.cat([torch.arange(starts[q], starts[q] + counts[q]) for q in qs])
         return idx
 
-    def draw():
+    def draw_official():
+        # The official OpinionQA collate: one permutation shared by the groups, n_ctx and
+        # n_tgt drawn as collate_fn_gpo draws them.
         perm = torch.randperm(a.questions).tolist()
         n_ctx = int(torch.randint(10, min(100, a.questions - 10) + 1, ()).item())
         n_tgt = int(torch.randint(10, min(100, a.questions - n_ctx) + 1, ()).item())
@@ -269,14 +271,38 @@ def cmd_bench(a):
         tarqlen = torch.tensor([counts[q] for q in tq], dtype=torch.int64).expand(g, -1)
         return xc, yc, xt, yt, tarqlen
 
+    def draw_replayed(step):
+        # gpo's own batch shape (`gpo bench step --shapes-out`): the same questions' option
+        # counts, new random x and y (the step's cost depends on the shapes only).
+        cc, tc = step["context"], step["target"]
+        xc = torch.randn(sum(cc), a.dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
+        xt = torch.randn(sum(tc), a.dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
+        dist = lambda ns: torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((g,))
+                                     for n in ns], dim=1).unsqueeze(-1)
+        tarqlen = torch.tensor(tc, dtype=torch.int64).expand(g, -1)
+        return xc, dist(cc), xt, dist(tc), tarqlen
+
+    replay = None
+    if a.shapes:
+        with open(a.shapes) as fh:
+            replay = json.load(fh)
+        if replay["groups"] != g or replay["dim_x"] != a.dim_x:
+            sys.exit(f"{a.shapes}: recorded for dim_x {replay['dim_x']} and {replay['groups']} "
+                     f"groups, not --dim-x {a.dim_x} --groups {g}")
+        a.warmup = replay["warmup"]
+        a.iters = len(replay["steps"]) - a.warmup
+
+    def draw(it):
+        return draw_replayed(replay["steps"][it]) if replay else draw_official()
+
     print(f"bench: dim_x={a.dim_x} groups={g} threads={torch.get_num_threads()} "
           f"params={param_count(model)} questions={a.questions} "
           f"mean_options={sum(counts) / len(counts):.3f} torch={torch.__version__}")
     times, pts = [], []
     for it in range(a.warmup + a.iters):
-        batch = draw()  # batch assembly is not timed: only the training step itself
+        batch = draw(it)  # batch assembly is not timed: only the training step itself
         t0 = time.perf_counter()
-        loss = gpo_loss(model, *batch)
+        loss = official_style_loss(model, *batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -321,6 +347,8 @@ def main(argv=None):
     b.add_argument("--questions", type=int, default=684, help="questions in the pool")
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shapes", help="replay the batch shapes `gpo bench step --shapes-out` "
+                   "wrote (the same questions' option counts, step by step)")
 
     a = p.parse_args(argv)
     if a.cmd == "export":

@@ -24,6 +24,17 @@ pub enum OpPath {
     Composite,
 }
 
+/// How a training step's gradient is computed on the fused path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backward {
+    /// The hand-written backward ([`crate::model::tape`]) wherever it applies (the faithful
+    /// module, f32 on the CPU), candle's autograd elsewhere. The default.
+    Tape,
+    /// candle's autograd over the fused ops always (the reference the tape is measured
+    /// against, `gpo bench step --autograd`).
+    Autograd,
+}
+
 /// The GPO module: configuration plus parameters.
 #[derive(Debug, Clone)]
 pub struct Gpo {
@@ -33,6 +44,8 @@ pub struct Gpo {
     pub params: Params,
     /// Op implementation.
     pub path: OpPath,
+    /// How training steps get their gradient.
+    pub backward: Backward,
 }
 
 /// `x W^T + b` (then ReLU when `relu`) over the last dimension of a 3-D tensor.
@@ -68,13 +81,19 @@ impl Gpo {
             cfg,
             params,
             path: default_path(device),
+            backward: Backward::Tape,
         })
     }
 
     /// A module over given parameters.
     pub fn from_params(cfg: GpoConfig, params: Params) -> Self {
         let path = default_path(params.entries()[0].1.device());
-        Gpo { cfg, params, path }
+        Gpo {
+            cfg,
+            params,
+            path,
+            backward: Backward::Tape,
+        }
     }
 
     fn p(&self, name: &str) -> Tensor {

@@ -24,24 +24,75 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `C (m×n) = A (m×k) · B (k×n)` on contiguous row-major slices, with each operand
-/// optionally transposed (`ta`: A is stored k×m; `tb`: B is stored n×k). Accumulates into C
-/// when `accumulate`.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    ta: bool,
+/// `y = x Wᵀ + b`, then ReLU when `relu`: `x` is `[m, k]`, `W` is `[n, k]` given as
+/// `(slice, row stride)` (a stride above `k` reads the first `k` columns of a wider
+/// weight, as the embedder's x-part), `b` is `[n]`, `y` is `[m, n]` and fully written.
+pub(crate) fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    (w, w_rs): (&[f32], usize),
     b: &[f32],
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
+    relu: bool,
+) {
+    for row in y[..m * n].chunks_exact_mut(n) {
+        row.copy_from_slice(&b[..n]);
+    }
+    gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), true);
+    if relu {
+        for v in &mut y[..m * n] {
+            *v = v.max(0.0);
+        }
+    }
+}
+
+/// Zeroes the entries of the output gradient `g` where the ReLU'd output `y` is not
+/// positive (ReLU's backward).
+pub(crate) fn relu_mask(g: &mut [f32], y: &[f32]) {
+    for (gv, &yv) in g.iter_mut().zip(y) {
+        if yv <= 0.0 {
+            *gv = 0.0;
+        }
+    }
+}
+
+/// A linear layer's parameter gradients from its output gradient `g` (`[m, n]`, ReLU
+/// already applied) and input `x` (`[m, k]`): `dW += gᵀ x` (`[n, k]`, given as `(slice,
+/// row stride)`) and `db += Σ_rows g`.
+pub(crate) fn linear_param_grads(
+    (dw, dw_rs): (&mut [f32], usize),
+    db: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    gemm_strided(dw, (0, dw_rs), g, (0, 1, n), x, (0, k, 1), (n, k, m), true);
+    for row in g[..m * n].chunks_exact(n) {
+        for (d, v) in db.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+}
+
+/// A linear layer's input gradient `dx = g W` (`[m, k]`), added to `dx` when `accumulate`,
+/// else written; `W` as `(slice, row stride)`.
+pub(crate) fn linear_input_grad(
+    dx: &mut [f32],
+    g: &[f32],
+    (w, w_rs): (&[f32], usize),
+    (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    let a_strides = if ta { (0, 1, m) } else { (0, k, 1) };
-    let b_strides = if tb { (0, 1, k) } else { (0, n, 1) };
-    gemm_strided(c, (0, n), a, a_strides, b, b_strides, (m, n, k), accumulate);
+    gemm_strided(
+        dx,
+        (0, k),
+        g,
+        (0, n, 1),
+        w,
+        (0, w_rs, 1),
+        (m, k, n),
+        accumulate,
+    );
 }
 
 /// A linear layer `y = x Wᵀ + b`, optionally followed by ReLU, as one op with its backward:
@@ -70,15 +121,7 @@ impl CustomOp3 for Linear {
         let (m, k) = l1.shape().dims2()?;
         let n = l2.shape().dims2()?.0;
         let mut y = vec![0f32; m * n];
-        for row in y.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-        matmul(&mut y, x, false, w, true, m, n, k, true);
-        if self.relu {
-            for v in &mut y {
-                *v = v.max(0.0);
-            }
-        }
+        linear_forward(&mut y, x, (w, k), b, (m, n, k), self.relu);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -94,28 +137,19 @@ impl CustomOp3 for Linear {
         let n = w.dims2()?.0;
         let mut g = values(grad)?;
         if self.relu {
-            for (gv, y) in g.iter_mut().zip(values(res)?) {
-                if y <= 0.0 {
-                    *gv = 0.0;
-                }
-            }
+            relu_mask(&mut g, &values(res)?);
         }
         let dev = x.device();
         let dx = if x.track_op() {
             let mut dx = vec![0f32; m * k];
-            matmul(&mut dx, &g, false, &values(w)?, false, m, k, n, false);
+            linear_input_grad(&mut dx, &g, (&values(w)?, k), (m, n, k), false);
             Some(Tensor::from_vec(dx, (m, k), dev)?)
         } else {
             None
         };
         let mut dw = vec![0f32; n * k];
-        matmul(&mut dw, &g, true, &values(x)?, false, n, k, m, false);
         let mut db = vec![0f32; n];
-        for row in g.chunks_exact(n) {
-            for (d, v) in db.iter_mut().zip(row) {
-                *d += v;
-            }
-        }
+        linear_param_grads((&mut dw, k), &mut db, &g, &values(x)?, (m, n, k));
         Ok((
             dx,
             Some(Tensor::from_vec(dw, (n, k), dev)?),
@@ -145,14 +179,8 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let d = g.len();
         let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let (mu, rstd) = moments(xr, self.eps);
-            for i in 0..d {
-                or[i] = (xr[i] - mu) * rstd * g[i] + b[i];
-            }
-        }
+        layer_norm_forward(&mut out, x, g, b, self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -169,36 +197,74 @@ impl CustomOp3 for LayerNorm {
         let mut dx = vec![0f32; xv.len()];
         let mut dg = vec![0f32; d];
         let mut db = vec![0f32; d];
-        let inv_d = 1.0 / d as f32;
-        for ((xr, dyr), dxr) in xv
-            .chunks_exact(d)
-            .zip(dy.chunks_exact(d))
-            .zip(dx.chunks_exact_mut(d))
-        {
-            let (mu, rstd) = moments(xr, self.eps);
-            // xhat = (x − μ)·rstd; dxhat = dy·γ;
-            // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))
-            let (mut s1, mut s2) = (0f32, 0f32);
-            for i in 0..d {
-                let xh = (xr[i] - mu) * rstd;
-                let dxh = dyr[i] * gv[i];
-                s1 += dxh;
-                s2 += dxh * xh;
-                dg[i] += dyr[i] * xh;
-                db[i] += dyr[i];
-            }
-            let (m1, m2) = (s1 * inv_d, s2 * inv_d);
-            for i in 0..d {
-                let xh = (xr[i] - mu) * rstd;
-                dxr[i] = rstd * (dyr[i] * gv[i] - m1 - xh * m2);
-            }
-        }
+        layer_norm_backward(&mut dx, (&mut dg, &mut db), &xv, &gv, &dy, self.eps);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dg, gamma.shape(), dev)?),
             Some(Tensor::from_vec(db, gamma.shape(), dev)?),
         ))
+    }
+}
+
+/// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`.
+pub(crate) fn layer_norm_forward(out: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
+    let d = g.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let (mu, rstd) = moments(xr, eps);
+        for i in 0..d {
+            or[i] = (xr[i] - mu) * rstd * g[i] + b[i];
+        }
+    }
+}
+
+/// Layer normalization's backward from its input `x` and output gradient `dy`: writes
+/// `dx`, and adds to `(dγ, dβ)`.
+pub(crate) fn layer_norm_backward(
+    dx: &mut [f32],
+    (dg, db): (&mut [f32], &mut [f32]),
+    x: &[f32],
+    gv: &[f32],
+    dy: &[f32],
+    eps: f32,
+) {
+    let d = gv.len();
+    let inv_d = 1.0 / d as f32;
+    let main = d - d % 8;
+    for ((xr, dyr), dxr) in x
+        .chunks_exact(d)
+        .zip(dy.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
+        let (mu, rstd) = moments(xr, eps);
+        // xhat = (x − μ)·rstd; dxhat = dy·γ;
+        // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)).
+        // The two sums run over eight lanes (vectorized); γ's and β's gradients likewise.
+        let (mut a1, mut a2) = ([0f32; 8], [0f32; 8]);
+        for i in (0..main).step_by(8) {
+            for j in 0..8 {
+                let xh = (xr[i + j] - mu) * rstd;
+                let dxh = dyr[i + j] * gv[i + j];
+                a1[j] += dxh;
+                a2[j] += dxh * xh;
+                dg[i + j] += dyr[i + j] * xh;
+                db[i + j] += dyr[i + j];
+            }
+        }
+        for i in main..d {
+            let xh = (xr[i] - mu) * rstd;
+            let dxh = dyr[i] * gv[i];
+            a1[i - main] += dxh;
+            a2[i - main] += dxh * xh;
+            dg[i] += dyr[i] * xh;
+            db[i] += dyr[i];
+        }
+        let (s1, s2): (f32, f32) = (a1.iter().sum(), a2.iter().sum());
+        let (m1, m2) = (s1 * inv_d, s2 * inv_d);
+        for i in 0..d {
+            let xh = (xr[i] - mu) * rstd;
+            dxr[i] = rstd * (dyr[i] * gv[i] - m1 - xh * m2);
+        }
     }
 }
 
@@ -261,11 +327,20 @@ fn lanes_max(v: &[f32]) -> f32 {
     acc.iter().fold(rest, |a, &b| if b > a { b } else { a })
 }
 
-/// Mean and 1/√(var + ε) of one row (biased variance, as PyTorch).
+/// Mean and 1/√(var + ε) of one row (biased variance, as PyTorch), each sum over eight
+/// independent lanes so that it vectorizes.
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mu = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d;
+    let mu = lanes_sum(x) / d;
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().map(|v| (v - mu) * (v - mu)).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += (c[i] - mu) * (c[i] - mu);
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + rest) / d;
     (mu, 1.0 / (var + eps).sqrt())
 }
 
@@ -276,7 +351,9 @@ mod nll;
 use gemm::gemm_strided;
 
 pub use attention::Attention;
+pub(crate) use attention::Heads;
 pub use nll::SegmentNll;
+pub(crate) use nll::{nll_grad, nll_sum, segment_probs};
 
 #[cfg(test)]
 mod tests {

@@ -22,25 +22,86 @@ const HALF_LN_2PI: f32 = 0.918_938_5;
 impl SegmentNll {
     /// Softmaxed means for every target point (0 on padding).
     fn probs(&self, out: &[f32], nt: usize) -> Vec<f32> {
-        let mut p = vec![0f32; out.len() / 2];
-        for (g, segs) in self.segments.iter().enumerate() {
-            for &(s, n) in segs {
-                let base = g * nt + s;
-                let mx = (0..n)
-                    .map(|i| out[2 * (base + i)])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for i in 0..n {
-                    let e = (out[2 * (base + i)] - mx).exp();
-                    p[base + i] = e;
-                    sum += e;
-                }
-                for i in 0..n {
-                    p[base + i] /= sum;
-                }
+        segment_probs(out, nt, &self.segments)
+    }
+}
+
+/// Softmaxed means of the predictor output `out` (`[G, Nt, 2]`) over each question's
+/// segment, for every target point (0 on padding).
+pub(crate) fn segment_probs(out: &[f32], nt: usize, segments: &[Vec<(usize, usize)>]) -> Vec<f32> {
+    let mut p = vec![0f32; out.len() / 2];
+    for (g, segs) in segments.iter().enumerate() {
+        for &(s, n) in segs {
+            let base = g * nt + s;
+            let mx = (0..n)
+                .map(|i| out[2 * (base + i)])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for i in 0..n {
+                let e = (out[2 * (base + i)] - mx).exp();
+                p[base + i] = e;
+                sum += e;
+            }
+            for i in 0..n {
+                p[base + i] /= sum;
             }
         }
-        p
+    }
+    p
+}
+
+/// The summed Gaussian NLL of the real target points of `out` (`[G, Nt, 2]`), with `p`
+/// its [`segment_probs`] and `y` the true probabilities (`[G * Nt]`).
+pub(crate) fn nll_sum(
+    out: &[f32],
+    p: &[f32],
+    y: &[f32],
+    nt: usize,
+    segments: &[Vec<(usize, usize)>],
+) -> f64 {
+    let mut total = 0f64;
+    for (g, segs) in segments.iter().enumerate() {
+        for &(s, n) in segs {
+            for i in g * nt + s..g * nt + s + n {
+                let raw = out[2 * i + 1];
+                let z = (y[i] - p[i]) * (-raw).exp();
+                total += (0.5 * z * z + raw + HALF_LN_2PI) as f64;
+            }
+        }
+    }
+    total
+}
+
+/// The gradient of `scale ×` [`nll_sum`] with respect to `out`, written to `d` (same
+/// shape; 0 on padding).
+pub(crate) fn nll_grad(
+    d: &mut [f32],
+    (out, p): (&[f32], &[f32]),
+    y: &[f32],
+    nt: usize,
+    segments: &[Vec<(usize, usize)>],
+    scale: f32,
+) {
+    d.fill(0.0);
+    for (g, segs) in segments.iter().enumerate() {
+        for &(s, n) in segs {
+            let range = g * nt + s..g * nt + s + n;
+            // dL/dp_i = (p_i − y_i)/σ_i²; dL/draw_i = 1 − z_i²
+            let mut dot = 0f32;
+            for i in range.clone() {
+                let raw = out[2 * i + 1];
+                let inv_var = (-2.0 * raw).exp();
+                let dp = (p[i] - y[i]) * inv_var;
+                d[2 * i] = dp;
+                dot += dp * p[i];
+                let z2 = (y[i] - p[i]) * (y[i] - p[i]) * inv_var;
+                d[2 * i + 1] = scale * (1.0 - z2);
+            }
+            // Softmax Jacobian: dL/dm_i = p_i (dL/dp_i − Σ_j p_j dL/dp_j)
+            for i in range {
+                d[2 * i] = scale * p[i] * (d[2 * i] - dot);
+            }
+        }
     }
 }
 
@@ -53,16 +114,7 @@ impl CustomOp1 for SegmentNll {
         let out = slice(s, l)?;
         let nt = l.shape().dims()[1];
         let p = self.probs(out, nt);
-        let mut total = 0f64;
-        for (g, segs) in self.segments.iter().enumerate() {
-            for &(s, n) in segs {
-                for i in g * nt + s..g * nt + s + n {
-                    let raw = out[2 * i + 1];
-                    let z = (self.y[i] - p[i]) * (-raw).exp();
-                    total += (0.5 * z * z + raw + HALF_LN_2PI) as f64;
-                }
-            }
-        }
+        let total = nll_sum(out, &p, &self.y, nt, &self.segments);
         let loss = (total / self.denom) as f32;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
@@ -73,26 +125,7 @@ impl CustomOp1 for SegmentNll {
         let nt = arg.dims()[1];
         let p = self.probs(&out, nt);
         let mut d = vec![0f32; out.len()];
-        for (g, segs) in self.segments.iter().enumerate() {
-            for &(s, n) in segs {
-                let range = g * nt + s..g * nt + s + n;
-                // dL/dp_i = (p_i − y_i)/σ_i²; dL/draw_i = 1 − z_i²
-                let mut dot = 0f32;
-                for i in range.clone() {
-                    let raw = out[2 * i + 1];
-                    let inv_var = (-2.0 * raw).exp();
-                    let dp = (p[i] - self.y[i]) * inv_var;
-                    d[2 * i] = dp;
-                    dot += dp * p[i];
-                    let z2 = (self.y[i] - p[i]) * (self.y[i] - p[i]) * inv_var;
-                    d[2 * i + 1] = scale * (1.0 - z2);
-                }
-                // Softmax Jacobian: dL/dm_i = p_i (dL/dp_i − Σ_j p_j dL/dp_j)
-                for i in range {
-                    d[2 * i] = scale * p[i] * (d[2 * i] - dot);
-                }
-            }
-        }
+        nll_grad(&mut d, (&out, &p), &self.y, nt, &self.segments, scale);
         Ok(Some(Tensor::from_vec(d, arg.shape(), arg.device())?))
     }
 }

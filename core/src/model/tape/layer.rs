@@ -1,0 +1,253 @@
+//! One post-LN encoder layer of the tape ([`super`]): its forward, keeping what the
+//! backward reads, and its backward, adding the layer's parameter gradients straight into
+//! the flat gradient.
+//!
+//! Rows are laid out as the tape keeps them: every group's context rows (`G·Nc`), then every
+//! group's target rows (`G·Nt`). Keys and values come from the context block only; the
+//! queries are all rows, or on the last layer the target block alone.
+
+use super::buf::{buf, Buf};
+use super::{two, Rows, W};
+use crate::model::ops::{
+    layer_norm_backward, layer_norm_forward, linear_forward, linear_input_grad, linear_param_grads,
+    relu_mask, Heads,
+};
+
+/// A layer's parameters, by their parts of the official names.
+pub(super) struct LayerParams<'a> {
+    pub in_w: W<'a>,
+    pub in_b: W<'a>,
+    pub out_w: W<'a>,
+    pub out_b: W<'a>,
+    pub l1_w: W<'a>,
+    pub l1_b: W<'a>,
+    pub l2_w: W<'a>,
+    pub l2_b: W<'a>,
+    pub n1_w: W<'a>,
+    pub n1_b: W<'a>,
+    pub n2_w: W<'a>,
+    pub n2_b: W<'a>,
+}
+
+/// What a layer's forward keeps for its backward, and its output.
+pub(super) struct Acts {
+    kv: Buf,
+    q: Buf,
+    /// Attention probabilities of the context queries, `[G, H, Nc, Nc]` (empty on the last
+    /// layer), and of the target queries, `[G, H, Nt, Nc]`.
+    p_ctx: Buf,
+    p_tgt: Buf,
+    o: Buf,
+    r1: Buf,
+    x1: Buf,
+    f1: Buf,
+    r2: Buf,
+    /// The layer's output rows (the query rows).
+    pub out: Buf,
+}
+
+/// One encoder layer with its sizes.
+pub(super) struct Layer<'a> {
+    pub p: LayerParams<'a>,
+    pub heads: Heads,
+    pub ffn: usize,
+    pub eps: f32,
+    /// Whether this is the last layer (queries: target rows only).
+    pub last: bool,
+}
+
+impl Layer<'_> {
+    /// The first query row and the number of query rows.
+    fn queries(&self, rows: &Rows) -> (usize, usize) {
+        let q0 = if self.last { rows.c } else { 0 };
+        (q0, rows.r - q0)
+    }
+
+    /// The first row of group 0's target queries within the query rows.
+    fn target_q0(&self, rows: &Rows) -> usize {
+        if self.last {
+            0
+        } else {
+            rows.c
+        }
+    }
+
+    /// The layer on `hin` (`[R, d]`), with each group's additive key mask `masks[g]`.
+    pub fn forward(&self, hin: &[f32], rows: &Rows, masks: &[&[f32]]) -> Acts {
+        let (d, f, h) = (self.heads.d, self.ffn, self.heads.heads);
+        let p = &self.p;
+        let (q0, nq) = self.queries(rows);
+        let (g, nc, nt) = (rows.g, rows.nc, rows.nt);
+        let mut kv = buf(rows.c * 2 * d);
+        linear_forward(
+            &mut kv,
+            &hin[..rows.c * d],
+            (&p.in_w.v[d * d..], d),
+            &p.in_b.v[d..],
+            (rows.c, 2 * d, d),
+            false,
+        );
+        let mut q = buf(nq * d);
+        linear_forward(
+            &mut q,
+            &hin[q0 * d..],
+            (&p.in_w.v[..d * d], d),
+            &p.in_b.v[..d],
+            (nq, d, d),
+            false,
+        );
+        let mut o = buf(nq * d);
+        let mut p_ctx = buf(if self.last { 0 } else { g * h * nc * nc });
+        let mut p_tgt = buf(g * h * nt * nc);
+        let tq0 = self.target_q0(rows);
+        for (gi, mask) in masks.iter().enumerate() {
+            if !self.last {
+                let pc = &mut p_ctx[gi * h * nc * nc..(gi + 1) * h * nc * nc];
+                self.heads
+                    .forward(&q, &kv, &mut o, pc, (gi * nc, nc), (gi * nc, nc), mask);
+            }
+            let pt = &mut p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
+            self.heads.forward(
+                &q,
+                &kv,
+                &mut o,
+                pt,
+                (tq0 + gi * nt, nt),
+                (gi * nc, nc),
+                mask,
+            );
+        }
+        let mut r1 = buf(nq * d);
+        linear_forward(&mut r1, &o, (p.out_w.v, d), p.out_b.v, (nq, d, d), false);
+        // hq + a, in the composite path's order.
+        for (a, &x) in r1.iter_mut().zip(&hin[q0 * d..]) {
+            *a = x + *a;
+        }
+        let mut x1 = buf(nq * d);
+        layer_norm_forward(&mut x1, &r1, p.n1_w.v, p.n1_b.v, self.eps);
+        let mut f1 = buf(nq * f);
+        linear_forward(&mut f1, &x1, (p.l1_w.v, d), p.l1_b.v, (nq, f, d), true);
+        let mut r2 = buf(nq * d);
+        linear_forward(&mut r2, &f1, (p.l2_w.v, f), p.l2_b.v, (nq, d, f), false);
+        for (a, &x) in r2.iter_mut().zip(x1.iter()) {
+            *a = x + *a;
+        }
+        let mut out = buf(nq * d);
+        layer_norm_forward(&mut out, &r2, p.n2_w.v, p.n2_b.v, self.eps);
+        Acts {
+            kv,
+            q,
+            p_ctx,
+            p_tgt,
+            o,
+            r1,
+            x1,
+            f1,
+            r2,
+            out,
+        }
+    }
+
+    /// The layer's backward from the gradient of its output rows `dout`: adds its
+    /// parameter gradients to `grad` (the flat gradient) and returns the gradient of its
+    /// input `hin` (`[R, d]`).
+    pub fn backward(
+        &self,
+        hin: &[f32],
+        a: &Acts,
+        rows: &Rows,
+        dout: &[f32],
+        grad: &mut [f32],
+    ) -> Buf {
+        let (d, f, h) = (self.heads.d, self.ffn, self.heads.heads);
+        let p = &self.p;
+        let (q0, nq) = self.queries(rows);
+        let (g, nc, nt, c) = (rows.g, rows.nc, rows.nt, rows.c);
+        // LayerNorm 2, then the feed-forward block and its residual.
+        let mut dr2 = buf(nq * d);
+        layer_norm_backward(
+            &mut dr2,
+            two(grad, p.n2_w.r(), p.n2_b.r()),
+            &a.r2,
+            p.n2_w.v,
+            dout,
+            self.eps,
+        );
+        let (dw, db) = two(grad, p.l2_w.r(), p.l2_b.r());
+        linear_param_grads((dw, f), db, &dr2, &a.f1, (nq, d, f));
+        let mut df1 = buf(nq * f);
+        linear_input_grad(&mut df1, &dr2, (p.l2_w.v, f), (nq, d, f), false);
+        relu_mask(&mut df1, &a.f1);
+        let (dw, db) = two(grad, p.l1_w.r(), p.l1_b.r());
+        linear_param_grads((dw, d), db, &df1, &a.x1, (nq, f, d));
+        let mut dx1 = dr2;
+        linear_input_grad(&mut dx1, &df1, (p.l1_w.v, d), (nq, f, d), true);
+        // LayerNorm 1, then attention and its residual.
+        let mut dr1 = buf(nq * d);
+        layer_norm_backward(
+            &mut dr1,
+            two(grad, p.n1_w.r(), p.n1_b.r()),
+            &a.r1,
+            p.n1_w.v,
+            &dx1,
+            self.eps,
+        );
+        let (dw, db) = two(grad, p.out_w.r(), p.out_b.r());
+        linear_param_grads((dw, d), db, &dr1, &a.o, (nq, d, d));
+        let mut d_o = buf(nq * d);
+        linear_input_grad(&mut d_o, &dr1, (p.out_w.v, d), (nq, d, d), false);
+        let mut dq = buf(nq * d);
+        let mut dkv = buf(c * 2 * d);
+        let mut ds = buf(nc.max(nt) * nc);
+        let tq0 = self.target_q0(rows);
+        for gi in 0..g {
+            if !self.last {
+                let pc = &a.p_ctx[gi * h * nc * nc..(gi + 1) * h * nc * nc];
+                let grads = (&mut dq[..], &mut dkv[..], false);
+                self.heads.backward(
+                    &a.q,
+                    &a.kv,
+                    pc,
+                    &d_o,
+                    grads,
+                    &mut ds,
+                    (gi * nc, nc),
+                    (gi * nc, nc),
+                );
+            }
+            let pt = &a.p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
+            let grads = (&mut dq[..], &mut dkv[..], !self.last);
+            self.heads.backward(
+                &a.q,
+                &a.kv,
+                pt,
+                &d_o,
+                grads,
+                &mut ds,
+                (tq0 + gi * nt, nt),
+                (gi * nc, nc),
+            );
+        }
+        // The in-projection: queries (rows 0..d of its weight), keys and values (d..3d).
+        let (iw, ib) = (p.in_w.off, p.in_b.off);
+        let mut dh = buf(rows.r * d);
+        {
+            let (dw, db) = two(grad, (iw, d * d), (ib, d));
+            linear_param_grads((dw, d), db, &dq, &hin[q0 * d..], (nq, d, d));
+            let dhq = &mut dh[q0 * d..];
+            dhq.copy_from_slice(&dr1);
+            linear_input_grad(dhq, &dq, (&p.in_w.v[..d * d], d), (nq, d, d), true);
+        }
+        let (dw, db) = two(grad, (iw + d * d, 2 * d * d), (ib + d, 2 * d));
+        linear_param_grads((dw, d), db, &dkv, &hin[..c * d], (c, 2 * d, d));
+        // On the last layer nothing else reaches the context rows: write them.
+        linear_input_grad(
+            &mut dh[..c * d],
+            &dkv,
+            (&p.in_w.v[d * d..], d),
+            (c, 2 * d, d),
+            !self.last,
+        );
+        dh
+    }
+}
