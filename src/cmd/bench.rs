@@ -108,10 +108,14 @@ pub struct StepArgs {
     /// backward (the tape), for a side-by-side comparison.
     #[arg(long)]
     pub autograd: bool,
-    /// Threads: the groups are cut into this many gradient shards, computed in parallel
-    /// (default: all cores; 8 groups on 2 threads is the trainer's default of 4 per shard).
+    /// Threads the gradient shards are computed on in parallel (default: all cores).
     #[arg(long, default_value_t = gpo_core::grad::default_threads())]
     pub threads: usize,
+    /// Groups per gradient shard (default: the run configuration's `shard_groups`, 4, as
+    /// the trainer cuts a step). 8 groups on 2 threads are then 2 shards at once; 64 groups
+    /// are 16 shards on one thread or on two.
+    #[arg(long, default_value_t = 4)]
+    pub shard_groups: usize,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -120,6 +124,10 @@ pub struct StepArgs {
     /// (`tools/reference/gpo_reference.py bench --shapes FILE`).
     #[arg(long)]
     pub shapes_out: Option<std::path::PathBuf>,
+    /// Print each distinct product shape of the median step with its share of the
+    /// operations and its measured speed.
+    #[arg(long)]
+    pub per_shape: bool,
 }
 
 /// A random survey at OpinionQA's scale: 684 questions, options drawn 2–5 with mean 3.6.
@@ -208,6 +216,10 @@ pub fn run(b: Bench) -> Result<()> {
 }
 
 fn step(a: StepArgs) -> Result<()> {
+    ensure!(a.groups >= 1, "--groups must be at least 1");
+    ensure!(a.iters >= 1, "--iters must be at least 1");
+    ensure!(a.threads >= 1, "--threads must be at least 1");
+    ensure!(a.shard_groups >= 1, "--shard-groups must be at least 1");
     let dev = Device::Cpu;
     let (survey, features) = random_survey(a.groups, a.dim_x, a.seed);
     let groups: Vec<usize> = (0..a.groups).collect();
@@ -224,7 +236,7 @@ fn step(a: StepArgs) -> Result<()> {
     let mut points = Vec::new();
     // Per timed step: (operations forward + backward, its matrix products).
     let mut work: Vec<(f64, f64, Vec<Gemm>)> = Vec::new();
-    let shard = a.groups.div_ceil(a.threads.max(1));
+    let shard = a.shard_groups.max(1);
     let mut shapes = Vec::new();
     for it in 0..a.iters + 2 {
         let eps = step_episodes(
@@ -248,7 +260,7 @@ fn step(a: StepArgs) -> Result<()> {
             &features,
             &eps,
             eps.len(),
-            eps.len().div_ceil(a.threads.max(1)),
+            shard,
             a.threads > 1,
             &dev,
         )?;
@@ -302,7 +314,7 @@ fn step(a: StepArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let mean_points = points.iter().sum::<usize>() as f64 / points.len().max(1) as f64;
     println!(
-        "dim_x {} groups {} path {} mean points/group {:.0} threads {}",
+        "dim_x {} groups {} path {} mean points/group {:.0} threads {} shard_groups {shard}",
         a.dim_x,
         a.groups,
         match (a.composite, a.autograd) {
@@ -315,7 +327,27 @@ fn step(a: StepArgs) -> Result<()> {
     );
     let achieved = (fw + bw) * n / total_s / 1e9;
     let parallel = a.threads.max(1).min(a.groups.div_ceil(shard.max(1)));
-    let (peak, shapes) = roofline::weighted_peak(&work[median_step].2, parallel)?;
+    let (peak, per_shape) = roofline::weighted_peak(&work[median_step].2, parallel)?;
+    let shapes = per_shape.len();
+    if a.per_shape {
+        println!(
+            "the median step's products (batch x m x k x n): share of its operations, GFLOP/s"
+        );
+        let mut by_share = per_shape.clone();
+        by_share.sort_by(|x, y| y.share.total_cmp(&x.share));
+        for s in by_share {
+            let g = s.gemm;
+            println!(
+                "  {:>4} x {:>5} x {:>5} x {:>5}: {:5.1} %  {:7.2}",
+                g.batch,
+                g.m,
+                g.k,
+                g.n,
+                100.0 * s.share,
+                s.gflops
+            );
+        }
+    }
     println!(
         "flops_per_step={:.3e} (forward {:.3} GFLOP, backward {:.3} GFLOP; matrix products only)",
         fw + bw,

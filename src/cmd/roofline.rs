@@ -65,21 +65,39 @@ fn gemm_round(g: Gemm, threads: usize) -> Result<f64> {
     Ok(ops / secs / 1e9)
 }
 
+/// One distinct product shape of a step: its share of the step's operations and its
+/// measured speed.
+#[derive(Debug, Clone, Copy)]
+pub struct ShapeSpeed {
+    pub gemm: Gemm,
+    /// Operations of this shape in the set, over all of the set's.
+    pub share: f64,
+    /// Measured GFLOP/s ([`gemm_gflops`]).
+    pub gflops: f64,
+}
+
 /// The peak of a set of products weighted by their operations: the speed at which the
 /// whole set would run if every product ran at its own measured speed (total operations
-/// over the sum of each product's time at that speed).
-pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, usize)> {
+/// over the sum of each product's time at that speed), with each shape's speed.
+pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, Vec<ShapeSpeed>)> {
     let mut by_shape: BTreeMap<Gemm, f64> = BTreeMap::new();
     for g in gemms {
         *by_shape.entry(*g).or_default() += g.flops();
     }
+    let total: f64 = by_shape.values().sum();
     let (mut ops, mut secs) = (0.0, 0.0);
+    let mut shapes = Vec::new();
     for (g, f) in &by_shape {
-        let speed = gemm_gflops(*g, threads)? * 1e9;
+        let gflops = gemm_gflops(*g, threads)?;
         ops += f;
-        secs += f / speed;
+        secs += f / (gflops * 1e9);
+        shapes.push(ShapeSpeed {
+            gemm: *g,
+            share: f / total,
+            gflops,
+        });
     }
-    Ok((ops / secs / 1e9, by_shape.len()))
+    Ok((ops / secs / 1e9, shapes))
 }
 
 #[cfg(test)]
@@ -99,7 +117,8 @@ mod tests {
         let s = gemm_gflops(g, 1).unwrap();
         assert!(s.is_finite() && s > 0.1, "{s} GFLOP/s");
         let (w, shapes) = weighted_peak(&[g, g], 1).unwrap();
-        assert_eq!(shapes, 1);
+        assert_eq!(shapes.len(), 1);
+        assert_eq!(shapes[0].share, 1.0);
         assert!(w.is_finite() && w > 0.1, "{w}");
     }
 }

@@ -3,7 +3,7 @@
 //! file to one job.
 
 use super::gemm::gemm_strided;
-use super::{fast_exp, lanes_max, lanes_sum, slice, values};
+use super::{fast_exp, lanes_sum, slice, values};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The attention of one group's query rows over its context rows, as plain slice kernels
@@ -20,20 +20,60 @@ pub(crate) struct Heads {
     pub scale: f32,
 }
 
-/// `row ← softmax(row · scale + mask)`, each pass a plain loop the compiler vectorizes
-/// (fusing the passes into one indexed loop measured 4× slower: it stopped vectorizing).
+/// `row ← softmax(row · scale + mask)` in three passes, each a plain loop the compiler
+/// vectorizes (one indexed loop doing all of it measured 4× slower: it stopped
+/// vectorizing): the maximum, the exponentials, the normalization.
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32, mask: &[f32]) {
-    for (v, &m) in row.iter_mut().zip(mask) {
-        *v = *v * scale + m;
+    // The maximum of the scaled, masked scores, without writing them.
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let (rc, mc) = (row.chunks_exact(8), mask.chunks_exact(8));
+    let mut mx = rc
+        .remainder()
+        .iter()
+        .zip(mc.remainder())
+        .fold(f32::NEG_INFINITY, |a, (&v, &m)| a.max(v * scale + m));
+    for (c, m) in rc.zip(mc) {
+        for i in 0..8 {
+            let v = c[i] * scale + m[i];
+            acc[i] = if v > acc[i] { v } else { acc[i] };
+        }
     }
-    let mx = lanes_max(row);
-    for v in row.iter_mut() {
-        *v = fast_exp(*v - mx);
+    mx = acc.iter().fold(mx, |a, &b| if b > a { b } else { a });
+    for (v, &m) in row.iter_mut().zip(mask) {
+        *v = fast_exp(*v * scale + m - mx);
     }
     let inv = 1.0 / lanes_sum(row);
     for v in row.iter_mut() {
         *v *= inv;
+    }
+}
+
+wide_dispatch! {
+    /// [`softmax_row`] of every row (`nc` values) of `block`.
+    fn softmax_block => softmax_block_rows(block: &mut [f32], nc: usize, scale: f32, mask: &[f32])
+}
+
+#[inline(always)]
+fn softmax_block_rows(block: &mut [f32], nc: usize, scale: f32, mask: &[f32]) {
+    for row in block.chunks_exact_mut(nc) {
+        softmax_row(row, scale, mask);
+    }
+}
+
+wide_dispatch! {
+    /// The softmax's backward over a block of rows: `dS = scale · P ∘ (dP − rowsum(dP ∘ P))`
+    /// in place of `dP` (`ds`), from the probabilities `p`.
+    fn softmax_grad_block => softmax_grad_rows(ds: &mut [f32], p: &[f32], nc: usize, scale: f32)
+}
+
+#[inline(always)]
+fn softmax_grad_rows(ds: &mut [f32], p: &[f32], nc: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_exact_mut(nc).zip(p.chunks_exact(nc)) {
+        let dot = lanes_dot(dr, pr);
+        for (x, &pv) in dr.iter_mut().zip(pr) {
+            *x = scale * pv * (*x - dot);
+        }
     }
 }
 
@@ -83,9 +123,7 @@ impl Heads {
                 (nq, nc, dh),
                 false,
             );
-            for row in probs[p_off..p_off + nq * nc].chunks_exact_mut(nc) {
-                softmax_row(row, self.scale, mask);
-            }
+            softmax_block(&mut probs[p_off..p_off + nq * nc], nc, self.scale, mask);
             // O = P V
             gemm_strided(
                 out,
@@ -132,12 +170,7 @@ impl Heads {
                 false,
             );
             // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-            for (dr, pr) in ds[..nq * nc].chunks_exact_mut(nc).zip(p.chunks_exact(nc)) {
-                let dot = lanes_dot(dr, pr);
-                for (x, &pv) in dr.iter_mut().zip(pr) {
-                    *x = self.scale * pv * (*x - dot);
-                }
-            }
+            softmax_grad_block(&mut ds[..nq * nc], p, nc, self.scale);
             // dQ = dS K; dK = dSᵀ Q; dV = Pᵀ dO
             gemm_strided(
                 dq,

@@ -119,9 +119,9 @@ impl Layer<'_> {
         }
         let mut r1 = buf(nq * d);
         linear_forward(&mut r1, &o, (p.out_w.v, d), p.out_b.v, (nq, d, d), false);
-        // hq + a, in the composite path's order.
+        // hq + a (IEEE addition commutes: the same bits as the composite path's order).
         for (a, &x) in r1.iter_mut().zip(&hin[q0 * d..]) {
-            *a = x + *a;
+            *a += x;
         }
         let mut x1 = buf(nq * d);
         layer_norm_forward(&mut x1, &r1, p.n1_w.v, p.n1_b.v, self.eps);
@@ -130,7 +130,7 @@ impl Layer<'_> {
         let mut r2 = buf(nq * d);
         linear_forward(&mut r2, &f1, (p.l2_w.v, f), p.l2_b.v, (nq, d, f), false);
         for (a, &x) in r2.iter_mut().zip(x1.iter()) {
-            *a = x + *a;
+            *a += x;
         }
         let mut out = buf(nq * d);
         layer_norm_forward(&mut out, &r2, p.n2_w.v, p.n2_b.v, self.eps);
