@@ -127,16 +127,7 @@ pub(super) fn assert_finite_differences(
             .to_vec1::<f64>()
             .unwrap();
         for i in picks(name, ga) {
-            let eval = |delta: f64| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                m.loss(b).unwrap().to_scalar::<f64>().unwrap()
-            };
-            let fd = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let fd = finite_difference(m, b, var, &base, i, h);
             let err = (fd - ga[i]).abs();
             assert!(
                 err <= 1e-5 + 1e-4 * fd.abs(),
@@ -145,6 +136,29 @@ pub(super) fn assert_finite_differences(
             );
         }
     }
+}
+
+/// The central finite difference of `m`'s loss on `b` in entry `i` of `var` (whose values
+/// are `base`), with step `h`; `var` is left at `base`.
+pub(super) fn finite_difference(
+    m: &Gpo,
+    b: &ModelBatch,
+    var: &candle_core::Var,
+    base: &[f64],
+    i: usize,
+    h: f64,
+) -> f64 {
+    let eval = |delta: f64| {
+        let mut v = base.to_vec();
+        v[i] += delta;
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        m.loss(b).unwrap().to_scalar::<f64>().unwrap()
+    };
+    let fd = (eval(h) - eval(-h)) / (2.0 * h);
+    var.set(&Tensor::from_vec(base.to_vec(), var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
+    fd
 }
 
 /// `m` in f64 on the composite path, for finite differences.

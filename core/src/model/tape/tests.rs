@@ -2,9 +2,11 @@
 //! differences), finite differences directly, and the fused ops under candle's autograd.
 
 use super::{applies, loss_and_grad};
-use crate::model::tests::{as_f64, composite_f64, grads, random_batch, tiny_cfg};
+use crate::model::tests::{
+    as_f64, composite_f64, finite_difference, grads, random_batch, tiny_cfg,
+};
 use crate::model::{Backward, Gpo, GpoConfig, ModelBatch, OpPath, Variant};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 /// Every combination of shared x and padded context the batches come in.
 const LAYOUTS: [(bool, bool); 4] = [(false, true), (true, false), (false, false), (true, true)];
@@ -86,17 +88,7 @@ fn the_tape_matches_finite_differences() {
             picks.extend((0..d).map(|row| row * (dx + 1) + dx));
         }
         for i in picks {
-            let eval = |delta: f64| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                r.loss(&b64).unwrap().to_scalar::<f64>().unwrap()
-            };
-            let h = 1e-6;
-            let fd = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let fd = finite_difference(&r, &b64, var, &base, i, 1e-6);
             let err = (fd - g[i] as f64).abs();
             assert!(
                 err <= 2e-5 + 1e-3 * fd.abs(),
