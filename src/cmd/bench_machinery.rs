@@ -109,7 +109,7 @@ pub fn machinery(a: MachineryArgs) -> Result<()> {
     let cfg = GpoConfig::official(a.dim_x);
     let n = cfg.param_count();
     // The replica's step at the official shape (8 groups), the denominator.
-    let (survey, features) = super::bench::random_survey(8, a.dim_x, 0);
+    let (survey, features) = super::bench_step::random_survey(8, a.dim_x, 0);
     let (survey, features) = (Arc::new(survey), Arc::new(features));
     let mut r = Replica::new(
         cfg,

@@ -361,7 +361,7 @@ fn embedder(path: &Path, dev: &Device, n: usize) -> Result<Outcome> {
 /// The benchmark's survey (684 questions, shared pool) with `groups` groups at `dim_x`,
 /// a replica on `dev`, and the episodes of step `step`.
 fn replica_on(dev: &Device, groups: usize, dim_x: usize) -> Result<(Replica, Vec<usize>)> {
-    let (survey, features) = crate::cmd::bench::random_survey(groups, dim_x, 7);
+    let (survey, features) = crate::cmd::bench_step::random_survey(groups, dim_x, 7);
     let pool: Vec<usize> = (0..survey.questions.len()).collect();
     let mut r = Replica::new(
         GpoConfig::official(dim_x),

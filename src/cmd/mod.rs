@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_machinery;
+pub mod bench_step;
 pub mod bench_sweep;
 pub mod coordinator;
 pub mod credentials;

@@ -1,0 +1,281 @@
+//! `gpo bench step`: one meta-training step (forward, backward, Adam) at the official
+//! shape on random inputs, with its roofline ([`super::roofline`]): 8 groups sharing one
+//! permutation of a 684-question pool (as OpinionQA), 2–5 options per question (mean 3.6),
+//! context and target counts drawn as the sampler draws them. Split from [`super::bench`]
+//! to keep each benchmark to one file.
+
+use super::roofline;
+use anyhow::{ensure, Context, Result};
+use candle_core::Device;
+use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
+use gpo_core::features::{assemble, PointFeatures};
+use gpo_core::grad::episodes_gradient;
+use gpo_core::model::flops::{step_flops, step_gemms, BatchShape, Gemm};
+use gpo_core::model::{Backward, Gpo, GpoConfig, OpPath};
+use gpo_core::optim::{Adam, AdamConfig};
+use gpo_core::rng::Rng;
+use gpo_core::sampler::{step_episodes, SamplerConfig};
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    /// Embedding width.
+    #[arg(long, default_value_t = 384)]
+    pub dim_x: usize,
+    /// Groups per step.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    pub iters: u64,
+    /// Use the composite (reference) ops instead of the fused ones.
+    #[arg(long)]
+    pub composite: bool,
+    /// Backpropagate the fused ops with candle's autograd instead of the hand-written
+    /// backward (the tape), for a side-by-side comparison.
+    #[arg(long)]
+    pub autograd: bool,
+    /// Threads the gradient shards are computed on in parallel (default: all cores).
+    #[arg(long, default_value_t = gpo_core::grad::default_threads())]
+    pub threads: usize,
+    /// Groups per gradient shard (default: the run configuration's `shard_groups`, 4, as
+    /// the trainer cuts a step). 8 groups on 2 threads are then 2 shards at once; 64 groups
+    /// are 16 shards on one thread or on two.
+    #[arg(long, default_value_t = 4)]
+    pub shard_groups: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write every step's batch shape (the option counts of its context and target
+    /// questions, warm-ups included) to this JSON file, for the PyTorch twin to replay
+    /// (`tools/reference/gpo_reference.py bench --shapes FILE`).
+    #[arg(long)]
+    pub shapes_out: Option<std::path::PathBuf>,
+    /// Print each distinct product shape of the median step with its share of the
+    /// operations and its measured speed.
+    #[arg(long)]
+    pub per_shape: bool,
+}
+
+/// A random survey at OpinionQA's scale: 684 questions, options drawn 2–5 with mean 3.6.
+pub(crate) fn random_survey(groups: usize, dim: usize, seed: u64) -> (Survey, PointFeatures) {
+    let mut r = Rng::keyed(&[seed, 0xbe4c]);
+    let questions: Vec<Question> = (0..684)
+        .map(|i| {
+            let u = r.f64();
+            let k = if u < 0.2 {
+                2
+            } else if u < 0.45 {
+                3
+            } else if u < 0.75 {
+                4
+            } else {
+                5
+            };
+            Question {
+                id: format!("Q{i}"),
+                text: format!("question {i}"),
+                options: (0..k)
+                    .map(|o| AnswerOption {
+                        text: format!("option {o}"),
+                        ordinal: Some(o as f64 + 1.0),
+                        refusal: false,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let answers = (0..groups)
+        .map(|_| {
+            questions
+                .iter()
+                .map(|q| {
+                    let v: Vec<f32> = (0..q.options.len())
+                        .map(|_| r.f64() as f32 + 0.05)
+                        .collect();
+                    let s: f32 = v.iter().sum();
+                    Some(v.into_iter().map(|x| x / s).collect())
+                })
+                .collect()
+        })
+        .collect();
+    let survey = Survey {
+        name: "bench".into(),
+        metric: MetricKind::Wasserstein,
+        questions,
+        groups: (0..groups)
+            .map(|g| Group {
+                name: format!("g{g}"),
+            })
+            .collect(),
+        answers,
+    };
+    let n_points: usize = survey.questions.iter().map(|q| q.options.len()).sum();
+    let x: Vec<f32> = (0..n_points * dim).map(|_| r.normal() as f32).collect();
+    let mut start = Vec::new();
+    let mut len = Vec::new();
+    let mut off = 0;
+    for q in &survey.questions {
+        start.push(off);
+        len.push(q.options.len());
+        off += q.options.len();
+    }
+    (
+        survey,
+        PointFeatures {
+            dim,
+            x,
+            start,
+            len,
+            prior: None,
+        },
+    )
+}
+
+pub fn step(a: StepArgs) -> Result<()> {
+    ensure!(a.groups >= 1, "--groups must be at least 1");
+    ensure!(a.iters >= 1, "--iters must be at least 1");
+    ensure!(a.threads >= 1, "--threads must be at least 1");
+    ensure!(a.shard_groups >= 1, "--shard-groups must be at least 1");
+    let dev = Device::Cpu;
+    let (survey, features) = random_survey(a.groups, a.dim_x, a.seed);
+    let groups: Vec<usize> = (0..a.groups).collect();
+    let pool: Vec<usize> = (0..survey.questions.len()).collect();
+    let mut model = Gpo::new(GpoConfig::official(a.dim_x), a.seed, &dev)?;
+    if a.composite {
+        model.path = OpPath::Composite;
+    }
+    if a.autograd {
+        model.backward = Backward::Autograd;
+    }
+    let mut adam = Adam::new(model.params.count(), AdamConfig::default());
+    let mut times = Vec::new();
+    let mut points = Vec::new();
+    // Per timed step: (operations forward + backward, its matrix products).
+    let mut work: Vec<(f64, f64, Vec<Gemm>)> = Vec::new();
+    let shard = a.shard_groups.max(1);
+    let mut shapes = Vec::new();
+    for it in 0..a.iters + 2 {
+        let eps = step_episodes(
+            &survey,
+            a.seed,
+            it,
+            &groups,
+            Some(&pool),
+            &SamplerConfig::default(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let counts = |qs: &[usize]| qs.iter().map(|&q| features.len[q]).collect::<Vec<_>>();
+        shapes.push(serde_json::json!({
+            "context": counts(&eps[0].context),
+            "target": counts(&eps[0].target),
+        }));
+        let t = Instant::now();
+        let (_, g) = episodes_gradient(
+            &model,
+            &survey,
+            &features,
+            &eps,
+            eps.len(),
+            shard,
+            a.threads > 1,
+            &dev,
+        )?;
+        // Rounded once to f32, as the trainer does after its all-reduce.
+        let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+        let mut p = model.params.flat()?;
+        adam.step(&mut p, &g, 3e-4);
+        model.params.set_flat(&p)?;
+        let s = t.elapsed().as_secs_f64();
+        let (nc, nt) = (
+            features.points(&eps[0].context),
+            features.points(&eps[0].target),
+        );
+        if it >= 2 {
+            times.push(s);
+            points.push(nc + nt);
+            let (mut fw, mut bw, mut gemms) = (0.0, 0.0, Vec::new());
+            for part in eps.chunks(shard.max(1)) {
+                let shape = BatchShape::of(&assemble(&survey, &features, part, &dev)?);
+                let (f, b) = step_flops(&model.cfg, shape);
+                fw += f;
+                bw += b;
+                gemms.extend(step_gemms(&model.cfg, shape).into_iter().map(|(_, g)| g));
+            }
+            work.push((fw, bw, gemms));
+        }
+        println!(
+            "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}",
+            if it < 2 { " warm-up" } else { "" }
+        );
+    }
+    if let Some(path) = &a.shapes_out {
+        let doc = serde_json::json!({
+            "dim_x": a.dim_x,
+            "groups": a.groups,
+            "warmup": 2,
+            "steps": shapes,
+        });
+        std::fs::write(path, serde_json::to_string(&doc)? + "\n")
+            .with_context(|| format!("writing --shapes-out {}", path.display()))?;
+    }
+    let total_s: f64 = times.iter().sum();
+    let n = work.len().max(1) as f64;
+    let (fw, bw) = work
+        .iter()
+        .fold((0.0, 0.0), |(f, b), w| (f + w.0 / n, b + w.1 / n));
+    // The peak is measured on the products of the median-time step.
+    let mut order: Vec<usize> = (0..times.len()).collect();
+    order.sort_by(|&i, &j| times[i].total_cmp(&times[j]));
+    let median_step = order[order.len() / 2];
+    times.sort_by(f64::total_cmp);
+    let mean_points = points.iter().sum::<usize>() as f64 / points.len().max(1) as f64;
+    println!(
+        "dim_x {} groups {} path {} mean points/group {:.0} threads {} shard_groups {shard}",
+        a.dim_x,
+        a.groups,
+        match (a.composite, a.autograd) {
+            (true, _) => "composite",
+            (false, true) => "fused+autograd",
+            (false, false) => "fused+tape",
+        },
+        mean_points,
+        a.threads
+    );
+    let achieved = (fw + bw) * n / total_s / 1e9;
+    let parallel = a.threads.max(1).min(a.groups.div_ceil(shard.max(1)));
+    let (peak, per_shape) = roofline::weighted_peak(&work[median_step].2, parallel)?;
+    let shapes = per_shape.len();
+    if a.per_shape {
+        println!(
+            "the median step's products (batch x m x k x n): share of its operations, GFLOP/s"
+        );
+        let mut by_share = per_shape.clone();
+        by_share.sort_by(|x, y| y.share.total_cmp(&x.share));
+        for s in by_share {
+            let g = s.gemm;
+            println!(
+                "  {:>4} x {:>5} x {:>5} x {:>5}: {:5.1} %  {:7.2}",
+                g.batch,
+                g.m,
+                g.k,
+                g.n,
+                100.0 * s.share,
+                s.gflops
+            );
+        }
+    }
+    println!(
+        "flops_per_step={:.3e} (forward {:.3} GFLOP, backward {:.3} GFLOP; matrix products only)",
+        fw + bw,
+        fw / 1e9,
+        bw / 1e9
+    );
+    println!("achieved_gflops={achieved:.2}");
+    println!(
+        "gemm_peak_gflops={peak:.2} ({parallel} threads at once, the median step's {shapes} distinct product shapes, weighted by their operations)"
+    );
+    println!("fraction_of_peak={:.3}", achieved / peak);
+    println!("median_step_s={:.4}", times[times.len() / 2]);
+    Ok(())
+}
