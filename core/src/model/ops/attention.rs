@@ -49,9 +49,26 @@ fn softmax_row(row: &mut [f32], scale: f32, mask: &[f32]) {
     }
 }
 
+/// Rows at least this long take the AVX-512 intrinsics of [`super::softmax512`]; shorter
+/// ones the portable loops compiled for AVX-512, whose per-row overhead measured lower
+/// (BENCHMARKS.md, issue 16). Both are deterministic functions of the row.
+const SOFTMAX512_FROM: usize = 96;
+/// The same for the softmax's backward.
+const SOFTMAX_GRAD512_FROM: usize = 48;
+
+/// [`softmax_row`] of every row (`nc` values) of `block`.
+fn softmax_block(block: &mut [f32], nc: usize, scale: f32, mask: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if nc >= SOFTMAX512_FROM && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the kernel checks the mask's length.
+        return unsafe { super::softmax512::softmax_rows(block, nc, scale, mask) };
+    }
+    softmax_block_portable(block, nc, scale, mask)
+}
+
 wide_dispatch! {
-    /// [`softmax_row`] of every row (`nc` values) of `block`.
-    fn softmax_block => softmax_block_rows(block: &mut [f32], nc: usize, scale: f32, mask: &[f32])
+    /// [`softmax_row`] of every row (`nc` values) of `block`, in portable loops.
+    fn softmax_block_portable => softmax_block_rows(block: &mut [f32], nc: usize, scale: f32, mask: &[f32])
 }
 
 #[inline(always)]
@@ -61,10 +78,20 @@ fn softmax_block_rows(block: &mut [f32], nc: usize, scale: f32, mask: &[f32]) {
     }
 }
 
+/// The softmax's backward over a block of rows: `dS = scale · P ∘ (dP − rowsum(dP ∘ P))`
+/// in place of `dP` (`ds`), from the probabilities `p`.
+fn softmax_grad_block(ds: &mut [f32], p: &[f32], nc: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if nc >= SOFTMAX_GRAD512_FROM && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::softmax512::softmax_grad_rows(ds, p, nc, scale) };
+    }
+    softmax_grad_portable(ds, p, nc, scale)
+}
+
 wide_dispatch! {
-    /// The softmax's backward over a block of rows: `dS = scale · P ∘ (dP − rowsum(dP ∘ P))`
-    /// in place of `dP` (`ds`), from the probabilities `p`.
-    fn softmax_grad_block => softmax_grad_rows(ds: &mut [f32], p: &[f32], nc: usize, scale: f32)
+    /// [`softmax_grad_block`] in portable loops.
+    fn softmax_grad_portable => softmax_grad_rows(ds: &mut [f32], p: &[f32], nc: usize, scale: f32)
 }
 
 #[inline(always)]

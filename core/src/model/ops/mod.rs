@@ -234,9 +234,52 @@ macro_rules! wide_dispatch {
     };
 }
 
+/// Whether rows of `d` values take the AVX-512 intrinsics of [`norm512`].
+fn norm512_applies(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        d > 0 && d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`: AVX-512
+/// intrinsics ([`norm512`]) where they apply, else portable loops.
+pub(crate) fn layer_norm_forward(out: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if norm512_applies(g.len()) {
+        // SAFETY: the CPU has AVX-512F; the kernel checks the row width.
+        return unsafe { norm512::layer_norm_forward_rows(out, x, g, b, eps) };
+    }
+    layer_norm_forward_portable(out, x, g, b, eps)
+}
+
+/// Layer normalization's backward from its input `x` and output gradient `dy`: writes
+/// `dx`, and adds to `(dγ, dβ)`; AVX-512 intrinsics ([`norm512`]) where they apply, else
+/// portable loops.
+pub(crate) fn layer_norm_backward(
+    dx: &mut [f32],
+    dgb: (&mut [f32], &mut [f32]),
+    x: &[f32],
+    gv: &[f32],
+    dy: &[f32],
+    eps: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if norm512_applies(gv.len()) {
+        // SAFETY: the CPU has AVX-512F; the kernel checks the row width.
+        return unsafe { norm512::layer_norm_backward_rows(dx, dgb, x, gv, dy, eps) };
+    }
+    layer_norm_backward_portable(dx, dgb, x, gv, dy, eps)
+}
+
 wide_dispatch! {
-    /// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`.
-    pub(crate) fn layer_norm_forward => layer_norm_forward_rows(
+    /// [`layer_norm_forward`] in portable loops.
+    fn layer_norm_forward_portable => layer_norm_forward_rows(
         out: &mut [f32],
         x: &[f32],
         g: &[f32],
@@ -246,9 +289,8 @@ wide_dispatch! {
 }
 
 wide_dispatch! {
-    /// Layer normalization's backward from its input `x` and output gradient `dy`: writes
-    /// `dx`, and adds to `(dγ, dβ)`.
-    pub(crate) fn layer_norm_backward => layer_norm_backward_rows(
+    /// [`layer_norm_backward`] in portable loops.
+    fn layer_norm_backward_portable => layer_norm_backward_rows(
         dx: &mut [f32],
         dgb: (&mut [f32], &mut [f32]),
         x: &[f32],
@@ -383,6 +425,8 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
 mod attention;
 mod gemm;
 mod nll;
+mod norm512;
+mod softmax512;
 
 use gemm::gemm_strided;
 
