@@ -27,6 +27,10 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// `y = x Wᵀ + b`, then ReLU when `relu`: `x` is `[m, k]`, `W` is `[n, k]` given as
 /// `(slice, row stride)` (a stride above `k` reads the first `k` columns of a wider
 /// weight, as the embedder's x-part), `b` is `[n]`, `y` is `[m, n]` and fully written.
+///
+/// The product is written first and the bias added in the same pass as the ReLU (one pass
+/// over `y`, where a broadcast of the bias before an accumulating product took two): the
+/// sum `x Wᵀ + b` is the same IEEE addition in either order.
 pub(crate) fn linear_forward(
     y: &mut [f32],
     x: &[f32],
@@ -35,13 +39,39 @@ pub(crate) fn linear_forward(
     (m, n, k): (usize, usize, usize),
     relu: bool,
 ) {
+    gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), false);
+    let b = &b[..n];
     for row in y[..m * n].chunks_exact_mut(n) {
-        row.copy_from_slice(&b[..n]);
+        if relu {
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v = (*v + bv).max(0.0);
+            }
+        } else {
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
     }
-    gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), true);
-    if relu {
-        for v in &mut y[..m * n] {
-            *v = v.max(0.0);
+}
+
+/// `y = (x Wᵀ + b) + r`: [`linear_forward`] with a residual `r` (`[m, n]`) added in the
+/// same pass, in the order the composite path adds them.
+pub(crate) fn linear_forward_residual(
+    y: &mut [f32],
+    x: &[f32],
+    (w, w_rs): (&[f32], usize),
+    b: &[f32],
+    r: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), false);
+    let b = &b[..n];
+    for (row, rr) in y[..m * n]
+        .chunks_exact_mut(n)
+        .zip(r[..m * n].chunks_exact(n))
+    {
+        for ((v, &bv), &rv) in row.iter_mut().zip(b).zip(rr) {
+            *v = (*v + bv) + rv;
         }
     }
 }

@@ -9,8 +9,8 @@
 use super::buf::{buf, Buf};
 use super::{two, Rows, W};
 use crate::model::ops::{
-    layer_norm_backward, layer_norm_forward, linear_forward, linear_input_grad, linear_param_grads,
-    relu_mask, Heads,
+    layer_norm_backward, layer_norm_forward, linear_forward, linear_forward_residual,
+    linear_input_grad, linear_param_grads, relu_mask, Heads,
 };
 
 /// A layer's parameters, by their parts of the official names.
@@ -117,21 +117,23 @@ impl Layer<'_> {
                 mask,
             );
         }
+        // The attention's output projection plus the residual hq (IEEE addition commutes:
+        // the same bits as the composite path's order).
         let mut r1 = buf(nq * d);
-        linear_forward(&mut r1, &o, (p.out_w.v, d), p.out_b.v, (nq, d, d), false);
-        // hq + a (IEEE addition commutes: the same bits as the composite path's order).
-        for (a, &x) in r1.iter_mut().zip(&hin[q0 * d..]) {
-            *a += x;
-        }
+        linear_forward_residual(
+            &mut r1,
+            &o,
+            (p.out_w.v, d),
+            p.out_b.v,
+            &hin[q0 * d..],
+            (nq, d, d),
+        );
         let mut x1 = buf(nq * d);
         layer_norm_forward(&mut x1, &r1, p.n1_w.v, p.n1_b.v, self.eps);
         let mut f1 = buf(nq * f);
         linear_forward(&mut f1, &x1, (p.l1_w.v, d), p.l1_b.v, (nq, f, d), true);
         let mut r2 = buf(nq * d);
-        linear_forward(&mut r2, &f1, (p.l2_w.v, f), p.l2_b.v, (nq, d, f), false);
-        for (a, &x) in r2.iter_mut().zip(x1.iter()) {
-            *a += x;
-        }
+        linear_forward_residual(&mut r2, &f1, (p.l2_w.v, f), p.l2_b.v, &x1, (nq, d, f));
         let mut out = buf(nq * d);
         layer_norm_forward(&mut out, &r2, p.n2_w.v, p.n2_b.v, self.eps);
         Acts {
