@@ -29,28 +29,22 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// weight, as the embedder's x-part), `b` is `[n]`, `y` is `[m, n]` and fully written.
 ///
 /// The product is written first and the bias added in the same pass as the ReLU (one pass
-/// over `y`, where a broadcast of the bias before an accumulating product took two): the
-/// sum `x Wᵀ + b` is the same IEEE addition in either order.
+/// over `y`, where a broadcast of the bias before an accumulating product took two). Where
+/// the inner size `k` fits one of gemm's blocks (every layer but a wide embedder's first),
+/// `x Wᵀ + b` is then the same IEEE addition as before; past it, gemm's partial sums meet
+/// the bias in another order, a difference in the last bits.
 pub(crate) fn linear_forward(
     y: &mut [f32],
     x: &[f32],
-    (w, w_rs): (&[f32], usize),
+    w: (&[f32], usize),
     b: &[f32],
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     relu: bool,
 ) {
-    gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), false);
-    let b = &b[..n];
-    for row in y[..m * n].chunks_exact_mut(n) {
-        if relu {
-            for (v, &bv) in row.iter_mut().zip(b) {
-                *v = (*v + bv).max(0.0);
-            }
-        } else {
-            for (v, &bv) in row.iter_mut().zip(b) {
-                *v += bv;
-            }
-        }
+    if relu {
+        linear_then(y, x, w, b, dims, |v, bv, _| (v + bv).max(0.0), None)
+    } else {
+        linear_then(y, x, w, b, dims, |v, bv, _| v + bv, None)
     }
 }
 
@@ -59,19 +53,45 @@ pub(crate) fn linear_forward(
 pub(crate) fn linear_forward_residual(
     y: &mut [f32],
     x: &[f32],
-    (w, w_rs): (&[f32], usize),
+    w: (&[f32], usize),
     b: &[f32],
     r: &[f32],
+    dims: (usize, usize, usize),
+) {
+    linear_then(y, x, w, b, dims, |v, bv, rv| (v + bv) + rv, Some(r))
+}
+
+/// The product `x Wᵀ` into `y`, then `y ← f(y, b, r)` element-wise in one pass (`r` is 0
+/// where absent).
+#[inline(always)]
+fn linear_then(
+    y: &mut [f32],
+    x: &[f32],
+    (w, w_rs): (&[f32], usize),
+    b: &[f32],
     (m, n, k): (usize, usize, usize),
+    f: impl Fn(f32, f32, f32) -> f32,
+    r: Option<&[f32]>,
 ) {
     gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), false);
     let b = &b[..n];
-    for (row, rr) in y[..m * n]
-        .chunks_exact_mut(n)
-        .zip(r[..m * n].chunks_exact(n))
-    {
-        for ((v, &bv), &rv) in row.iter_mut().zip(b).zip(rr) {
-            *v = (*v + bv) + rv;
+    match r {
+        Some(r) => {
+            for (row, rr) in y[..m * n]
+                .chunks_exact_mut(n)
+                .zip(r[..m * n].chunks_exact(n))
+            {
+                for ((v, &bv), &rv) in row.iter_mut().zip(b).zip(rr) {
+                    *v = f(*v, bv, rv);
+                }
+            }
+        }
+        None => {
+            for row in y[..m * n].chunks_exact_mut(n) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v = f(*v, bv, 0.0);
+                }
+            }
         }
     }
 }
