@@ -94,8 +94,9 @@ fn bench_dispatch_drives_simulated_workers() {
     assert!(kv[1].1 > 0.0 && kv[2].1.is_finite(), "{kv:?}");
 }
 
-/// `gpo bench step` states its roofline: the operations it counted, the speed it reached,
-/// the measured GEMM peak on the same shapes, and their ratio (a fraction in (0, 1.5]:
+/// `gpo bench step` states its roofline: the operations it counted (and the official
+/// module's on the same batches), the speed it reached, the measured GEMM peak on the same
+/// shapes, and their ratio (a fraction in (0, 1.5]:
 /// above 1 would mean the count or the peak is wrong; a little slack for a noisy machine).
 #[test]
 fn bench_step_prints_its_roofline() {
@@ -135,4 +136,8 @@ fn bench_step_prints_its_roofline() {
         "{stdout}"
     );
     assert!(frac > 0.0 && frac <= 1.5, "{stdout}");
+    // The official module's count on the same batches: more operations than gpo's (its
+    // N × N scores, every layer on every point, each group's own x).
+    let official = value("official_flops_per_step");
+    assert!(official > flops, "{stdout}");
 }

@@ -10,7 +10,7 @@ use candle_core::Device;
 use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
 use gpo_core::features::{assemble, PointFeatures};
 use gpo_core::grad::episodes_gradient;
-use gpo_core::model::flops::{step_flops, step_gemms, BatchShape, Gemm};
+use gpo_core::model::flops::{official_step_flops, step_flops, step_gemms, BatchShape, Gemm};
 use gpo_core::model::{Backward, Gpo, GpoConfig, OpPath};
 use gpo_core::optim::{Adam, AdamConfig};
 use gpo_core::rng::Rng;
@@ -153,6 +153,8 @@ pub fn step(a: StepArgs) -> Result<()> {
     let mut points = Vec::new();
     // Per timed step: (operations forward + backward, its matrix products).
     let mut work: Vec<(f64, f64, Vec<Gemm>)> = Vec::new();
+    // Per timed step: the official module's operations on the same batch.
+    let mut official = Vec::new();
     let shard = a.shard_groups.max(1);
     let mut shapes = Vec::new();
     for it in 0..a.iters + 2 {
@@ -194,15 +196,18 @@ pub fn step(a: StepArgs) -> Result<()> {
         if it >= 2 {
             times.push(s);
             points.push(nc + nt);
-            let (mut fw, mut bw, mut gemms) = (0.0, 0.0, Vec::new());
+            let (mut fw, mut bw, mut gemms, mut of) = (0.0, 0.0, Vec::new(), 0.0);
             for part in eps.chunks(shard.max(1)) {
                 let shape = BatchShape::of(&assemble(&survey, &features, part, &dev)?);
                 let (f, b) = step_flops(&model.cfg, shape);
                 fw += f;
                 bw += b;
                 gemms.extend(step_gemms(&model.cfg, shape).into_iter().map(|(_, g)| g));
+                let (f, b) = official_step_flops(&model.cfg, shape);
+                of += f + b;
             }
             work.push((fw, bw, gemms));
+            official.push(of);
         }
         println!(
             "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}",
@@ -270,6 +275,11 @@ pub fn step(a: StepArgs) -> Result<()> {
         fw + bw,
         fw / 1e9,
         bw / 1e9
+    );
+    let official = official.iter().sum::<f64>() / n;
+    println!(
+        "official_flops_per_step={official:.3e} (the official module's products on the same batches: every point a key, every layer on every point, each group's own x; {:.2}x gpo's)",
+        official / (fw + bw)
     );
     println!("achieved_gflops={achieved:.2}");
     println!(

@@ -3,7 +3,7 @@
 ICLR 2024), a TNP-D-style Transformer Neural Process.
 
 This file was written from a prose description of the official model, not copied from
-any repository. It exists for two jobs:
+any repository. It exists for three jobs:
 
 * ``export``: build the module with PyTorch's default initialization and a random,
   padded meta-batch, and write fixtures (weights, batch, expected loss) that the Rust
@@ -12,6 +12,8 @@ any repository. It exists for two jobs:
 * ``bench``: time the official-style training step (forward with the per-question
   softmax done as a Python loop over segments, backward, Adam step, zero_grad) on
   OpinionQA-shaped batches, for a side-by-side comparison with ``gpo bench``.
+* ``flops``: count the official step's matrix-product operations on gpo's batch shapes
+  with PyTorch's FlopCounterMode, the cross-check of ``gpo bench step``'s count of them.
 
 The model, as described:
 
@@ -232,6 +234,51 @@ def cmd_export(a):
 OPTION_COUNTS = {2: 0.2, 3: 0.25, 4: 0.3, 5: 0.25}
 
 
+def load_shapes(path, dim_x, groups):
+    """The batch shapes `gpo bench step --shapes-out` wrote, checked against the run's."""
+    with open(path) as fh:
+        replay = json.load(fh)
+    if replay["groups"] != groups or replay["dim_x"] != dim_x:
+        sys.exit(f"{path}: recorded for dim_x {replay['dim_x']} and {replay['groups']} "
+                 f"groups, not --dim-x {dim_x} --groups {groups}")
+    return replay
+
+
+def replayed_batch(step, dim_x, g):
+    """gpo's own batch shape (`gpo bench step --shapes-out`): the same questions' option
+    counts, new random x and y (the step's cost depends on the shapes only)."""
+    cc, tc = step["context"], step["target"]
+    xc = torch.randn(sum(cc), dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
+    xt = torch.randn(sum(tc), dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
+    dist = lambda ns: torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((g,))
+                                 for n in ns], dim=1).unsqueeze(-1)
+    tarqlen = torch.tensor(tc, dtype=torch.int64).expand(g, -1)
+    return xc, dist(cc), xt, dist(tc), tarqlen
+
+
+def cmd_flops(a):
+    """PyTorch's own count (FlopCounterMode) of the matrix-product operations of the
+    official step's forward and backward on gpo's batch shapes: the cross-check of
+    `gpo bench step`'s official_flops_per_step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(a.seed)
+    model = GPO(a.dim_x, **model_args(a))
+    model.train()
+    replay = load_shapes(a.shapes, a.dim_x, a.groups)
+    counts = []
+    for it, step in enumerate(replay["steps"]):
+        batch = replayed_batch(step, a.dim_x, a.groups)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            official_style_loss(model, *batch).backward()
+        model.zero_grad()
+        if it >= replay["warmup"]:
+            counts.append(counter.get_total_flops())
+    print(f"official_flops_per_step={sum(counts) / len(counts):.4e} (FlopCounterMode, mean of "
+          f"{len(counts)} timed steps, torch={torch.__version__})")
+
+
 def cmd_bench(a):
     check_official_param_count()
     torch.set_num_threads(a.threads)
@@ -271,29 +318,14 @@ def cmd_bench(a):
         tarqlen = torch.tensor([counts[q] for q in tq], dtype=torch.int64).expand(g, -1)
         return xc, yc, xt, yt, tarqlen
 
-    def draw_replayed(step):
-        # gpo's own batch shape (`gpo bench step --shapes-out`): the same questions' option
-        # counts, new random x and y (the step's cost depends on the shapes only).
-        cc, tc = step["context"], step["target"]
-        xc = torch.randn(sum(cc), a.dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
-        xt = torch.randn(sum(tc), a.dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
-        dist = lambda ns: torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((g,))
-                                     for n in ns], dim=1).unsqueeze(-1)
-        tarqlen = torch.tensor(tc, dtype=torch.int64).expand(g, -1)
-        return xc, dist(cc), xt, dist(tc), tarqlen
-
     replay = None
     if a.shapes:
-        with open(a.shapes) as fh:
-            replay = json.load(fh)
-        if replay["groups"] != g or replay["dim_x"] != a.dim_x:
-            sys.exit(f"{a.shapes}: recorded for dim_x {replay['dim_x']} and {replay['groups']} "
-                     f"groups, not --dim-x {a.dim_x} --groups {g}")
+        replay = load_shapes(a.shapes, a.dim_x, g)
         a.warmup = replay["warmup"]
         a.iters = len(replay["steps"]) - a.warmup
 
     def draw(it):
-        return draw_replayed(replay["steps"][it]) if replay else draw_official()
+        return replayed_batch(replay["steps"][it], a.dim_x, g) if replay else draw_official()
 
     print(f"bench: dim_x={a.dim_x} groups={g} threads={torch.get_num_threads()} "
           f"params={param_count(model)} questions={a.questions} "
@@ -350,11 +382,15 @@ def main(argv=None):
     b.add_argument("--shapes", help="replay the batch shapes `gpo bench step --shapes-out` "
                    "wrote (the same questions' option counts, step by step)")
 
+    fl = sub.add_parser("flops", help="count the official step's matrix-product operations "
+                        "on gpo's batch shapes with PyTorch's FlopCounterMode")
+    sizes(fl)
+    fl.add_argument("--groups", type=int, default=8)
+    fl.add_argument("--seed", type=int, default=0)
+    fl.add_argument("--shapes", required=True, help="`gpo bench step --shapes-out` file")
+
     a = p.parse_args(argv)
-    if a.cmd == "export":
-        cmd_export(a)
-    else:
-        cmd_bench(a)
+    {"export": cmd_export, "bench": cmd_bench, "flops": cmd_flops}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
 //! head forward (scores, then weights × values) and four backward. Elementwise work (layer
 //! norms, softmax, the loss, Adam) is left out: it is a few percent of the operations and
 //! none of it runs on the matrix kernels.
+//!
+//! [`official_step_gemms`] lists what the official module computes on the same batch, so
+//! a benchmark against it can say how much of a ratio is the exact savings (fewer
+//! operations) and how much is speed per operation.
 
 use super::GpoConfig;
 
@@ -96,30 +100,81 @@ pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
     linear(g * nt, f, 2 * cfg.dim_y, true);
     let (h, dh) = (cfg.nhead, d / cfg.nhead);
     for nq in attention {
-        let b = |m, k, n| Gemm {
-            batch: g * h,
-            m,
-            k,
-            n,
-        };
-        v.push((Pass::Forward, b(nq, dh, nc))); // scores = Q Kᵀ
-        v.push((Pass::Forward, b(nq, nc, dh))); // weights × V
-        v.push((Pass::Backward, b(nq, dh, nc))); // d weights = dO Vᵀ
-        v.push((Pass::Backward, b(nc, nq, dh))); // dV = weightsᵀ dO
-        v.push((Pass::Backward, b(nq, nc, dh))); // dQ = dS K
-        v.push((Pass::Backward, b(nc, nq, dh))); // dK = dSᵀ Q
+        v.extend(attention_gemms(g * h, nq, nc, dh));
     }
     v
 }
 
+/// The matrix products of the official module's forward and backward on a batch of shape
+/// `s`, as the PyTorch code computes them (`tools/reference/gpo_reference.py`): each group
+/// embeds its own copy of every point, `[x; y]` together; every layer runs on all
+/// `nc + nt` points, whose keys and values are all computed and all scored (the mask then
+/// zeroes the targets' columns); the predictor reads the target rows. None of gpo's exact
+/// savings (keys of the context only, the last layer on the targets only, shared x once)
+/// are taken.
+pub fn official_step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
+    let (d, f) = (cfg.d_model, cfg.dim_feedforward);
+    let (g, nt) = (s.groups, s.nt);
+    let n_all = s.nc + nt;
+    let mut v = Vec::new();
+    let mut linear = |rows: usize, i: usize, o: usize, input_grad: bool| {
+        let one = |m, k, n| Gemm { batch: 1, m, k, n };
+        v.push((Pass::Forward, one(rows, i, o)));
+        v.push((Pass::Backward, one(o, rows, i)));
+        if input_grad {
+            v.push((Pass::Backward, one(rows, o, i)));
+        }
+    };
+    linear(g * n_all, cfg.dim_x + cfg.dim_y, d, false);
+    for _ in 1..cfg.emb_depth {
+        linear(g * n_all, d, d, true);
+    }
+    for _ in 0..cfg.num_layers {
+        linear(g * n_all, d, 3 * d, true); // in_proj: queries, keys and values of every point
+        linear(g * n_all, d, d, true); // out_proj
+        linear(g * n_all, d, f, true);
+        linear(g * n_all, f, d, true);
+    }
+    linear(g * nt, d, f, true);
+    linear(g * nt, f, 2 * cfg.dim_y, true);
+    let (h, dh) = (cfg.nhead, d / cfg.nhead);
+    for _ in 0..cfg.num_layers {
+        v.extend(attention_gemms(g * h, n_all, n_all, dh));
+    }
+    v
+}
+
+/// The six products of one attention over `batch` (group, head) pairs: `nq` queries over
+/// `nk` keys, heads `dh` wide; two forward, four backward.
+fn attention_gemms(batch: usize, nq: usize, nk: usize, dh: usize) -> [(Pass, Gemm); 6] {
+    let b = |m, k, n| Gemm { batch, m, k, n };
+    [
+        (Pass::Forward, b(nq, dh, nk)),  // scores = Q Kᵀ
+        (Pass::Forward, b(nq, nk, dh)),  // weights × V
+        (Pass::Backward, b(nq, dh, nk)), // d weights = dO Vᵀ
+        (Pass::Backward, b(nk, nq, dh)), // dV = weightsᵀ dO
+        (Pass::Backward, b(nq, nk, dh)), // dQ = dS K
+        (Pass::Backward, b(nk, nq, dh)), // dK = dSᵀ Q
+    ]
+}
+
+/// (forward, backward) operations of a list of products.
+pub fn flops_of(gemms: &[(Pass, Gemm)]) -> (f64, f64) {
+    gemms.iter().fold((0.0, 0.0), |(fw, bw), (p, m)| match p {
+        Pass::Forward => (fw + m.flops(), bw),
+        Pass::Backward => (fw, bw + m.flops()),
+    })
+}
+
 /// Forward and backward operations of a batch of shape `s`.
 pub fn step_flops(cfg: &GpoConfig, s: BatchShape) -> (f64, f64) {
-    step_gemms(cfg, s)
-        .iter()
-        .fold((0.0, 0.0), |(fw, bw), (p, m)| match p {
-            Pass::Forward => (fw + m.flops(), bw),
-            Pass::Backward => (fw, bw + m.flops()),
-        })
+    flops_of(&step_gemms(cfg, s))
+}
+
+/// Forward and backward operations of the official module on a batch of shape `s`
+/// ([`official_step_gemms`]).
+pub fn official_step_flops(cfg: &GpoConfig, s: BatchShape) -> (f64, f64) {
+    flops_of(&official_step_gemms(cfg, s))
 }
 
 #[cfg(test)]
@@ -159,6 +214,42 @@ mod tests {
         assert_eq!(fw, embed + layer + head);
         // Backward: twice the forward, less the input gradient of the data-fed first layer.
         assert_eq!(bw, 2.0 * fw - mm(3., 5., 8.) - mm(2., 5., 8.));
+    }
+
+    /// The official module's count by hand for 2 groups of 3 context and 2 target points,
+    /// one layer and a two-layer embedder: every point through everything, N × N scores.
+    #[test]
+    fn official_flops_by_hand() {
+        let cfg = GpoConfig {
+            dim_x: 5,
+            d_model: 8,
+            emb_depth: 2,
+            dim_feedforward: 6,
+            nhead: 2,
+            num_layers: 1,
+            ..Default::default()
+        };
+        let s = BatchShape {
+            groups: 2,
+            gx: 1,
+            nc: 3,
+            nt: 2,
+        };
+        let mm = |m: f64, k: f64, n: f64| 2.0 * m * k * n;
+        // 2 groups × 5 points, each with its own [x; y] (6 wide).
+        let embed = mm(10., 6., 8.) + mm(10., 8., 8.);
+        let layer = mm(10., 8., 24.)
+            + 2.0 * 2.0 * (mm(5., 4., 5.) + mm(5., 5., 4.))
+            + mm(10., 8., 8.)
+            + mm(10., 8., 6.)
+            + mm(10., 6., 8.);
+        let head = mm(4., 8., 6.) + mm(4., 6., 2.);
+        let (fw, bw) = official_step_flops(&cfg, s);
+        assert_eq!(fw, embed + layer + head);
+        assert_eq!(bw, 2.0 * fw - mm(10., 6., 8.));
+        // gpo's exact savings on the same batch: fewer operations, never more.
+        let (gf, gb) = step_flops(&cfg, s);
+        assert!(gf + gb < fw + bw, "{} {}", gf + gb, fw + bw);
     }
 
     /// Shared x (OpinionQA steps) saves exactly the x-only work of the other groups.
