@@ -72,7 +72,8 @@ impl DecoderEmbedder {
         let pos = Tensor::new(pos.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let mask = super::attention_mask(t, p, |i, j| seq[i] == seq[j] && j <= i, &self.device)?;
+        let mask =
+            super::forward::attention_mask(t, p, |i, j| seq[i] == seq[j] && j <= i, &self.device)?;
         let mut x = self
             .embed
             .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
