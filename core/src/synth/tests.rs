@@ -1,6 +1,10 @@
 //! Tests of [`super`], in their own file to keep the module under the ~600-line limit.
 
+use std::collections::HashSet;
+
+use super::catalogue::catalogue;
 use super::*;
+use crate::store::text_key;
 
 #[test]
 fn individuals_answer_one_option_each_and_are_scored_by_accuracy() {
