@@ -6,7 +6,7 @@
 
 use crate::embed_job::{Delivery, EmbedJob, Lease, Refusal};
 use crate::security::Security;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use gpo_proto::v1 as pb;
 use gpo_proto::v1::embedding_server::{Embedding, EmbeddingServer};
 use std::collections::{BTreeMap, HashMap};
@@ -264,17 +264,8 @@ impl EmbedServer {
         sec: &Security,
         timing: EmbedTiming,
     ) -> Result<EmbedServer> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("gpo-embed-coord")
-            .enable_all()
-            .build()?;
-        listener.set_nonblocking(true)?;
-        let listener = {
-            let _g = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        let addr = listener.local_addr()?;
+        let (runtime, listener, addr) =
+            crate::server::serving_runtime(listener, "gpo-embed-coord")?;
         let tokens = plan
             .batches
             .iter()
@@ -295,13 +286,7 @@ impl EmbedServer {
             timing,
             start: Instant::now(),
         });
-        let tls = gpo_ops::tls_accept::server_config(&sec.tls)
-            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
-        let auth = gpo_ops::auth::ServerAuth::new(
-            sec.token.as_deref(),
-            tls.is_some() && sec.tls.requires_client_cert(),
-            sec.failures.clone(),
-        );
+        let (tls, auth) = sec.server_side()?;
         let svc = EmbeddingServer::new(Service(inner.clone()))
             .max_decoding_message_size(sec.max_message_bytes)
             .max_encoding_message_size(sec.max_message_bytes);

@@ -50,6 +50,28 @@ impl Default for Security {
     }
 }
 
+impl Security {
+    /// What each of the coordinator's gRPC services (the run's, the embedding phase's)
+    /// serves with: the TLS configuration, if any, and the interceptor that checks the run
+    /// token and counts refusals.
+    pub(crate) fn server_side(
+        &self,
+    ) -> anyhow::Result<(
+        Option<std::sync::Arc<gpo_ops::tls_accept::ServerConfig>>,
+        gpo_ops::auth::ServerAuth,
+    )> {
+        use anyhow::Context;
+        let tls = gpo_ops::tls_accept::server_config(&self.tls)
+            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
+        let auth = gpo_ops::auth::ServerAuth::new(
+            self.token.as_deref(),
+            tls.is_some() && self.tls.requires_client_cert(),
+            self.failures.clone(),
+        );
+        Ok((tls, auth))
+    }
+}
+
 impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Security")

@@ -53,6 +53,26 @@ fn describe(sec: &crate::security::Security) -> String {
     format!("{tls}{token}")
 }
 
+/// A two-thread runtime for one of the coordinator's gRPC services, and `listener` (bound
+/// already) moved into it, with its address.
+pub(crate) fn serving_runtime(
+    listener: std::net::TcpListener,
+    thread_name: &str,
+) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let listener = {
+        let _g = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    let addr = listener.local_addr()?;
+    Ok((runtime, listener, addr))
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -92,17 +112,8 @@ impl CoordinatorService {
                 opts.collective
             );
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("gpo-coordinator")
-            .enable_all()
-            .build()?;
-        listener.set_nonblocking(true)?;
-        let listener = {
-            let _g = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        let addr = listener.local_addr()?;
+        let (runtime, listener, addr) =
+            crate::server::serving_runtime(listener, "gpo-coordinator")?;
         let mcfg = MachineConfig {
             target_workers: opts.expected_workers,
             min_workers: opts.min_workers,
@@ -118,13 +129,7 @@ impl CoordinatorService {
         let machine = Machine::new(mcfg, 0, info.start_step, info.start_generation);
         let sec = opts.security.clone();
         // TLS handshakes are ours (gpo_ops::tls_accept), so refused ones are counted.
-        let tls = gpo_ops::tls_accept::server_config(&sec.tls)
-            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
-        let auth = gpo_ops::auth::ServerAuth::new(
-            sec.token.as_deref(),
-            tls.is_some() && sec.tls.requires_client_cert(),
-            sec.failures.clone(),
-        );
+        let (tls, auth) = sec.server_side()?;
         let ring_secret = gpo_ops::auth::random_bytes(32)?;
         let shared = Arc::new(Shared::new(new_run_id(), info, opts, machine, ring_secret));
         let svc = CoordinatorServer::new(Service {

@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::RootCertStore;
+/// The TLS server configuration [`server_config`] builds.
+pub use tokio_rustls::rustls::ServerConfig;
 pub use tokio_rustls::server::TlsStream;
 
 /// How long a client may take to finish its handshake.
