@@ -181,11 +181,10 @@ pub fn official_step_flops(cfg: &GpoConfig, s: BatchShape) -> (f64, f64) {
 mod tests {
     use super::*;
 
-    /// The forward count by hand for one group of 3 context and 2 target points, a module
-    /// with one layer and a two-layer embedder: every term written out.
-    #[test]
-    fn forward_flops_by_hand() {
-        let cfg = GpoConfig {
+    /// A module small enough to count by hand: d_x 5, width 8, 2 heads, a feed-forward
+    /// of 6, one layer, a two-layer embedder.
+    fn tiny() -> GpoConfig {
+        GpoConfig {
             dim_x: 5,
             d_model: 8,
             emb_depth: 2,
@@ -193,7 +192,14 @@ mod tests {
             nhead: 2,
             num_layers: 1,
             ..Default::default()
-        };
+        }
+    }
+
+    /// The forward count by hand for one group of 3 context and 2 target points, a module
+    /// with one layer and a two-layer embedder: every term written out.
+    #[test]
+    fn forward_flops_by_hand() {
+        let cfg = tiny();
         let s = BatchShape {
             groups: 1,
             gx: 1,
@@ -220,15 +226,7 @@ mod tests {
     /// one layer and a two-layer embedder: every point through everything, N × N scores.
     #[test]
     fn official_flops_by_hand() {
-        let cfg = GpoConfig {
-            dim_x: 5,
-            d_model: 8,
-            emb_depth: 2,
-            dim_feedforward: 6,
-            nhead: 2,
-            num_layers: 1,
-            ..Default::default()
-        };
+        let cfg = tiny();
         let s = BatchShape {
             groups: 2,
             gx: 1,
