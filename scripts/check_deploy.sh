@@ -212,7 +212,7 @@ def flags_of(*files):
                 out.add("--" + (m.group(1) if m else field.replace("_", "-")))
     return out
 known = {
-    "coordinator": flags_of("src/cmd/coordinator.rs", "src/cmd/train.rs", "src/inputs.rs", "src/cmd/credentials.rs"),
+    "coordinator": flags_of("src/cmd/coordinator/mod.rs", "src/cmd/train.rs", "src/inputs.rs", "src/cmd/credentials.rs"),
     "worker": flags_of("src/cmd/worker.rs", "src/cmd/credentials.rs"),
 }
 assert "--listen" in known["coordinator"] and "--ring-bind" in known["worker"], known
