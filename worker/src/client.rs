@@ -270,18 +270,28 @@ async fn register(
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                ) && start.elapsed() < opts.connect_timeout =>
-            {
+            Err(s) if retry_registration(s.code()) && start.elapsed() < opts.connect_timeout => {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(s) => bail!("registering with the coordinator: {}", s.message()),
         }
     }
+}
+
+/// Whether a registration that failed with `code` is tried again (until the connect
+/// timeout). Besides an unreachable or slow coordinator, that is a connection cut under
+/// the call: when the embedding phase ends, its server closes the connections it holds
+/// and the run's service takes the port over, and a call in flight then fails as tonic
+/// reports a broken connection, `Unknown` ("transport error") or `Cancelled`.
+fn retry_registration(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 /// Builds the replica a registration describes on the run's data (already checked
@@ -460,4 +470,32 @@ fn with_ring_advertised(
     }
     opts.ring_advertise = Some(a.address);
     Ok(opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    /// A connection that breaks or is not there yet is tried again; a refusal is final.
+    #[test]
+    fn registration_retries_broken_connections_not_refusals() {
+        for c in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(super::retry_registration(c), "{c:?}");
+        }
+        for c in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::ResourceExhausted,
+            Code::NotFound,
+        ] {
+            assert!(!super::retry_registration(c), "{c:?}");
+        }
+    }
 }
