@@ -61,14 +61,8 @@ impl Security {
         gpo_ops::auth::ServerAuth,
     )> {
         use anyhow::Context;
-        let tls = gpo_ops::tls_accept::server_config(&self.tls)
-            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
-        let auth = gpo_ops::auth::ServerAuth::new(
-            self.token.as_deref(),
-            tls.is_some() && self.tls.requires_client_cert(),
-            self.failures.clone(),
-        );
-        Ok((tls, auth))
+        gpo_ops::tls_accept::server_side(&self.tls, self.token.as_deref(), self.failures.clone())
+            .context("the coordinator's TLS configuration (--tls-cert, --tls-key, --tls-ca)")
     }
 }
 

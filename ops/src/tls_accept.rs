@@ -20,6 +20,20 @@ use tokio_rustls::rustls::RootCertStore;
 pub use tokio_rustls::rustls::ServerConfig;
 pub use tokio_rustls::server::TlsStream;
 
+/// What every gRPC server of gpo serves with (the coordinator's run and embedding phase,
+/// the sweep's worker pool, `gpo serve`): the TLS configuration of `files` (`None`: plain
+/// text) and the interceptor that checks `token`, and a client certificate where `files`
+/// demand one, counting refusals in `failures`.
+pub fn server_side(
+    files: &TlsFiles,
+    token: Option<&str>,
+    failures: AuthFailures,
+) -> Result<(Option<Arc<ServerConfig>>, crate::auth::ServerAuth)> {
+    let tls = server_config(files)?;
+    let mtls = tls.is_some() && files.requires_client_cert();
+    Ok((tls, crate::auth::ServerAuth::new(token, mtls, failures)))
+}
+
 /// How long a client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

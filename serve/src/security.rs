@@ -38,12 +38,7 @@ impl Security {
         failures: AuthFailures,
         max_message_bytes: usize,
     ) -> anyhow::Result<Security> {
-        let tls = gpo_ops::tls_accept::server_config(files)?;
-        let auth = ServerAuth::new(
-            token,
-            tls.is_some() && files.requires_client_cert(),
-            failures,
-        );
+        let (tls, auth) = gpo_ops::tls_accept::server_side(files, token, failures)?;
         Ok(Security {
             tls,
             auth,

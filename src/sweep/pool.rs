@@ -96,13 +96,9 @@ impl PoolServer {
             .block_on(tokio::net::TcpListener::bind(listen))
             .with_context(|| format!("--listen {listen}"))?;
         let addr = listener.local_addr()?;
-        let tls = gpo_ops::tls_accept::server_config(&sec.tls)
-            .context("the sweep's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
-        let auth = gpo_ops::auth::ServerAuth::new(
-            sec.token.as_deref(),
-            tls.is_some() && sec.tls.requires_client_cert(),
-            sec.failures.clone(),
-        );
+        let (tls, auth) =
+            gpo_ops::tls_accept::server_side(&sec.tls, sec.token.as_deref(), sec.failures.clone())
+                .context("the sweep's TLS configuration (--tls-cert, --tls-key, --tls-ca)")?;
         let svc = pb::sweep_pool_server::SweepPoolServer::new(Svc {
             tx: Mutex::new(tx),
             next: Default::default(),
