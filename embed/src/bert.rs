@@ -250,18 +250,7 @@ impl BertEmbedder {
         if let Some(m) = opts.max_len {
             max_len = max_len.min(m);
         }
-        let tok = tokenize::from_file(&dir.join("tokenizer.json"))?;
-        let tv = tok.get_vocab_size(true);
-        if tv > cfg.vocab_size {
-            return Err(invalid(
-                dir.join("tokenizer.json"),
-                format!(
-                    "tokenizer has {tv} tokens but config.json says vocab_size {}: \
-                     tokenizer and model do not match",
-                    cfg.vocab_size
-                ),
-            ));
-        }
+        let tok = tokenize::from_folder(dir, cfg.vocab_size)?;
         let encoder = TextEncoder::new(tok, max_len)?;
         let id = format!(
             "{id_base}|{}{}|{}",

@@ -121,6 +121,24 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
         .map_err(|e| invalid(path, format!("not a valid tokenizer.json: {e}")))
 }
 
+/// Loads a model folder's `tokenizer.json` and checks that its tokens fit the model's
+/// vocabulary of `vocab_size` (as `config.json` gives it).
+pub fn from_folder(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    let tok = from_file(&path)?;
+    let tv = tok.get_vocab_size(true);
+    if tv > vocab_size {
+        return Err(invalid(
+            path,
+            format!(
+                "tokenizer has {tv} tokens but config.json says vocab_size {vocab_size}: \
+                 tokenizer and model do not match"
+            ),
+        ));
+    }
+    Ok(tok)
+}
+
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Option<&'a gguf_file::Value> {
     ct.metadata.get(key)
 }

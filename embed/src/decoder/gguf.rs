@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
-use super::weights::{check_pooling, Weights};
+use super::weights::{pooling_and_id, Weights};
 use super::{Arch, DecoderConfig, DecoderEmbedder};
 use crate::error::{invalid, io_err, EmbedError, Result};
 use crate::tokenize::{self, TextEncoder};
@@ -181,13 +181,7 @@ impl DecoderEmbedder {
         cfg.check(path)?;
         let max_len = opts.max_len.map_or(ctx, |m| m.min(ctx));
         let encoder = TextEncoder::new(tok, max_len)?;
-        let pooling = opts.pooling.unwrap_or(Pooling::Mean);
-        check_pooling(pooling)?;
-        let id = format!(
-            "{id_base}|{}|{}",
-            pooling.name(),
-            opts.compute_dtype().as_str()
-        );
+        let (pooling, id) = pooling_and_id(opts, id_base)?;
         Ok(GgufPrepared {
             ct,
             file,

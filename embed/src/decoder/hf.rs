@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::weights::{check_pooling, Weights};
+use super::weights::{pooling_and_id, Weights};
 use super::{Arch, DecoderConfig, DecoderEmbedder};
 use crate::error::{invalid, EmbedError, Result};
 use crate::tokenize::{self, TextEncoder};
@@ -141,29 +141,12 @@ impl DecoderEmbedder {
         id_base: &str,
     ) -> Result<(DecoderConfig, TextEncoder, Pooling, String)> {
         let cfg = DecoderConfig::from_hf(cfg_json, &dir.join("config.json"))?;
-        let tok = tokenize::from_file(&dir.join("tokenizer.json"))?;
-        let tv = tok.get_vocab_size(true);
-        if tv > cfg.vocab_size {
-            return Err(invalid(
-                dir.join("tokenizer.json"),
-                format!(
-                    "tokenizer has {tv} tokens but config.json says vocab_size {}: \
-                     tokenizer and model do not match",
-                    cfg.vocab_size
-                ),
-            ));
-        }
+        let tok = tokenize::from_folder(dir, cfg.vocab_size)?;
         let max_len = opts.max_len.map_or(cfg.max_position_embeddings, |m| {
             m.min(cfg.max_position_embeddings)
         });
         let encoder = TextEncoder::new(tok, max_len)?;
-        let pooling = opts.pooling.unwrap_or(Pooling::Mean);
-        check_pooling(pooling)?;
-        let id = format!(
-            "{id_base}|{}|{}",
-            pooling.name(),
-            opts.compute_dtype().as_str()
-        );
+        let (pooling, id) = pooling_and_id(opts, id_base)?;
         Ok((cfg, encoder, pooling, id))
     }
 

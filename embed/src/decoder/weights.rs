@@ -131,11 +131,19 @@ impl DecoderEmbedder {
     }
 }
 
-pub(super) fn check_pooling(p: Pooling) -> Result<()> {
-    if p == Pooling::Cls {
+/// The decoder's pooling (mean unless `opts` says otherwise; `cls` does not apply to a
+/// decoder) and its embedder id: `id_base`, the pooling and the compute dtype.
+pub(super) fn pooling_and_id(opts: &LoadOptions, id_base: &str) -> Result<(Pooling, String)> {
+    let pooling = opts.pooling.unwrap_or(Pooling::Mean);
+    if pooling == Pooling::Cls {
         return Err(EmbedError::Unsupported(
             "cls pooling does not apply to decoders (use mean or last)".into(),
         ));
     }
-    Ok(())
+    let id = format!(
+        "{id_base}|{}|{}",
+        pooling.name(),
+        opts.compute_dtype().as_str()
+    );
+    Ok((pooling, id))
 }
