@@ -89,7 +89,13 @@ pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
     for l in 0..cfg.num_layers {
         // The last layer reads only the targets' rows: nothing after it uses the context's.
         let nq = if l + 1 == cfg.num_layers { nt } else { n_all };
-        linear(g * nq, d, d, true); // queries
+        // The first layer's target rows are the embedder's: their queries once per x.
+        let q_rows = if l == 0 && nq == n_all {
+            g * nc + gx * nt
+        } else {
+            g * nq
+        };
+        linear(q_rows, d, d, true); // queries
         linear(g * nc, d, 2 * d, true); // keys and values of the context points
         attention.push(nq);
         linear(g * nq, d, d, true); // out_proj
@@ -110,8 +116,8 @@ pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
 /// embeds its own copy of every point, `[x; y]` together; every layer runs on all
 /// `nc + nt` points, whose keys and values are all computed and all scored (the mask then
 /// zeroes the targets' columns); the predictor reads the target rows. None of gpo's exact
-/// savings (keys of the context only, the last layer on the targets only, shared x once)
-/// are taken.
+/// savings (keys of the context only, the last layer on the targets only, shared x once and
+/// with it the first layer's target queries) are taken.
 pub fn official_step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
     let (d, f) = (cfg.d_model, cfg.dim_feedforward);
     let (g, nt) = (s.groups, s.nt);
@@ -264,9 +270,10 @@ mod tests {
         let (a, _) = step_flops(&cfg, own);
         let (b, _) = step_flops(&cfg, shared);
         let x_only = |rows: f64, k: f64| 2.0 * rows * k * 128.0;
-        // First layer on context and targets, and the target tail (3 layers of 128 × 128).
+        // First layer on context and targets, the target tail (3 layers of 128 × 128) and
+        // the first encoder layer's target queries (128 × 128).
         let saved =
-            3.0 * (x_only(200.0, 384.0) + x_only(150.0, 384.0) + 3.0 * x_only(150.0, 128.0));
+            3.0 * (x_only(200.0, 384.0) + x_only(150.0, 384.0) + 4.0 * x_only(150.0, 128.0));
         assert!((a - b - saved).abs() < 1e-6 * a, "{a} {b} {saved}");
     }
 }

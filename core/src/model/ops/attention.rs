@@ -122,7 +122,8 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
 impl Heads {
     /// Attention of query rows `q_row0..q_row0 + nq` over key/value rows
     /// `kv_row0..kv_row0 + nc` with the additive key mask `mask` (`[nc]`): writes the
-    /// probabilities `probs` (`[heads, nq, nc]`) and the same rows of `out`.
+    /// probabilities `probs` (`[heads, nq, nc]`) and rows `o_row0..o_row0 + nq` of `out`
+    /// (the same rows as the queries', except where several groups share their queries).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -130,7 +131,7 @@ impl Heads {
         kv: &[f32],
         out: &mut [f32],
         probs: &mut [f32],
-        (q_row0, nq): (usize, usize),
+        (q_row0, o_row0, nq): (usize, usize, usize),
         (kv_row0, nc): (usize, usize),
         mask: &[f32],
     ) {
@@ -139,6 +140,7 @@ impl Heads {
         for hi in 0..self.heads {
             let p_off = hi * nq * nc;
             let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
+            let o_off = o_row0 * d + hi * dh;
             // S = Q Kᵀ
             gemm_strided(
                 probs,
@@ -154,7 +156,7 @@ impl Heads {
             // O = P V
             gemm_strided(
                 out,
-                (q_off, d),
+                (o_off, d),
                 probs,
                 (p_off, nc, 1),
                 kv,
@@ -165,9 +167,9 @@ impl Heads {
         }
     }
 
-    /// The backward of [`Heads::forward`] from the output gradient `dout` (rows as `q`):
-    /// writes those rows of `dq`, and writes (or, when `acc_kv`, adds to) the key/value rows
-    /// of `dkv`. `ds` is scratch of `nq · nc` values.
+    /// The backward of [`Heads::forward`] from the output gradient `dout` (rows as `out`):
+    /// writes (or, when `acc_q`, adds to) the query rows of `dq`, and writes (or, when
+    /// `acc_kv`, adds to) the key/value rows of `dkv`. `ds` is scratch of `nq · nc` values.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -175,9 +177,9 @@ impl Heads {
         kv: &[f32],
         probs: &[f32],
         dout: &[f32],
-        (dq, dkv, acc_kv): (&mut [f32], &mut [f32], bool),
+        (dq, dkv, acc_q, acc_kv): (&mut [f32], &mut [f32], bool, bool),
         ds: &mut [f32],
-        (q_row0, nq): (usize, usize),
+        (q_row0, o_row0, nq): (usize, usize, usize),
         (kv_row0, nc): (usize, usize),
     ) {
         let d = self.d;
@@ -185,12 +187,13 @@ impl Heads {
         for hi in 0..self.heads {
             let p = &probs[hi * nq * nc..(hi + 1) * nq * nc];
             let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
+            let o_off = o_row0 * d + hi * dh;
             // dP = dO Vᵀ
             gemm_strided(
                 ds,
                 (0, nc),
                 dout,
-                (q_off, d, 1),
+                (o_off, d, 1),
                 kv,
                 (k_off + d, 1, 2 * d),
                 (nq, nc, dh),
@@ -207,7 +210,7 @@ impl Heads {
                 kv,
                 (k_off, 2 * d, 1),
                 (nq, dh, nc),
-                false,
+                acc_q,
             );
             gemm_strided(
                 dkv,
@@ -225,7 +228,7 @@ impl Heads {
                 p,
                 (0, 1, nc),
                 dout,
-                (q_off, d, 1),
+                (o_off, d, 1),
                 (nc, dh, nq),
                 acc_kv,
             );
@@ -303,7 +306,15 @@ impl CustomOp2 for Attention {
                 heads: h,
                 scale: self.scale,
             };
-            heads.forward(q, kv, &mut out, p, (gi * nq, nq), (gi * nc, nc), mask);
+            heads.forward(
+                q,
+                kv,
+                &mut out,
+                p,
+                (gi * nq, gi * nq, nq),
+                (gi * nc, nc),
+                mask,
+            );
         }
         *self
             .probs
@@ -338,7 +349,7 @@ impl CustomOp2 for Attention {
             scale: self.scale,
         };
         for (gi, p) in probs.chunks_exact(h * nq * nc).enumerate() {
-            let grads = (&mut dq[..], &mut dkv[..], false);
+            let grads = (&mut dq[..], &mut dkv[..], false, false);
             heads.backward(
                 &qv,
                 &kvv,
@@ -346,7 +357,7 @@ impl CustomOp2 for Attention {
                 &dout,
                 grads,
                 &mut ds,
-                (gi * nq, nq),
+                (gi * nq, gi * nq, nq),
                 (gi * nc, nc),
             );
         }

@@ -184,6 +184,8 @@ pub fn loss_and_grad(m: &Gpo, b: &ModelBatch, denom: f64) -> Result<(f32, Vec<f3
                 ffn: f,
                 eps: cfg.layer_norm_eps as f32,
                 last: l + 1 == cfg.num_layers,
+                // The first layer's target rows are the embedder's, one copy per group.
+                shared_targets: l == 0 && gx == 1,
             })
         })
         .collect::<Result<_>>()?;

@@ -63,12 +63,19 @@ fn the_tape_matches_the_composite_path_in_f64() {
 
 #[test]
 fn the_tape_matches_finite_differences() {
-    let b = random_batch(5, 3, 5, false, true);
+    // Groups with their own x, and groups sharing x (the first layer then projects the
+    // target queries once and sums their gradient over the groups).
+    for shared in [false, true] {
+        finite_differences_on(&random_batch(5, 3, 5, shared, true));
+    }
+}
+
+fn finite_differences_on(b: &ModelBatch) {
     let m = Gpo::new(tiny_cfg(5), 8, &Device::Cpu).unwrap();
-    let (_, tape) = loss_and_grad(&m, &b, (b.groups * b.nt) as f64).unwrap();
+    let (_, tape) = loss_and_grad(&m, b, (b.groups * b.nt) as f64).unwrap();
     // Finite differences of the reference loss in f64 (h = 1e-6).
     let r = composite_f64(m.clone());
-    let b64 = as_f64(&b);
+    let b64 = as_f64(b);
     let (dx, d) = (m.cfg.dim_x, m.cfg.d_model);
     let mut off = 0;
     for (name, var) in r.params.entries() {
