@@ -167,11 +167,11 @@ fn sigkill_of_the_leader_coordinator_hands_the_run_to_the_standby() {
     let (leader, fa) = elected_coordinator(dir.path(), "a", &etcd.url(), "2");
     let addr_a = wait_file(&fa, Duration::from_secs(60));
     let (standby, fb) = elected_coordinator(dir.path(), "b", &etcd.url(), "2");
-    let ws: Vec<Proc> = ["w1", "w2"]
+    let mut ws: Vec<Proc> = ["w1", "w2"]
         .iter()
         .map(|n| etcd_worker(&etcd.url(), n))
         .collect();
-    wait_step(&addr_a, 25);
+    wait_step_or_show(&addr_a, 25, &mut ws);
     assert!(
         !fb.exists(),
         "the standby must not serve while the leader lives"
@@ -184,7 +184,7 @@ fn sigkill_of_the_leader_coordinator_hands_the_run_to_the_standby() {
     let takeover = t_kill.elapsed().as_secs_f64();
     let ptr: serde_json::Value = serde_json::from_str(&etcd.get("/gpo/t/state")).unwrap();
     let from = ptr["step"].as_u64().unwrap();
-    wait_step(&addr_b, from + 1);
+    wait_step_or_show(&addr_b, from + 1, &mut ws);
     let recovered = t_kill.elapsed().as_secs_f64();
     all_succeed(standby, ws, "the standby failed");
     let s = assert_undisturbed(&dir.path().join("run"), &reference, "leader SIGKILL");

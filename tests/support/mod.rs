@@ -213,16 +213,37 @@ pub fn step_of(status: &str) -> Option<u64> {
 
 /// Waits until the run has committed at least `step`; returns when it saw it.
 pub fn wait_step(addr: &str, step: u64) -> Instant {
+    poll_step(addr, step).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_step`]; when the run never gets there, `procs` are killed and their own output
+/// goes into the panic, so that a process that hung or gave up can be told apart.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn wait_step_or_show(addr: &str, step: u64, procs: &mut Vec<Proc>) -> Instant {
+    poll_step(addr, step).unwrap_or_else(|e| {
+        let mut out = e;
+        for mut p in procs.drain(..) {
+            let _ = p.child.kill();
+            let name = p.name.clone();
+            let (_, text) = p.wait(Duration::from_secs(10));
+            out.push_str(&format!("\n--- {name}:\n{text}"));
+        }
+        panic!("{out}")
+    })
+}
+
+fn poll_step(addr: &str, step: u64) -> Result<Instant, String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = status(addr);
         if step_of(&s).is_some_and(|x| x >= step) {
-            return Instant::now();
+            return Ok(Instant::now());
         }
-        assert!(
-            Instant::now() < deadline,
-            "the run never reached step {step}; last status:\n{s}"
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the run never reached step {step}; last status:\n{s}"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(30));
     }
 }

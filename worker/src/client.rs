@@ -422,6 +422,14 @@ pub async fn run(
             }
             Ok(Ended::Dropped(why)) => {
                 tracing::warn!("dropped from the run ({why}); registering again");
+                // A stream that just ended may be a leader that died, not a drop: with
+                // etcd, register with whoever leads now, instead of retrying a dead
+                // address until the connect timeout while a standby takes over.
+                if opts.etcd.is_some() {
+                    client = connect_coordinator(&opts)
+                        .await
+                        .with_context(|| format!("after being dropped ({why})"))?;
+                }
                 fresh = false;
                 rejoins += 1;
             }
