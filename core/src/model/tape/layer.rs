@@ -82,7 +82,7 @@ impl Layer<'_> {
     /// [`Layer::shared_targets`] the context rows and group 0's target rows (contiguous).
     fn projected(&self, rows: &Rows) -> usize {
         let (_, nq) = self.queries(rows);
-        if self.shared_targets && !self.last {
+        if self.shares_targets() {
             rows.c + rows.nt
         } else {
             nq
@@ -91,8 +91,18 @@ impl Layer<'_> {
 
     /// Group `gi`'s first target row among the projected query rows.
     fn target_q_row(&self, rows: &Rows, gi: usize) -> usize {
-        let shared = self.shared_targets && !self.last;
-        self.target_q0(rows) + if shared { 0 } else { gi * rows.nt }
+        self.target_q0(rows)
+            + if self.shares_targets() {
+                0
+            } else {
+                gi * rows.nt
+            }
+    }
+
+    /// Whether the target queries are projected once for every group (never on the last
+    /// layer, whose queries are the target block alone).
+    fn shares_targets(&self) -> bool {
+        self.shared_targets && !self.last
     }
 
     /// The layer on `hin` (`[R, d]`), with each group's additive key mask `masks[g]`.
