@@ -119,10 +119,35 @@ pub fn step_gradient(
     device: &Device,
 ) -> Result<(f64, Vec<f64>)> {
     let denom = step.denominator();
-    let shard = |eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
-        let batch = assemble(s, f, eps, device)?;
+    let shards: Vec<&[EpisodeSpec]> = episodes.chunks(shard_groups.max(1)).collect();
+    let parallel = parallel && shards.len() > 1 && device.is_cpu();
+    // Shards that all answer the same questions share the embedder's first-layer x-part:
+    // computed once here, from shard 0's batch (kept for shard 0), instead of once a shard.
+    let mut first = None;
+    let mut xpart = None;
+    if shards.len() > 1 && shares_points(episodes) {
+        let b0 = assemble(s, f, shards[0], device)?;
+        if tape::applies(model, &b0) && b0.xc.dims()[0] == 1 {
+            xpart = Some(tape::XPart::of(model, &b0, parallel)?);
+        }
+        first = Some(b0);
+    }
+    let first = std::sync::Mutex::new(first);
+    let shard = |i: usize, eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
+        let kept = if i == 0 {
+            first
+                .lock()
+                .map_err(|_| candle_core::Error::msg("a shard panicked"))?
+                .take()
+        } else {
+            None
+        };
+        let batch = match kept {
+            Some(b) => b,
+            None => assemble(s, f, eps, device)?,
+        };
         if tape::applies(model, &batch) {
-            let (loss, grad) = tape::loss_and_grad(model, &batch, denom)?;
+            let (loss, grad) = tape::loss_and_grad_with(model, &batch, denom, xpart.as_ref())?;
             return Ok((loss as f64, grad));
         }
         let loss = model.loss_over(&batch, denom)?;
@@ -132,13 +157,20 @@ pub fn step_gradient(
             flat_grads(&model.params, &grads)?,
         ))
     };
-    let shards: Vec<&[EpisodeSpec]> = episodes.chunks(shard_groups.max(1)).collect();
     // Shards run on rayon's pool, where candle's own parallel loops also run: plain
     // threads would queue behind each other on a one-thread pool.
-    let results: Vec<Result<(f64, Vec<f32>)>> = if parallel && shards.len() > 1 && device.is_cpu() {
-        shards.par_iter().map(|e| shard(e)).collect()
+    let results: Vec<Result<(f64, Vec<f32>)>> = if parallel {
+        shards
+            .par_iter()
+            .enumerate()
+            .map(|(i, e)| shard(i, e))
+            .collect()
     } else {
-        shards.iter().map(|e| shard(e)).collect()
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, e)| shard(i, e))
+            .collect()
     };
     let mut loss = 0.0;
     let mut grad = vec![0f64; model.params.count()];
@@ -150,6 +182,14 @@ pub fn step_gradient(
         }
     }
     Ok((loss, grad))
+}
+
+/// Whether every episode of a step answers the same context and target questions (an
+/// OpinionQA-style step): its shards then share the embedder's x-part ([`tape::XPart`]).
+pub fn shares_points(episodes: &[EpisodeSpec]) -> bool {
+    episodes
+        .iter()
+        .all(|e| e.context == episodes[0].context && e.target == episodes[0].target)
 }
 
 /// Threads to shard over by default: the machine's cores.
@@ -351,5 +391,60 @@ mod tests {
             worst <= 1e-4 * scale,
             "sharded gradient differs by {worst} (scale {scale})"
         );
+    }
+
+    /// Shards of a step whose groups share their questions read the embedder's x-part
+    /// computed once ([`tape::XPart`]): the step's loss and gradient are bitwise those of
+    /// each shard computing it on its own, summed the same way.
+    #[test]
+    fn shards_sharing_their_points_share_the_x_part_bitwise() {
+        let (out, f, m) = setup(6);
+        let cfgs = SamplerConfig {
+            min_ctx: 5,
+            max_ctx: 10,
+            min_tgt: 5,
+            max_tgt: 10,
+            batch_groups: None,
+        };
+        let eps = step_episodes(
+            &out.survey,
+            2,
+            3,
+            &[0, 1, 2, 3, 4, 5],
+            Some(&(0..30).collect::<Vec<_>>()),
+            &cfgs,
+        )
+        .unwrap();
+        assert!(eps.iter().all(|e| e.context == eps[0].context));
+        let size = StepSize::of(&f, &eps);
+        for (shard_groups, parallel) in [(2, true), (4, false), (1, true)] {
+            let (loss, grad) = step_gradient(
+                &m,
+                &out.survey,
+                &f,
+                &eps,
+                size,
+                shard_groups,
+                parallel,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (mut want_l, mut want_g) = (0f64, vec![0f64; m.params.count()]);
+            for part in eps.chunks(shard_groups) {
+                let b = assemble(&out.survey, &f, part, &Device::Cpu).unwrap();
+                let (l, g) = tape::loss_and_grad(&m, &b, size.denominator()).unwrap();
+                want_l += l as f64;
+                for (a, v) in want_g.iter_mut().zip(&g) {
+                    *a += *v as f64;
+                }
+            }
+            assert_eq!(loss.to_bits(), want_l.to_bits(), "shards of {shard_groups}");
+            assert!(
+                grad.iter()
+                    .zip(&want_g)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "shards of {shard_groups}: the gradients differ"
+            );
+        }
     }
 }

@@ -9,8 +9,8 @@ use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
 use gpo_core::features::{assemble, PointFeatures};
-use gpo_core::grad::episodes_gradient;
-use gpo_core::model::flops::{official_step_flops, step_flops, step_gemms, BatchShape, Gemm};
+use gpo_core::grad::{episodes_gradient, shares_points};
+use gpo_core::model::flops::{flops_of, official_step_flops, sharded_step_gemms, BatchShape, Gemm};
 use gpo_core::model::{Backward, Gpo, GpoConfig, OpPath};
 use gpo_core::optim::{Adam, AdamConfig};
 use gpo_core::rng::Rng;
@@ -196,17 +196,17 @@ pub fn step(a: StepArgs) -> Result<()> {
         if it >= 2 {
             times.push(s);
             points.push(nc + nt);
-            let (mut fw, mut bw, mut gemms, mut of) = (0.0, 0.0, Vec::new(), 0.0);
+            let mut shapes = Vec::new();
+            let mut of = 0.0;
             for part in eps.chunks(shard.max(1)) {
                 let shape = BatchShape::of(&assemble(&survey, &features, part, &dev)?);
-                let (f, b) = step_flops(&model.cfg, shape);
-                fw += f;
-                bw += b;
-                gemms.extend(step_gemms(&model.cfg, shape).into_iter().map(|(_, g)| g));
                 let (f, b) = official_step_flops(&model.cfg, shape);
                 of += f + b;
+                shapes.push(shape);
             }
-            work.push((fw, bw, gemms));
+            let products = sharded_step_gemms(&model.cfg, &shapes, shares_points(&eps));
+            let (fw, bw) = flops_of(&products);
+            work.push((fw, bw, products.into_iter().map(|(_, g)| g).collect()));
             official.push(of);
         }
         println!(

@@ -3,7 +3,7 @@
 //! between a step and the hardware is a measured ratio and not a guess.
 //!
 //! The peak is measured, not looked up: every distinct matrix product of one step
-//! ([`gpo_core::model::flops::step_gemms`]) runs through candle's CPU matmul (the kernel the
+//! ([`gpo_core::model::flops::sharded_step_gemms`]) runs through candle's CPU matmul (the kernel the
 //! step uses, single-threaded as the trainer runs it), on `threads` threads at once so that
 //! they share caches and memory bandwidth as the step's shards do. Operands are contiguous:
 //! the backward's transposed products are timed as plain ones of the same sizes. Each

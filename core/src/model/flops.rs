@@ -66,10 +66,97 @@ pub enum Pass {
 
 /// The matrix products of one forward and backward pass over a batch of shape `s`.
 pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
+    shard_gemms(cfg, s, true)
+}
+
+/// The products of a whole step cut into shards of shapes `shards`, as
+/// [`crate::grad::step_gradient`] runs them: each shard's [`step_gemms`], except that when
+/// every group of the step answers the same questions (`shared_points`) the embedder's
+/// first-layer x-part is computed once for all shards ([`super::tape::XPart`]).
+pub fn sharded_step_gemms(
+    cfg: &GpoConfig,
+    shards: &[BatchShape],
+    shared_points: bool,
+) -> Vec<(Pass, Gemm)> {
+    let once = shared_points && shards.len() > 1 && shards.iter().all(|s| s.gx == 1);
+    let mut v: Vec<_> = shards
+        .iter()
+        .flat_map(|&s| shard_gemms(cfg, s, !once))
+        .collect();
+    if once {
+        v.extend(x_part_gemms(cfg, shards[0].nc, shards[0].nt));
+    }
+    v
+}
+
+/// The forward products of the embedder's first-layer x-part of `nc` context and `nt`
+/// target points shared by all groups, in the two halves [`super::tape::XPart`] cuts.
+fn x_part_gemms(cfg: &GpoConfig, nc: usize, nt: usize) -> Vec<(Pass, Gemm)> {
+    let (hc, ht) = super::tape::XPart::cut(nc, nt);
+    [hc, ht, nc - hc, nt - ht]
+        .into_iter()
+        .filter(|&m| m > 0)
+        .map(|m| {
+            let g = Gemm {
+                batch: 1,
+                m,
+                k: cfg.dim_x,
+                n: cfg.d_model,
+            };
+            (Pass::Forward, g)
+        })
+        .collect()
+}
+
+/// [`step_gemms`], with the shared x-part's forward products (`gx` = 1) left out unless
+/// `x_part` (when another pass computed it).
+fn shard_gemms(cfg: &GpoConfig, s: BatchShape, x_part: bool) -> Vec<(Pass, Gemm)> {
     let (d, f, dx) = (cfg.d_model, cfg.dim_feedforward, cfg.dim_x);
     let (g, gx, nc, nt) = (s.groups, s.gx, s.nc, s.nt);
     let n_all = nc + nt;
+    // The embedder: x's part of the first layer once per distinct x (its input gradient
+    // is not needed: x is data); y's part is elementwise.
     let mut v = Vec::new();
+    if gx == 1 && x_part {
+        v.extend(x_part_gemms(cfg, nc, nt));
+    } else if gx > 1 {
+        v.push((
+            Pass::Forward,
+            Gemm {
+                batch: 1,
+                m: gx * nc,
+                k: dx,
+                n: d,
+            },
+        ));
+        v.push((
+            Pass::Forward,
+            Gemm {
+                batch: 1,
+                m: gx * nt,
+                k: dx,
+                n: d,
+            },
+        ));
+    }
+    v.push((
+        Pass::Backward,
+        Gemm {
+            batch: 1,
+            m: d,
+            k: gx * nc,
+            n: dx,
+        },
+    ));
+    v.push((
+        Pass::Backward,
+        Gemm {
+            batch: 1,
+            m: d,
+            k: gx * nt,
+            n: dx,
+        },
+    ));
     let mut linear = |rows: usize, i: usize, o: usize, input_grad: bool| {
         let one = |m, k, n| Gemm { batch: 1, m, k, n };
         v.push((Pass::Forward, one(rows, i, o)));
@@ -78,9 +165,6 @@ pub fn step_gemms(cfg: &GpoConfig, s: BatchShape) -> Vec<(Pass, Gemm)> {
             v.push((Pass::Backward, one(rows, o, i)));
         }
     };
-    // The embedder: x's part of the first layer once per distinct x; y's is elementwise.
-    linear(gx * nc, dx, d, false);
-    linear(gx * nt, dx, d, false);
     for _ in 1..cfg.emb_depth {
         linear(g * nc, d, d, true);
         linear(gx * nt, d, d, true);
@@ -275,5 +359,38 @@ mod tests {
         let saved =
             3.0 * (x_only(200.0, 384.0) + x_only(150.0, 384.0) + 4.0 * x_only(150.0, 128.0));
         assert!((a - b - saved).abs() < 1e-6 * a, "{a} {b} {saved}");
+    }
+
+    /// Shards of a step that shares its points count the x-part's forward once, in the
+    /// two halves it is computed in; everything else is each shard's own.
+    #[test]
+    fn shards_sharing_their_points_count_the_x_part_once() {
+        let cfg = GpoConfig::official(4096);
+        let s = BatchShape {
+            groups: 4,
+            gx: 1,
+            nc: 201,
+            nt: 150,
+        };
+        let (fw, bw) = step_flops(&cfg, s);
+        let (sf, sb) = flops_of(&sharded_step_gemms(&cfg, &[s, s, s], true));
+        let x_part = 2.0 * (201.0 + 150.0) * 4096.0 * 128.0;
+        assert!(
+            (3.0 * fw - sf - 2.0 * x_part).abs() < 1e-9 * sf,
+            "{fw} {sf}"
+        );
+        assert_eq!(3.0 * bw, sb);
+        // Cut as the pass cuts it: 176 rows, then 175 (25 context and 150 target).
+        let xs: Vec<Gemm> = sharded_step_gemms(&cfg, &[s, s], true)
+            .into_iter()
+            .filter(|(_, g)| g.k == 4096 && g.n == 128)
+            .map(|(_, g)| g)
+            .collect();
+        let rows: Vec<usize> = xs.iter().map(|g| g.m).collect();
+        assert_eq!(rows, [176, 25, 150]);
+        // Unshared points, or one shard: each shard its own.
+        let (uf, _) = flops_of(&sharded_step_gemms(&cfg, &[s, s, s], false));
+        assert_eq!(uf, 3.0 * fw);
+        assert_eq!(flops_of(&sharded_step_gemms(&cfg, &[s], true)).0, fw);
     }
 }

@@ -22,6 +22,7 @@ mod buf;
 mod layer;
 #[cfg(test)]
 mod tests;
+mod xpart;
 
 use super::batch::ModelBatch;
 use super::gpo::{Backward, Gpo, OpPath};
@@ -33,6 +34,7 @@ use super::Variant;
 use buf::{buf, Buf};
 use candle_core::{DType, Layout, Result, Storage, StorageRef, Tensor};
 use layer::{Layer, LayerParams};
+pub use xpart::XPart;
 
 /// One parameter: its values and its offset in the flat parameter (and gradient) vector.
 #[derive(Clone, Copy)]
@@ -111,6 +113,18 @@ fn guard(t: &Tensor) -> Guard<'_> {
 /// target points divided by `denom`, as [`Gpo::loss_over`] and its autograd backward give.
 /// Call only where [`applies`] holds.
 pub fn loss_and_grad(m: &Gpo, b: &ModelBatch, denom: f64) -> Result<(f32, Vec<f32>)> {
+    loss_and_grad_with(m, b, denom, None)
+}
+
+/// [`loss_and_grad`], reading the embedder's first-layer x-part from `xp` (computed once
+/// for every shard of a step that shares its points, [`XPart`]) instead of computing it.
+/// The result is bitwise the same.
+pub fn loss_and_grad_with(
+    m: &Gpo,
+    b: &ModelBatch,
+    denom: f64,
+    xp: Option<&XPart>,
+) -> Result<(f32, Vec<f32>)> {
     if !applies(m, b) {
         candle_core::bail!("tape: this module or batch needs candle's autograd");
     }
@@ -202,8 +216,29 @@ pub fn loss_and_grad(m: &Gpo, b: &ModelBatch, denom: f64) -> Result<(f32, Vec<f3
 
     // ---- forward
     // The embedder's first layer: the x-part once per distinct x, then each group's y.
-    let mut a1 = buf(gx * nc * d);
-    linear_forward(&mut a1, xc, (w0.v, k0), b0.v, (gx * nc, d, dx), false);
+    // Groups that share x read it from an [`XPart`] (the caller's, or computed here).
+    let own_xp;
+    let xp = match xp {
+        Some(p) => Some(p),
+        None if gx == 1 => {
+            own_xp = XPart::of(m, b, false)?;
+            Some(&own_xp)
+        }
+        None => None,
+    };
+    if let Some(p) = xp {
+        p.check(b, d)?;
+    }
+    let own_a1;
+    let a1: &[f32] = match xp {
+        Some(p) => &p.ctx,
+        None => {
+            let mut a = buf(gx * nc * d);
+            linear_forward(&mut a, xc, (w0.v, k0), b0.v, (gx * nc, d, dx), false);
+            own_a1 = a;
+            &own_a1
+        }
+    };
     let mut e0c = buf(rows.c * d);
     for gi in 0..g {
         let src = if gx == 1 { 0 } else { gi };
@@ -219,7 +254,10 @@ pub fn loss_and_grad(m: &Gpo, b: &ModelBatch, denom: f64) -> Result<(f32, Vec<f3
     let ctx_acts = embedder_tail(&emb, e0c, rows.c, d);
     // Targets carry y = 0: their embedding depends on x alone.
     let mut e0t = buf(gx * nt * d);
-    linear_forward(&mut e0t, xt, (w0.v, k0), b0.v, (gx * nt, d, dx), true);
+    match xp {
+        Some(p) => e0t.copy_from_slice(&p.tgt),
+        None => linear_forward(&mut e0t, xt, (w0.v, k0), b0.v, (gx * nt, d, dx), true),
+    }
     let tgt_acts = embedder_tail(&emb, e0t, gx * nt, d);
     let mut h0 = buf(rows.r * d);
     h0[..rows.c * d].copy_from_slice(ctx_acts.last().expect("embedder output"));

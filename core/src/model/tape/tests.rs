@@ -1,7 +1,7 @@
 //! The tape against the references: the composite path in f64 (itself checked by finite
 //! differences), finite differences directly, and the fused ops under candle's autograd.
 
-use super::{applies, loss_and_grad};
+use super::{applies, loss_and_grad, loss_and_grad_with, XPart};
 use crate::model::tests::{
     as_f64, composite_f64, finite_difference, grads, random_batch, tiny_cfg,
 };
@@ -158,4 +158,39 @@ fn the_tape_leaves_what_it_does_not_compute_to_autograd() {
     let v = Gpo::new(cfg, 1, &Device::Cpu).unwrap();
     assert!(!applies(&v, &b));
     assert!(!applies(&m, &as_f64(&b)));
+}
+
+/// The x-part computed once ([`XPart`]) gives bitwise the tape's own result, on either
+/// thread layout; one of another batch's shape is refused with an error.
+#[test]
+fn a_shared_x_part_gives_the_same_bits() {
+    let m = Gpo::new(official_small(6), 5, &Device::Cpu).unwrap();
+    let b = random_batch(40, 4, 6, true, false);
+    let denom = (b.groups * b.nt) as f64;
+    let (l, g) = loss_and_grad(&m, &b, denom).unwrap();
+    for parallel in [false, true] {
+        let xp = XPart::of(&m, &b, parallel).unwrap();
+        let (l2, g2) = loss_and_grad_with(&m, &b, denom, Some(&xp)).unwrap();
+        assert_eq!(l.to_bits(), l2.to_bits());
+        assert!(g.iter().zip(&g2).all(|(a, c)| a.to_bits() == c.to_bits()));
+    }
+    // Other batches' x-parts: read when of the same shape (another loss), refused otherwise.
+    let (mut read, mut refused) = (false, false);
+    for seed in 41..80 {
+        let other = random_batch(seed, 4, 6, true, false);
+        let xo = XPart::of(&m, &other, false).unwrap();
+        if (other.nc, other.nt) == (b.nc, b.nt) {
+            let (l3, _) = loss_and_grad_with(&m, &b, denom, Some(&xo)).unwrap();
+            assert_ne!(l.to_bits(), l3.to_bits(), "the x-part is read");
+            read = true;
+        } else {
+            let e = loss_and_grad_with(&m, &b, denom, Some(&xo)).unwrap_err();
+            assert!(e.to_string().contains("x-part of"), "{e}");
+            refused = true;
+        }
+    }
+    assert!(read && refused, "seeds 41..80 gave only one kind of batch");
+    // Groups with their own x have no shared x-part.
+    let own = random_batch(42, 4, 6, false, false);
+    assert!(XPart::of(&m, &own, false).is_err());
 }
