@@ -173,13 +173,26 @@ pub fn step_gradient(
             .collect()
     };
     let mut loss = 0.0;
-    let mut grad = vec![0f64; model.params.count()];
+    let mut parts = Vec::with_capacity(results.len());
     for r in results {
         let (l, g) = r?;
         loss += l;
-        for (a, b) in grad.iter_mut().zip(&g) {
-            *a += *b as f64;
+        parts.push(g);
+    }
+    // Each value is the sum of the shards' in shard order, whichever thread adds it up.
+    const PIECE: usize = 1 << 14;
+    let mut grad = vec![0f64; model.params.count()];
+    let add = |(k, out): (usize, &mut [f64])| {
+        for g in &parts {
+            for (a, b) in out.iter_mut().zip(&g[k * PIECE..]) {
+                *a += *b as f64;
+            }
         }
+    };
+    if parallel {
+        grad.par_chunks_mut(PIECE).enumerate().for_each(add);
+    } else {
+        grad.chunks_mut(PIECE).enumerate().for_each(add);
     }
     Ok((loss, grad))
 }
@@ -395,10 +408,21 @@ mod tests {
 
     /// Shards of a step whose groups share their questions read the embedder's x-part
     /// computed once ([`tape::XPart`]): the step's loss and gradient are bitwise those of
-    /// each shard computing it on its own, summed the same way.
+    /// each shard computing it on its own, summed the same way (in order, in f64), whether
+    /// the sum runs in parallel pieces or not.
     #[test]
     fn shards_sharing_their_points_share_the_x_part_bitwise() {
-        let (out, f, m) = setup(6);
+        let (out, f, _) = setup(6);
+        // Wide enough that the shards' gradients are summed in several pieces.
+        let cfg = GpoConfig {
+            dim_x: 8,
+            d_model: 64,
+            dim_feedforward: 64,
+            num_layers: 2,
+            ..Default::default()
+        };
+        let m = Gpo::new(cfg, 1, &Device::Cpu).unwrap();
+        assert!(m.params.count() > 2 << 14, "{}", m.params.count());
         let cfgs = SamplerConfig {
             min_ctx: 5,
             max_ctx: 10,
