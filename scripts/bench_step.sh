@@ -34,12 +34,13 @@ for d in "${dims[@]}"; do
     t=$(median_of "$tmp/tape.txt"); a=$(median_of "$tmp/autograd.txt"); p=$(median_of "$tmp/torch.txt")
     tape+=("$t"); auto+=("$a"); ref+=("$p"); ratio+=("$(python3 -c "print(f'{$t / $p:.3f}')")")
     echo "dim_x $d round $r: gpo $t s  gpo+autograd $a s  pytorch $p s  ratio ${ratio[-1]}  load $(cut -d' ' -f1 /proc/loadavg)"
-    grep -E '^(dim_x|official_flops|achieved|gemm_peak|fraction)' "$tmp/tape.txt" | sed 's/^/    gpo: /'
+    grep -E '^(dim_x|official_flops|achieved|gemm_peak|fma_peak|fraction)' "$tmp/tape.txt" | sed 's/^/    gpo: /'
     # gpo's operations per step done in 0.3 of the twin's median step: the speed, as a
     # fraction of the measured GEMM peak, that a ratio of 0.3 takes.
     ops=$(grep '^flops_per_step=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
     peak=$(grep '^gemm_peak_gflops=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
-    echo "    gpo: fraction of the GEMM peak a ratio of 0.3 takes: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $peak:.2f}')")"
+    fma=$(grep '^fma_peak_gflops=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
+    echo "    gpo: fraction of the GEMM peak a ratio of 0.3 takes: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $peak:.2f}')"), of the FMA ceiling: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $fma:.2f}')")"
     grep -E '^mean points' "$tmp/torch.txt" | sed 's/^/    pytorch: /'
   done
   echo "dim_x $d median of $ROUNDS rounds: gpo median_step_s=$(med "${tape[@]}")  gpo+autograd median_step_s=$(med "${auto[@]}")  pytorch median_step_s=$(med "${ref[@]}")  ratio=$(med "${ratio[@]}")"

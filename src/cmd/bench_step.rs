@@ -286,6 +286,12 @@ pub fn step(a: StepArgs) -> Result<()> {
         "gemm_peak_gflops={peak:.2} ({parallel} threads at once, the median step's {shapes} distinct product shapes, weighted by their operations)"
     );
     println!("fraction_of_peak={:.3}", achieved / peak);
+    let (fma, isa) = roofline::fma_peak(parallel, std::time::Duration::from_millis(30))?;
+    println!(
+        "fma_peak_gflops={fma:.2} ({parallel} threads at once, {isa} multiply-adds from registers: the cores' ceiling; the GEMM peak is {:.2} of it)",
+        peak / fma
+    );
+    println!("fraction_of_fma_peak={:.3}", achieved / fma);
     println!("median_step_s={:.4}", times[times.len() / 2]);
     Ok(())
 }

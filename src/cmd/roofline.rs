@@ -106,6 +106,136 @@ pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, Vec<ShapeSp
     Ok((ops / secs / 1e9, shapes))
 }
 
+/// The cores' arithmetic ceiling: fused multiply-adds from registers, with no memory
+/// operand, on `threads` threads at once, in GFLOP/s (all threads), with the instruction
+/// set used (the widest this CPU runs: AVX-512, else AVX2+FMA, else portable code). No
+/// matrix kernel can pass it; the GEMM peak over it is how close the kernels come, and
+/// the step over it how close the whole step comes. Best of three rounds of `round` each.
+pub fn fma_peak(threads: usize, round: Duration) -> Result<(f64, &'static str)> {
+    let threads = threads.max(1);
+    let kind = fma::kind();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    let t0 = Instant::now();
+                    let mut ops = 0f64;
+                    while t0.elapsed() < round {
+                        ops += fma::burst(kind);
+                    }
+                    (ops, t0.elapsed())
+                })
+            })
+            .collect();
+        let (mut ops, mut secs) = (0f64, 0f64);
+        for h in handles {
+            let (o, d) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("an FMA benchmark thread panicked"))?;
+            ops += o;
+            secs = secs.max(d.as_secs_f64());
+        }
+        best = best.max(ops / secs / 1e9);
+    }
+    Ok((best, fma::name(kind)))
+}
+
+/// The FMA loops of [`fma_peak`], one per instruction set, chosen at run time.
+mod fma {
+    /// Independent accumulators per loop: enough to cover the FMA latency on two pipes.
+    const ACC: usize = 12;
+    /// Loop trips per burst.
+    const TRIPS: u64 = 1 << 16;
+
+    #[derive(Clone, Copy)]
+    pub enum Kind {
+        Avx512,
+        Avx2,
+        Portable,
+    }
+
+    pub fn kind() -> Kind {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kind::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Kind::Avx2;
+            }
+        }
+        Kind::Portable
+    }
+
+    pub fn name(k: Kind) -> &'static str {
+        match k {
+            Kind::Avx512 => "AVX-512",
+            Kind::Avx2 => "AVX2+FMA",
+            Kind::Portable => "portable",
+        }
+    }
+
+    /// One burst of FMAs; returns the operations it did (a multiply-add is two).
+    pub fn burst(k: Kind) -> f64 {
+        let lanes = match k {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `kind` chose these only where the CPU reports the features.
+            Kind::Avx512 => unsafe { std::hint::black_box(avx512()) },
+            #[cfg(target_arch = "x86_64")]
+            Kind::Avx2 => unsafe { std::hint::black_box(avx2()) },
+            _ => std::hint::black_box(portable()),
+        };
+        2.0 * (ACC as u64 * TRIPS) as f64 * lanes
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn avx512() -> f64 {
+        use std::arch::x86_64::*;
+        let (b, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut a = [_mm512_set1_ps(1.0); ACC];
+        for _ in 0..TRIPS {
+            for x in a.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, b, c);
+            }
+        }
+        std::hint::black_box(a);
+        16.0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2() -> f64 {
+        use std::arch::x86_64::*;
+        let (b, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+        let mut a = [_mm256_set1_ps(1.0); ACC];
+        for _ in 0..TRIPS {
+            for x in a.iter_mut() {
+                *x = _mm256_fmadd_ps(*x, b, c);
+            }
+        }
+        std::hint::black_box(a);
+        8.0
+    }
+
+    fn portable() -> f64 {
+        let mut a = [1f32; ACC];
+        for _ in 0..TRIPS {
+            for x in a.iter_mut() {
+                *x = *x * 0.999_999 + 1e-7;
+            }
+        }
+        std::hint::black_box(a);
+        1.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +256,13 @@ mod tests {
         assert_eq!(shapes.len(), 1);
         assert_eq!(shapes[0].share, 1.0);
         assert!(w.is_finite() && w > 0.1, "{w}");
+    }
+
+    /// The FMA ceiling is finite and positive, and names its instruction set.
+    #[test]
+    fn the_fma_ceiling_measures_a_finite_positive_speed() {
+        let (f, kind) = fma_peak(1, Duration::from_millis(20)).unwrap();
+        assert!(f.is_finite() && f > 0.01, "{f} GFLOP/s");
+        assert!(["AVX-512", "AVX2+FMA", "portable"].contains(&kind));
     }
 }
