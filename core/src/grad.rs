@@ -5,7 +5,10 @@
 //! two threads were slower than one), shards run in parallel on rayon's pool, and their f32
 //! gradients are summed in f64. A sum of a few f32 values in f64 is exact unless their
 //! exponents span more than 29 bits, so the result does not depend on how shards are spread
-//! over threads or replicas: runs with any world size take the same steps.
+//! over threads or replicas: runs with any world size take the same steps. When every
+//! episode answers the same questions, the shards read one shared embedder x-part
+//! ([`tape::XPart`]) instead of each computing it, and the sum runs in pieces on every core:
+//! both bitwise as before.
 //!
 //! The loss is the official one: the mean over the step's groups × padded target slots
 //! (G × Nt_max, Nt_max the most target points of any episode of the *whole step*). Each
