@@ -374,25 +374,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sharded_gradient_equals_unsharded() {
-        let (out, f, m) = setup(5);
-        let cfgs = SamplerConfig {
+    /// One step of `groups` episodes sharing their questions (OpinionQA-style), drawn from
+    /// the 30-question synthetic survey of [`setup`].
+    fn shared_step(s: &Survey, groups: usize, seed: u64, step: u64) -> Vec<EpisodeSpec> {
+        let cfg = SamplerConfig {
             min_ctx: 5,
             max_ctx: 10,
             min_tgt: 5,
             max_tgt: 10,
             batch_groups: None,
         };
-        let eps = step_episodes(
-            &out.survey,
-            1,
-            1,
-            &[0, 1, 2, 3, 4],
+        let ids: Vec<usize> = (0..groups).collect();
+        step_episodes(
+            s,
+            seed,
+            step,
+            &ids,
             Some(&(0..30).collect::<Vec<_>>()),
-            &cfgs,
+            &cfg,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn sharded_gradient_equals_unsharded() {
+        let (out, f, m) = setup(5);
+        let eps = shared_step(&out.survey, 5, 1, 1);
         let (l1, g1) =
             episodes_gradient(&m, &out.survey, &f, &eps, 5, 5, false, &Device::Cpu).unwrap();
         let (l3, g3) =
@@ -426,23 +433,8 @@ mod tests {
         };
         let m = Gpo::new(cfg, 1, &Device::Cpu).unwrap();
         assert!(m.params.count() > 2 << 14, "{}", m.params.count());
-        let cfgs = SamplerConfig {
-            min_ctx: 5,
-            max_ctx: 10,
-            min_tgt: 5,
-            max_tgt: 10,
-            batch_groups: None,
-        };
-        let eps = step_episodes(
-            &out.survey,
-            2,
-            3,
-            &[0, 1, 2, 3, 4, 5],
-            Some(&(0..30).collect::<Vec<_>>()),
-            &cfgs,
-        )
-        .unwrap();
-        assert!(eps.iter().all(|e| e.context == eps[0].context));
+        let eps = shared_step(&out.survey, 6, 2, 3);
+        assert!(shares_points(&eps));
         let size = StepSize::of(&f, &eps);
         for (shard_groups, parallel) in [(2, true), (4, false), (1, true)] {
             let (loss, grad) = step_gradient(
