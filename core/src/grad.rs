@@ -237,6 +237,15 @@ mod tests {
     use crate::synth::{generate, SynthConfig};
 
     fn setup(n_groups: usize) -> (crate::synth::SynthOutput, PointFeatures, Gpo) {
+        setup_width(n_groups, 16, 0)
+    }
+
+    /// [`setup`] with a module of width (and feed-forward width) `d_model`, seeded `seed`.
+    fn setup_width(
+        n_groups: usize,
+        d_model: usize,
+        seed: u64,
+    ) -> (crate::synth::SynthOutput, PointFeatures, Gpo) {
         let out = generate(&SynthConfig {
             n_questions: 30,
             n_groups,
@@ -253,12 +262,12 @@ mod tests {
         .unwrap();
         let cfg = GpoConfig {
             dim_x: 8,
-            d_model: 16,
-            dim_feedforward: 16,
+            d_model,
+            dim_feedforward: d_model,
             num_layers: 2,
             ..Default::default()
         };
-        (out, f, Gpo::new(cfg, 0, &Device::Cpu).unwrap())
+        (out, f, Gpo::new(cfg, seed, &Device::Cpu).unwrap())
     }
 
     /// Six episodes with their own questions and different target widths (GlobalOpinionQA-
@@ -422,16 +431,8 @@ mod tests {
     /// the sum runs in parallel pieces or not.
     #[test]
     fn shards_sharing_their_points_share_the_x_part_bitwise() {
-        let (out, f, _) = setup(6);
         // Wide enough that the shards' gradients are summed in several pieces.
-        let cfg = GpoConfig {
-            dim_x: 8,
-            d_model: 64,
-            dim_feedforward: 64,
-            num_layers: 2,
-            ..Default::default()
-        };
-        let m = Gpo::new(cfg, 1, &Device::Cpu).unwrap();
+        let (out, f, m) = setup_width(6, 64, 1);
         assert!(m.params.count() > 2 << 14, "{}", m.params.count());
         let eps = shared_step(&out.survey, 6, 2, 3);
         assert!(shares_points(&eps));
