@@ -40,7 +40,8 @@ for d in "${dims[@]}"; do
     ops=$(grep '^flops_per_step=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
     peak=$(grep '^gemm_peak_gflops=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
     fma=$(grep '^fma_peak_gflops=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
-    echo "    gpo: fraction of the GEMM peak a ratio of 0.3 takes: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $peak:.2f}')"), of the FMA ceiling: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $fma:.2f}')")"
+    mem=$(grep '^gemm_peak_from_memory_gflops=' "$tmp/tape.txt" | cut -d= -f2 | cut -d' ' -f1)
+    echo "    gpo: fraction of the GEMM peak a ratio of 0.3 takes: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $peak:.2f}')"), of the peak from memory: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $mem:.2f}')"), of the FMA ceiling: $(python3 -c "print(f'{$ops / (0.3 * $p) / 1e9 / $fma:.2f}')")"
     grep -E '^mean points' "$tmp/torch.txt" | sed 's/^/    pytorch: /'
   done
   echo "dim_x $d median of $ROUNDS rounds: gpo median_step_s=$(med "${tape[@]}")  gpo+autograd median_step_s=$(med "${auto[@]}")  pytorch median_step_s=$(med "${ref[@]}")  ratio=$(med "${ratio[@]}")"

@@ -136,6 +136,17 @@ fn bench_step_prints_its_roofline() {
         "{stdout}"
     );
     assert!(frac > 0.0 && frac <= 1.5, "{stdout}");
+    // The same shapes with their operands from memory: a second, positive peak, and the
+    // step's fraction of it printed consistently.
+    let (cold, cold_frac) = (
+        value("gemm_peak_from_memory_gflops"),
+        value("fraction_of_peak_from_memory"),
+    );
+    assert!(cold > 0.0 && cold.is_finite(), "{stdout}");
+    assert!(
+        (cold_frac - achieved / cold).abs() < 0.01 * cold_frac.max(1e-3) + 1e-3,
+        "{stdout}"
+    );
     // The official module's count on the same batches: more operations than gpo's (its
     // N × N scores, every layer on every point, each group's own x).
     let official = value("official_flops_per_step");

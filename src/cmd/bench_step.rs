@@ -4,7 +4,7 @@
 //! context and target counts drawn as the sampler draws them. Split from [`super::bench`]
 //! to keep each benchmark to one file.
 
-use super::roofline;
+use super::roofline::{self, Operands};
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use gpo_core::data::{AnswerOption, Group, MetricKind, Question, Survey};
@@ -254,25 +254,28 @@ pub fn step(a: StepArgs) -> Result<()> {
     // a moment when a core is taken (one run read half the ceiling).
     let round = std::time::Duration::from_millis(30);
     let (fma_before, isa) = roofline::fma_peak(parallel, round)?;
-    let (peak, per_shape) = roofline::weighted_peak(&work[median_step].2, parallel)?;
+    let products = &work[median_step].2;
+    let (peak, per_shape) = roofline::weighted_peak(products, parallel, Operands::Cached)?;
+    let (cold, per_shape_cold) = roofline::weighted_peak(products, parallel, Operands::FromMemory)?;
     let fma = fma_before.max(roofline::fma_peak(parallel, round)?.0);
     let shapes = per_shape.len();
     if a.per_shape {
         println!(
-            "the median step's products (batch x m x k x n): share of its operations, GFLOP/s"
+            "the median step's products (batch x m x k x n): share of its operations, GFLOP/s with operands cached and from memory"
         );
-        let mut by_share = per_shape.clone();
-        by_share.sort_by(|x, y| y.share.total_cmp(&x.share));
-        for s in by_share {
+        let mut by_share: Vec<_> = per_shape.iter().zip(&per_shape_cold).collect();
+        by_share.sort_by(|x, y| y.0.share.total_cmp(&x.0.share));
+        for (s, c) in by_share {
             let g = s.gemm;
             println!(
-                "  {:>4} x {:>5} x {:>5} x {:>5}: {:5.1} %  {:7.2}",
+                "  {:>4} x {:>5} x {:>5} x {:>5}: {:5.1} %  {:7.2}  {:7.2}",
                 g.batch,
                 g.m,
                 g.k,
                 g.n,
                 100.0 * s.share,
-                s.gflops
+                s.gflops,
+                c.gflops
             );
         }
     }
@@ -292,6 +295,10 @@ pub fn step(a: StepArgs) -> Result<()> {
         "gemm_peak_gflops={peak:.2} ({parallel} threads at once, the median step's {shapes} distinct product shapes, weighted by their operations)"
     );
     println!("fraction_of_peak={:.3}", achieved / peak);
+    println!(
+        "gemm_peak_from_memory_gflops={cold:.2} (the same shapes and threads, every call on operands no call has touched since they left the caches: the step's products read activations written tens of megabytes earlier, so they run between this and the peak)"
+    );
+    println!("fraction_of_peak_from_memory={:.3}", achieved / cold);
     println!(
         "fma_peak_gflops={fma:.2} ({parallel} threads at once, {isa} multiply-adds from registers: the cores' ceiling; the GEMM peak is {:.2} of it)",
         peak / fma

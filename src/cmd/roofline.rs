@@ -9,6 +9,12 @@
 //! the backward's transposed products are timed as plain ones of the same sizes. Each
 //! shape's speed is the best of [`ROUNDS`] rounds: a peak is what the machine reaches, and
 //! on a shared machine single rounds swung by a fifth.
+//!
+//! Each shape is timed twice: with its operands in the caches (the same two matrices
+//! every call: [`Operands::Cached`]) and with them in memory (every call on its own copy,
+//! the copies together larger than any last-level cache: [`Operands::FromMemory`]). A
+//! step's products read activations the forward pass wrote tens of megabytes earlier, so
+//! they run between the two; the two peaks bound where a step can get with these kernels.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -20,15 +26,29 @@ use std::time::{Duration, Instant};
 /// Timed rounds per product shape; the fastest counts.
 pub const ROUNDS: usize = 5;
 
+/// Bytes of operand copies each thread cycles through for [`Operands::FromMemory`]: twice
+/// the largest last-level cache of the machines this project measured (32 MiB), so no
+/// copy is still cached when its turn comes again.
+const FROM_MEMORY_BYTES: usize = 64 << 20;
+
+/// Where a timed product's operands are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operands {
+    /// The same operands every call: after the first, they come from the caches.
+    Cached,
+    /// Every call on operands no call has touched since they left the caches.
+    FromMemory,
+}
+
 /// Operations per second of `threads` concurrent copies of `g`, in GFLOP/s (all threads):
 /// the best of up to [`ROUNDS`] rounds of at least 25 ms each (fewer once a quarter second
 /// has gone).
-pub fn gemm_gflops(g: Gemm, threads: usize) -> Result<f64> {
+pub fn gemm_gflops(g: Gemm, threads: usize, operands: Operands) -> Result<f64> {
     // Large products (64-group steps) take seconds a round: stop after a quarter second.
     let t0 = Instant::now();
     let mut best = 0f64;
     for _ in 0..ROUNDS {
-        best = best.max(gemm_round(g, threads)?);
+        best = best.max(gemm_round(g, threads, operands)?);
         if t0.elapsed() > Duration::from_millis(250) {
             break;
         }
@@ -36,8 +56,20 @@ pub fn gemm_gflops(g: Gemm, threads: usize) -> Result<f64> {
     Ok(best)
 }
 
+/// How many copies of a product's operands a thread cycles through: one when they are to
+/// stay cached, else enough to fill [`FROM_MEMORY_BYTES`] (at least two).
+fn copies(g: Gemm, operands: Operands) -> usize {
+    match operands {
+        Operands::Cached => 1,
+        Operands::FromMemory => {
+            let bytes = 4 * g.batch * (g.m * g.k + g.k * g.n);
+            FROM_MEMORY_BYTES.div_ceil(bytes.max(1)).max(2)
+        }
+    }
+}
+
 /// One timed round of [`gemm_gflops`].
-fn gemm_round(g: Gemm, threads: usize) -> Result<f64> {
+fn gemm_round(g: Gemm, threads: usize, operands: Operands) -> Result<f64> {
     let threads = threads.max(1);
     let start = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
@@ -47,12 +79,18 @@ fn gemm_round(g: Gemm, threads: usize) -> Result<f64> {
                 let dev = Device::Cpu;
                 let a = Tensor::randn(0f32, 1.0, (g.batch, g.m, g.k), &dev)?;
                 let b = Tensor::randn(t as f32 * 1e-3, 1.0, (g.batch, g.k, g.n), &dev)?;
-                a.matmul(&b)?; // warm-up: page in the operands and the output
+                let copies = copies(g, operands);
+                let mut pairs = vec![(a, b)];
+                for _ in 1..copies {
+                    pairs.push((pairs[0].0.copy()?, pairs[0].1.copy()?));
+                }
+                pairs[0].0.matmul(&pairs[0].1)?; // warm-up: page in the output
                 start.wait();
                 let t0 = Instant::now();
                 let mut reps = 0u32;
                 while reps < 3 || t0.elapsed() < Duration::from_millis(25) {
-                    std::hint::black_box(a.matmul(&b)?);
+                    let (a, b) = &pairs[reps as usize % copies];
+                    std::hint::black_box(a.matmul(b)?);
                     reps += 1;
                 }
                 Ok((reps, t0.elapsed()))
@@ -85,7 +123,11 @@ pub struct ShapeSpeed {
 /// The peak of a set of products weighted by their operations: the speed at which the
 /// whole set would run if every product ran at its own measured speed (total operations
 /// over the sum of each product's time at that speed), with each shape's speed.
-pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, Vec<ShapeSpeed>)> {
+pub fn weighted_peak(
+    gemms: &[Gemm],
+    threads: usize,
+    operands: Operands,
+) -> Result<(f64, Vec<ShapeSpeed>)> {
     let mut by_shape: BTreeMap<Gemm, f64> = BTreeMap::new();
     for g in gemms {
         *by_shape.entry(*g).or_default() += g.flops();
@@ -94,7 +136,7 @@ pub fn weighted_peak(gemms: &[Gemm], threads: usize) -> Result<(f64, Vec<ShapeSp
     let (mut ops, mut secs) = (0.0, 0.0);
     let mut shapes = Vec::new();
     for (g, f) in &by_shape {
-        let gflops = gemm_gflops(*g, threads)?;
+        let gflops = gemm_gflops(*g, threads, operands)?;
         ops += f;
         secs += f / (gflops * 1e9);
         shapes.push(ShapeSpeed {
@@ -250,12 +292,35 @@ mod tests {
             k: 256,
             n: 256,
         };
-        let s = gemm_gflops(g, 1).unwrap();
-        assert!(s.is_finite() && s > 0.1, "{s} GFLOP/s");
-        let (w, shapes) = weighted_peak(&[g, g], 1).unwrap();
+        for operands in [Operands::Cached, Operands::FromMemory] {
+            let s = gemm_gflops(g, 1, operands).unwrap();
+            assert!(s.is_finite() && s > 0.1, "{operands:?}: {s} GFLOP/s");
+        }
+        let (w, shapes) = weighted_peak(&[g, g], 1, Operands::Cached).unwrap();
         assert_eq!(shapes.len(), 1);
         assert_eq!(shapes[0].share, 1.0);
         assert!(w.is_finite() && w > 0.1, "{w}");
+    }
+
+    /// Operands from memory cycle through copies that together pass any last-level cache,
+    /// however small or large the product; cached ones are a single pair.
+    #[test]
+    fn operands_from_memory_outgrow_the_caches() {
+        for (m, k, n) in [
+            (2, 2, 2),
+            (448, 32, 158),
+            (1792, 128, 128),
+            (20000, 4096, 128),
+        ] {
+            let g = Gemm { batch: 1, m, k, n };
+            assert_eq!(copies(g, Operands::Cached), 1);
+            let c = copies(g, Operands::FromMemory);
+            assert!(c >= 2, "{g:?}: {c} copies");
+            assert!(
+                c * 4 * (m * k + k * n) >= FROM_MEMORY_BYTES,
+                "{g:?}: {c} copies"
+            );
+        }
     }
 
     /// The FMA ceiling is finite and positive, and names its instruction set.
