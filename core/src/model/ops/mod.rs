@@ -4,9 +4,9 @@
 //! silently go missing), and the composite versions cost many allocations per step. These
 //! custom ops do one pass forward and one pass backward and register with candle's autograd
 //! through `CustomOp*::bwd`. Each has a composite twin in [`super::composite`]; tests check
-//! that both paths agree on values and gradients. Linear and LayerNorm live here; attention
-//! ([`attention`]), the loss head ([`nll`]) and the strided GEMM they share ([`gemm`]) have
-//! files of their own.
+//! that both paths agree on values and gradients. Linear lives here; LayerNorm ([`norm`]),
+//! attention ([`attention`]), the loss head ([`nll`]) and the strided GEMM they share
+//! ([`gemm`]) have files of their own.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -208,55 +208,6 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// Layer normalization over the last dimension: `(x − μ)/√(σ² + ε) · γ + β`.
-pub struct LayerNorm {
-    /// ε added to the variance (PyTorch's default is 1e-5).
-    pub eps: f32,
-}
-
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "gpo-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let mut out = vec![0f32; x.len()];
-        layer_norm_forward(&mut out, x, g, b, self.eps);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xv, gv, dy) = (values(x)?, values(gamma)?, values(grad)?);
-        let d = gv.len();
-        let mut dx = vec![0f32; xv.len()];
-        let mut dg = vec![0f32; d];
-        let mut db = vec![0f32; d];
-        layer_norm_backward(&mut dx, (&mut dg, &mut db), &xv, &gv, &dy, self.eps);
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dg, gamma.shape(), dev)?),
-            Some(Tensor::from_vec(db, gamma.shape(), dev)?),
-        ))
-    }
-}
-
 /// Runs `$generic` compiled with AVX-512 where the CPU has it (chosen at run time, once per
 /// call), else as the build's baseline (x86-64-v3) compiled it: the row kernels' loops then
 /// go 16 lanes wide on CPUs that have the units, as gemm's own kernels do.
@@ -282,132 +233,6 @@ macro_rules! wide_dispatch {
             $generic($($arg),*)
         }
     };
-}
-
-/// Whether rows of `d` values take the AVX-512 intrinsics of [`norm512`].
-fn norm512_applies(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        d > 0 && d.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
-}
-
-/// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`: AVX-512
-/// intrinsics ([`norm512`]) where they apply, else portable loops.
-pub(crate) fn layer_norm_forward(out: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if norm512_applies(g.len()) {
-        // SAFETY: the CPU has AVX-512F; the kernel checks the row width.
-        return unsafe { norm512::layer_norm_forward_rows(out, x, g, b, eps) };
-    }
-    layer_norm_forward_portable(out, x, g, b, eps)
-}
-
-/// Layer normalization's backward from its input `x` and output gradient `dy`: writes
-/// `dx`, and adds to `(dγ, dβ)`; AVX-512 intrinsics ([`norm512`]) where they apply, else
-/// portable loops.
-pub(crate) fn layer_norm_backward(
-    dx: &mut [f32],
-    dgb: (&mut [f32], &mut [f32]),
-    x: &[f32],
-    gv: &[f32],
-    dy: &[f32],
-    eps: f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if norm512_applies(gv.len()) {
-        // SAFETY: the CPU has AVX-512F; the kernel checks the row width.
-        return unsafe { norm512::layer_norm_backward_rows(dx, dgb, x, gv, dy, eps) };
-    }
-    layer_norm_backward_portable(dx, dgb, x, gv, dy, eps)
-}
-
-wide_dispatch! {
-    /// [`layer_norm_forward`] in portable loops.
-    fn layer_norm_forward_portable => layer_norm_forward_rows(
-        out: &mut [f32],
-        x: &[f32],
-        g: &[f32],
-        b: &[f32],
-        eps: f32,
-    )
-}
-
-wide_dispatch! {
-    /// [`layer_norm_backward`] in portable loops.
-    fn layer_norm_backward_portable => layer_norm_backward_rows(
-        dx: &mut [f32],
-        dgb: (&mut [f32], &mut [f32]),
-        x: &[f32],
-        gv: &[f32],
-        dy: &[f32],
-        eps: f32,
-    )
-}
-
-#[inline(always)]
-fn layer_norm_forward_rows(out: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
-    let d = g.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let (mu, rstd) = moments(xr, eps);
-        for i in 0..d {
-            or[i] = (xr[i] - mu) * rstd * g[i] + b[i];
-        }
-    }
-}
-
-#[inline(always)]
-fn layer_norm_backward_rows(
-    dx: &mut [f32],
-    (dg, db): (&mut [f32], &mut [f32]),
-    x: &[f32],
-    gv: &[f32],
-    dy: &[f32],
-    eps: f32,
-) {
-    let d = gv.len();
-    let inv_d = 1.0 / d as f32;
-    let main = d - d % 8;
-    for ((xr, dyr), dxr) in x
-        .chunks_exact(d)
-        .zip(dy.chunks_exact(d))
-        .zip(dx.chunks_exact_mut(d))
-    {
-        let (mu, rstd) = moments(xr, eps);
-        // xhat = (x − μ)·rstd; dxhat = dy·γ;
-        // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)).
-        // The two sums run over eight lanes (vectorized); γ's and β's gradients likewise.
-        let (mut a1, mut a2) = ([0f32; 8], [0f32; 8]);
-        for i in (0..main).step_by(8) {
-            for j in 0..8 {
-                let xh = (xr[i + j] - mu) * rstd;
-                let dxh = dyr[i + j] * gv[i + j];
-                a1[j] += dxh;
-                a2[j] += dxh * xh;
-                dg[i + j] += dyr[i + j] * xh;
-                db[i + j] += dyr[i + j];
-            }
-        }
-        for i in main..d {
-            let xh = (xr[i] - mu) * rstd;
-            let dxh = dyr[i] * gv[i];
-            a1[i - main] += dxh;
-            a2[i - main] += dxh * xh;
-            dg[i] += dyr[i] * xh;
-            db[i] += dyr[i];
-        }
-        let (s1, s2): (f32, f32) = (a1.iter().sum(), a2.iter().sum());
-        let (m1, m2) = (s1 * inv_d, s2 * inv_d);
-        for i in 0..d {
-            let xh = (xr[i] - mu) * rstd;
-            dxr[i] = rstd * (dyr[i] * gv[i] - m1 - xh * m2);
-        }
-    }
 }
 
 /// e^x for x ≤ 0 (softmax inputs after max subtraction), accurate to a few ulp, in a
@@ -454,27 +279,10 @@ fn lanes_sum(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Mean and 1/√(var + ε) of one row (biased variance, as PyTorch), each sum over eight
-/// independent lanes so that it vectorizes.
-#[inline(always)]
-fn moments(x: &[f32], eps: f32) -> (f32, f32) {
-    let d = x.len() as f32;
-    let mu = lanes_sum(x) / d;
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().map(|v| (v - mu) * (v - mu)).sum();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += (c[i] - mu) * (c[i] - mu);
-        }
-    }
-    let var = (acc.iter().sum::<f32>() + rest) / d;
-    (mu, 1.0 / (var + eps).sqrt())
-}
-
 mod attention;
 mod gemm;
 mod nll;
+mod norm;
 mod norm512;
 mod softmax512;
 
@@ -484,6 +292,8 @@ pub use attention::Attention;
 pub(crate) use attention::Heads;
 pub use nll::SegmentNll;
 pub(crate) use nll::{nll_grad, nll_sum, segment_probs};
+pub use norm::LayerNorm;
+pub(crate) use norm::{layer_norm_affine, layer_norm_backward, layer_norm_forward, NormSource};
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
+use super::NormSource;
 use std::arch::x86_64::*;
 
 const W: usize = 16;
@@ -48,7 +49,9 @@ unsafe fn moments(x: *const f32, d: usize, eps: f32) -> (f32, f32) {
     (mu, 1.0 / (var + eps).sqrt())
 }
 
-/// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`.
+/// Layer normalization of each row of `x` (rows of `γ`'s length) into `out`; with `keep`,
+/// also each row's normalized values `x̂` and `1/σ`, for a backward that reads them
+/// instead of `x` ([`NormSource::Kept`]).
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -59,32 +62,79 @@ pub(super) unsafe fn layer_norm_forward_rows(
     g: &[f32],
     b: &[f32],
     eps: f32,
+    mut keep: Option<(&mut [f32], &mut [f32])>,
 ) {
     let d = g.len();
     assert!(
         d.is_multiple_of(W) && d > 0 && b.len() == d,
         "layer norm: rows of 16k values"
     );
-    assert!(out.len() >= x.len() / d * d, "layer norm: output too short");
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        // SAFETY: every row, γ and β hold d values; chunks end at d.
+    let rows = x.len() / d;
+    assert!(out.len() >= rows * d, "layer norm: output too short");
+    if let Some((xh, rs)) = &keep {
+        assert!(
+            xh.len() >= rows * d && rs.len() >= rows,
+            "layer norm: kept x̂ or 1/σ too short"
+        );
+    }
+    for (r, (xr, or)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+        // SAFETY: every row, γ, β and the kept rows hold d values; chunks end at d.
         unsafe {
             let (mu, rstd) = moments(xr.as_ptr(), d, eps);
             let (vmu, vr) = (_mm512_set1_ps(mu), _mm512_set1_ps(rstd));
             for i in (0..d).step_by(W) {
                 let xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr.as_ptr().add(i)), vmu), vr);
-                let y = _mm512_add_ps(
-                    _mm512_mul_ps(xh, _mm512_loadu_ps(g.as_ptr().add(i))),
-                    _mm512_loadu_ps(b.as_ptr().add(i)),
-                );
-                _mm512_storeu_ps(or.as_mut_ptr().add(i), y);
+                if let Some((kx, _)) = &mut keep {
+                    _mm512_storeu_ps(kx.as_mut_ptr().add(r * d + i), xh);
+                }
+                _mm512_storeu_ps(or.as_mut_ptr().add(i), affine(xh, g, b, i));
+            }
+            if let Some((_, ks)) = &mut keep {
+                ks[r] = rstd;
             }
         }
     }
 }
 
-/// Layer normalization's backward from its input `x` and output gradient `dy`: writes
-/// `dx`, and adds to `(dγ, dβ)`.
+/// `x̂·γ + β` on the 16 values at `i`: the forward's output, and the same bits again
+/// from a kept `x̂` ([`layer_norm_affine_rows`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn affine(xh: __m512, g: &[f32], b: &[f32], i: usize) -> __m512 {
+    // SAFETY: the callers keep i + 16 ≤ d = γ's and β's length.
+    unsafe {
+        _mm512_add_ps(
+            _mm512_mul_ps(xh, _mm512_loadu_ps(g.as_ptr().add(i))),
+            _mm512_loadu_ps(b.as_ptr().add(i)),
+        )
+    }
+}
+
+/// `out = x̂·γ + β` for every row of a kept `x̂`: bit for bit the output
+/// [`layer_norm_forward_rows`] wrote when it kept `x̂`.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn layer_norm_affine_rows(out: &mut [f32], xhat: &[f32], g: &[f32], b: &[f32]) {
+    let d = g.len();
+    assert!(
+        d.is_multiple_of(W) && d > 0 && b.len() == d && out.len() >= xhat.len() / d * d,
+        "layer norm: rows of 16k values"
+    );
+    for (xr, or) in xhat.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        for i in (0..d).step_by(W) {
+            // SAFETY: both rows hold d values; chunks end at d.
+            unsafe {
+                let xh = _mm512_loadu_ps(xr.as_ptr().add(i));
+                _mm512_storeu_ps(or.as_mut_ptr().add(i), affine(xh, g, b, i));
+            }
+        }
+    }
+}
+
+/// Layer normalization's backward from its input (or what its forward kept) and output
+/// gradient `dy`: writes `dx`, and adds to `(dγ, dβ)`. Both sources give the same bits.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -92,7 +142,7 @@ pub(super) unsafe fn layer_norm_forward_rows(
 pub(super) unsafe fn layer_norm_backward_rows(
     dx: &mut [f32],
     (dg, db): (&mut [f32], &mut [f32]),
-    x: &[f32],
+    src: NormSource,
     gv: &[f32],
     dy: &[f32],
     eps: f32,
@@ -106,42 +156,87 @@ pub(super) unsafe fn layer_norm_backward_rows(
         dg.len() == d && db.len() == d,
         "layer norm: γ/β gradients of d values"
     );
+    let rows = dy.len() / d;
+    assert!(dx.len() >= rows * d, "layer norm: dx too short");
+    match src {
+        NormSource::Input(x) => assert!(x.len() >= rows * d, "layer norm: input too short"),
+        NormSource::Kept { xhat, rstd } => assert!(
+            xhat.len() >= rows * d && rstd.len() >= rows,
+            "layer norm: kept x̂ or 1/σ too short"
+        ),
+    }
     let inv_d = 1.0 / d as f32;
-    for ((xr, dyr), dxr) in x
-        .chunks_exact(d)
-        .zip(dy.chunks_exact(d))
-        .zip(dx.chunks_exact_mut(d))
-    {
+    for (r, (dyr, dxr)) in dy.chunks_exact(d).zip(dx.chunks_exact_mut(d)).enumerate() {
         // SAFETY: every row, γ and the gradients hold d values; chunks end at d.
         unsafe {
-            let (xp, yp, gp) = (xr.as_ptr(), dyr.as_ptr(), gv.as_ptr());
-            let (mu, rstd) = moments(xp, d, eps);
-            let (vmu, vr) = (_mm512_set1_ps(mu), _mm512_set1_ps(rstd));
-            let xhat = |i: usize| _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xp.add(i)), vmu), vr);
-            // xhat = (x − μ)·rstd; dxhat = dy·γ;
-            // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)).
-            let (mut a1, mut a2) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for i in (0..d).step_by(W) {
-                let xh = xhat(i);
-                let y = _mm512_loadu_ps(yp.add(i));
-                let dxh = _mm512_mul_ps(y, _mm512_loadu_ps(gp.add(i)));
-                a1 = _mm512_add_ps(a1, dxh);
-                a2 = _mm512_add_ps(a2, _mm512_mul_ps(dxh, xh));
-                let (pg, pb) = (dg.as_mut_ptr().add(i), db.as_mut_ptr().add(i));
-                _mm512_storeu_ps(pg, _mm512_add_ps(_mm512_loadu_ps(pg), _mm512_mul_ps(y, xh)));
-                _mm512_storeu_ps(pb, _mm512_add_ps(_mm512_loadu_ps(pb), y));
+            let row = (dyr.as_ptr(), gv.as_ptr(), dxr.as_mut_ptr());
+            let grads = (dg.as_mut_ptr(), db.as_mut_ptr());
+            match src {
+                NormSource::Input(x) => {
+                    let xp = x.as_ptr().add(r * d);
+                    let (mu, rstd) = moments(xp, d, eps);
+                    let (vmu, vr) = (_mm512_set1_ps(mu), _mm512_set1_ps(rstd));
+                    let xhat = |i: usize| {
+                        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xp.add(i)), vmu), vr)
+                    };
+                    backward_row(d, inv_d, rstd, xhat, row, grads);
+                }
+                NormSource::Kept { xhat, rstd } => {
+                    let xp = xhat.as_ptr().add(r * d);
+                    backward_row(
+                        d,
+                        inv_d,
+                        rstd[r],
+                        |i| _mm512_loadu_ps(xp.add(i)),
+                        row,
+                        grads,
+                    );
+                }
             }
-            let m1 = _mm512_set1_ps(_mm512_reduce_add_ps(a1) * inv_d);
-            let m2 = _mm512_set1_ps(_mm512_reduce_add_ps(a2) * inv_d);
-            for i in (0..d).step_by(W) {
-                let xh = xhat(i);
-                let dxh = _mm512_mul_ps(_mm512_loadu_ps(yp.add(i)), _mm512_loadu_ps(gp.add(i)));
-                let v = _mm512_mul_ps(
-                    vr,
-                    _mm512_sub_ps(_mm512_sub_ps(dxh, m1), _mm512_mul_ps(xh, m2)),
-                );
-                _mm512_storeu_ps(dxr.as_mut_ptr().add(i), v);
-            }
+        }
+    }
+}
+
+/// One row of [`layer_norm_backward_rows`], given its `x̂` (16 values at a time) and `1/σ`.
+///
+/// # Safety
+/// `dy`, `γ`, `dx` and the two gradients must hold `d` values, `d` a multiple of 16.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn backward_row(
+    d: usize,
+    inv_d: f32,
+    rstd: f32,
+    xhat: impl Fn(usize) -> __m512,
+    (yp, gp, dxp): (*const f32, *const f32, *mut f32),
+    (dgp, dbp): (*mut f32, *mut f32),
+) {
+    // SAFETY: chunks i..i + 16 with i + 16 ≤ d.
+    unsafe {
+        let vr = _mm512_set1_ps(rstd);
+        // xhat = (x − μ)·rstd; dxhat = dy·γ;
+        // dx = rstd · (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)).
+        let (mut a1, mut a2) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for i in (0..d).step_by(W) {
+            let xh = xhat(i);
+            let y = _mm512_loadu_ps(yp.add(i));
+            let dxh = _mm512_mul_ps(y, _mm512_loadu_ps(gp.add(i)));
+            a1 = _mm512_add_ps(a1, dxh);
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(dxh, xh));
+            let (pg, pb) = (dgp.add(i), dbp.add(i));
+            _mm512_storeu_ps(pg, _mm512_add_ps(_mm512_loadu_ps(pg), _mm512_mul_ps(y, xh)));
+            _mm512_storeu_ps(pb, _mm512_add_ps(_mm512_loadu_ps(pb), y));
+        }
+        let m1 = _mm512_set1_ps(_mm512_reduce_add_ps(a1) * inv_d);
+        let m2 = _mm512_set1_ps(_mm512_reduce_add_ps(a2) * inv_d);
+        for i in (0..d).step_by(W) {
+            let xh = xhat(i);
+            let dxh = _mm512_mul_ps(_mm512_loadu_ps(yp.add(i)), _mm512_loadu_ps(gp.add(i)));
+            let v = _mm512_mul_ps(
+                vr,
+                _mm512_sub_ps(_mm512_sub_ps(dxh, m1), _mm512_mul_ps(xh, m2)),
+            );
+            _mm512_storeu_ps(dxp.add(i), v);
         }
     }
 }
@@ -170,9 +265,10 @@ mod tests {
             let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
             let eps = 1e-5f32;
             let mut out = vec![0f32; rows * d];
-            unsafe { layer_norm_forward_rows(&mut out, &x, &g, &b, eps) };
+            unsafe { layer_norm_forward_rows(&mut out, &x, &g, &b, eps, None) };
             let (mut dx, mut dg, mut db) = (vec![0f32; rows * d], vec![0f32; d], vec![0f32; d]);
-            unsafe { layer_norm_backward_rows(&mut dx, (&mut dg, &mut db), &x, &g, &dy, eps) };
+            let src = NormSource::Input(&x);
+            unsafe { layer_norm_backward_rows(&mut dx, (&mut dg, &mut db), src, &g, &dy, eps) };
             let (mut wg, mut wb) = (vec![0f64; d], vec![0f64; d]);
             for r in 0..rows {
                 let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();

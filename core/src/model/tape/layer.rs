@@ -9,8 +9,8 @@
 use super::buf::{buf, Buf};
 use super::{two, Rows, W};
 use crate::model::ops::{
-    layer_norm_backward, layer_norm_forward, linear_forward, linear_forward_residual,
-    linear_input_grad, linear_param_grads, relu_mask, Heads,
+    layer_norm_affine, layer_norm_backward, layer_norm_forward, linear_forward,
+    linear_forward_residual, linear_input_grad, linear_param_grads, relu_mask, Heads, NormSource,
 };
 
 /// A layer's parameters, by their parts of the official names.
@@ -38,10 +38,14 @@ pub(super) struct Acts {
     p_ctx: Buf,
     p_tgt: Buf,
     o: Buf,
-    r1: Buf,
-    x1: Buf,
+    /// The two LayerNorms' normalized rows `x̂` and each row's `1/σ`, which their
+    /// backwards read instead of the pre-norm sums; the first's output (the feed-forward
+    /// block's input) is `x̂·γ + β` again, bit for bit, where the backward needs it.
+    xh1: Buf,
+    rs1: Buf,
     f1: Buf,
-    r2: Buf,
+    xh2: Buf,
+    rs2: Buf,
     /// The layer's output rows (the query rows).
     pub out: Buf,
 }
@@ -163,24 +167,34 @@ impl Layer<'_> {
             &hin[q0 * d..],
             (nq, d, d),
         );
+        // The pre-norm sums and the first norm's output are scratch, back in the free list
+        // (and so still in cache for the next request) once read: the backward reads x̂.
         let mut x1 = buf(nq * d);
-        layer_norm_forward(&mut x1, &r1, p.n1_w.v, p.n1_b.v, self.eps);
+        let (mut xh1, mut rs1) = (buf(nq * d), buf(nq));
+        let (g1, b1) = (p.n1_w.v, p.n1_b.v);
+        layer_norm_forward(&mut x1, &r1, g1, b1, self.eps, Some((&mut xh1, &mut rs1)));
+        drop(r1);
         let mut f1 = buf(nq * f);
         linear_forward(&mut f1, &x1, (p.l1_w.v, d), p.l1_b.v, (nq, f, d), true);
         let mut r2 = buf(nq * d);
         linear_forward_residual(&mut r2, &f1, (p.l2_w.v, f), p.l2_b.v, &x1, (nq, d, f));
+        drop(x1);
         let mut out = buf(nq * d);
-        layer_norm_forward(&mut out, &r2, p.n2_w.v, p.n2_b.v, self.eps);
+        let (mut xh2, mut rs2) = (buf(nq * d), buf(nq));
+        let (g2, b2) = (p.n2_w.v, p.n2_b.v);
+        layer_norm_forward(&mut out, &r2, g2, b2, self.eps, Some((&mut xh2, &mut rs2)));
+        drop(r2);
         Acts {
             kv,
             q,
             p_ctx,
             p_tgt,
             o,
-            r1,
-            x1,
+            xh1,
+            rs1,
             f1,
-            r2,
+            xh2,
+            rs2,
             out,
         }
     }
@@ -201,11 +215,19 @@ impl Layer<'_> {
         let (q0, nq) = self.queries(rows);
         let (g, nc, nt, c) = (rows.g, rows.nc, rows.nt, rows.c);
         // LayerNorm 2, then the feed-forward block and its residual.
+        let src2 = NormSource::Kept {
+            xhat: &a.xh2,
+            rstd: &a.rs2,
+        };
+        let src1 = NormSource::Kept {
+            xhat: &a.xh1,
+            rstd: &a.rs1,
+        };
         let mut dr2 = buf(nq * d);
         layer_norm_backward(
             &mut dr2,
             two(grad, p.n2_w.r(), p.n2_b.r()),
-            &a.r2,
+            src2,
             p.n2_w.v,
             dout,
             self.eps,
@@ -216,7 +238,10 @@ impl Layer<'_> {
         linear_input_grad(&mut df1, &dr2, (p.l2_w.v, f), (nq, d, f), false);
         relu_mask(&mut df1, &a.f1);
         let (dw, db) = two(grad, p.l1_w.r(), p.l1_b.r());
-        linear_param_grads((dw, d), db, &df1, &a.x1, (nq, f, d));
+        let mut x1 = buf(nq * d);
+        layer_norm_affine(&mut x1, &a.xh1, p.n1_w.v, p.n1_b.v);
+        linear_param_grads((dw, d), db, &df1, &x1, (nq, f, d));
+        drop(x1);
         let mut dx1 = dr2;
         linear_input_grad(&mut dx1, &df1, (p.l1_w.v, d), (nq, f, d), true);
         // LayerNorm 1, then attention and its residual.
@@ -224,7 +249,7 @@ impl Layer<'_> {
         layer_norm_backward(
             &mut dr1,
             two(grad, p.n1_w.r(), p.n1_b.r()),
-            &a.r1,
+            src1,
             p.n1_w.v,
             &dx1,
             self.eps,
