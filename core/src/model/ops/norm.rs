@@ -276,6 +276,22 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mu, 1.0 / (var + eps).sqrt())
 }
 
+/// Inputs, output gradients, γ and β for `rows` rows of `d` values: the LayerNorm tests'
+/// data.
+#[cfg(test)]
+pub(super) fn test_rows(rows: usize, d: usize) -> [Vec<f32>; 4] {
+    [
+        (0..rows * d)
+            .map(|i| ((i * 7919 % 1000) as f32 - 450.0) * 0.01)
+            .collect(),
+        (0..rows * d)
+            .map(|i| ((i * 31 % 997) as f32 - 500.0) * 0.01)
+            .collect(),
+        (0..d).map(|i| 0.5 + i as f32 * 0.01).collect(),
+        (0..d).map(|i| i as f32 * -0.02).collect(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,14 +315,7 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for d in [16usize, 100, 128] {
             let rows = 7;
-            let x: Vec<f32> = (0..rows * d)
-                .map(|i| ((i * 7919 % 1000) as f32 - 450.0) * 0.013)
-                .collect();
-            let dy: Vec<f32> = (0..rows * d)
-                .map(|i| ((i * 31 % 997) as f32 - 500.0) * 0.01)
-                .collect();
-            let g: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.01).collect();
-            let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
+            let [x, dy, g, b] = test_rows(rows, d);
             let eps = 1e-5f32;
             for (name, fwd, bwd) in paths {
                 let (mut plain, mut kept) = (vec![0f32; rows * d], vec![0f32; rows * d]);

@@ -255,14 +255,7 @@ mod tests {
         }
         for d in [16usize, 128, 144] {
             let rows = 5;
-            let x: Vec<f32> = (0..rows * d)
-                .map(|i| ((i * 7919 % 1000) as f32 - 450.0) * 0.01)
-                .collect();
-            let dy: Vec<f32> = (0..rows * d)
-                .map(|i| ((i * 31 % 997) as f32 - 500.0) * 0.01)
-                .collect();
-            let g: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.01).collect();
-            let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
+            let [x, dy, g, b] = super::super::norm::test_rows(rows, d);
             let eps = 1e-5f32;
             let mut out = vec![0f32; rows * d];
             unsafe { layer_norm_forward_rows(&mut out, &x, &g, &b, eps, None) };
