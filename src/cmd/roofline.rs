@@ -14,7 +14,8 @@
 //! every call: [`Operands::Cached`]) and with them in memory (every call on its own copy,
 //! the copies together larger than any last-level cache: [`Operands::FromMemory`]). A
 //! step's products read activations the forward pass wrote tens of megabytes earlier, so
-//! they run between the two; the two peaks bound where a step can get with these kernels.
+//! they run between the two: the cached peak is as far as these kernels go, and the peak
+//! from memory is what they give a step that keeps every activation for its backward.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
