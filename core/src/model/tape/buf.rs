@@ -25,14 +25,18 @@ pub(super) struct Buf {
 pub(super) fn buf(n: usize) -> Buf {
     let reused = FREE.with(|f| {
         let mut f = f.borrow_mut();
-        // The smallest free buffer that fits, so large ones stay for large uses.
+        // The smallest free buffer that fits, so large ones stay for large uses; of equal
+        // ones the last freed, whose lines the caches are likeliest still to hold (a step's
+        // memory is several times the L3, so the first freed is cold). The list stays in
+        // the order buffers were freed.
         let best = f
             .iter()
             .enumerate()
+            .rev()
             .filter(|(_, v)| v.len() >= n)
             .min_by_key(|(_, v)| v.len())
             .map(|(i, _)| i);
-        best.map(|i| f.swap_remove(i))
+        best.map(|i| f.remove(i))
     });
     Buf {
         v: reused.unwrap_or_else(|| vec![0f32; n]),
@@ -85,5 +89,18 @@ mod tests {
         assert_eq!(b.as_ptr(), ptr);
         assert_eq!(b.len(), 900);
         assert!(b.iter().all(|&x| x == 7.0));
+    }
+
+    #[test]
+    fn of_equal_buffers_the_last_freed_comes_back_first() {
+        let (a, b) = (buf(4096), buf(4096));
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        drop(a);
+        drop(b);
+        // `b` was freed last: it comes back first, then `a`, though both fit.
+        let first = buf(4096);
+        assert_eq!(first.as_ptr(), pb);
+        let second = buf(4000);
+        assert_eq!(second.as_ptr(), pa);
     }
 }
