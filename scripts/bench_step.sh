@@ -3,8 +3,10 @@
 # machine: gpo (release build, the hand-written backward), gpo with candle's autograd
 # instead, and the PyTorch twin of the official step replaying gpo's exact batch shapes
 # (`gpo bench step --shapes-out` → `gpo_reference.py bench --shapes`). The three run in
-# turn, ROUNDS times, so that a shared machine's drift falls on all of them alike; each
-# round's ratio is printed, then the median of the rounds.
+# turn, ROUNDS times, so that a shared machine's drift falls on all of them alike: gpo
+# first in odd rounds, the twin first in even ones, so that a drift within a round does not
+# favour one side. Each round's ratio is printed, then the median of the rounds. The batch
+# shapes depend on the seed alone, so the first round's serve every round.
 # Usage: PY=/path/to/python-with-torch scripts/bench_step.sh [DIM_X ...]   (default 384 4096)
 # Environment: ITERS (timed steps per run, 20), ROUNDS (3), THREADS (2), NGROUPS (8).
 set -euo pipefail
@@ -26,14 +28,27 @@ gpo_step() {
 }
 for d in "${dims[@]}"; do
   tape=(); auto=(); ref=(); ratio=()
-  for r in $(seq "$ROUNDS"); do
-    gpo_step "$d" --shapes-out "$tmp/shapes.json" > "$tmp/tape.txt"
-    gpo_step "$d" --autograd > "$tmp/autograd.txt"
+  twin() {
     "$PY" tools/reference/gpo_reference.py bench --dim-x "$d" --groups "$NGROUPS" --threads "$THREADS" \
       --shapes "$tmp/shapes.json" > "$tmp/torch.txt"
+  }
+  for r in $(seq "$ROUNDS"); do
+    if [ "$r" -eq 1 ]; then
+      gpo_step "$d" --shapes-out "$tmp/shapes.json" > "$tmp/tape.txt"
+      gpo_step "$d" --autograd > "$tmp/autograd.txt"
+      twin
+    elif [ $((r % 2)) -eq 1 ]; then
+      gpo_step "$d" > "$tmp/tape.txt"
+      gpo_step "$d" --autograd > "$tmp/autograd.txt"
+      twin
+    else
+      twin
+      gpo_step "$d" --autograd > "$tmp/autograd.txt"
+      gpo_step "$d" > "$tmp/tape.txt"
+    fi
     t=$(median_of "$tmp/tape.txt"); a=$(median_of "$tmp/autograd.txt"); p=$(median_of "$tmp/torch.txt")
     tape+=("$t"); auto+=("$a"); ref+=("$p"); ratio+=("$(python3 -c "print(f'{$t / $p:.3f}')")")
-    echo "dim_x $d round $r: gpo $t s  gpo+autograd $a s  pytorch $p s  ratio ${ratio[-1]}  load $(cut -d' ' -f1 /proc/loadavg)"
+    echo "dim_x $d round $r ($([ $((r % 2)) -eq 1 ] && echo "gpo first" || echo "twin first")): gpo $t s  gpo+autograd $a s  pytorch $p s  ratio ${ratio[-1]}  load $(cut -d' ' -f1 /proc/loadavg)"
     grep -E '^(dim_x|official_flops|achieved|gemm_peak|fma_peak|fraction)' "$tmp/tape.txt" | sed 's/^/    gpo: /'
     # gpo's operations per step done in 0.3 of the twin's median step: the speed, as a
     # fraction of the measured GEMM peak, that a ratio of 0.3 takes.
