@@ -33,22 +33,22 @@ for d in "${dims[@]}"; do
       --shapes "$tmp/shapes.json" > "$tmp/torch.txt"
   }
   for r in $(seq "$ROUNDS"); do
-    if [ "$r" -eq 1 ]; then
-      gpo_step "$d" --shapes-out "$tmp/shapes.json" > "$tmp/tape.txt"
-      gpo_step "$d" --autograd > "$tmp/autograd.txt"
-      twin
-    elif [ $((r % 2)) -eq 1 ]; then
-      gpo_step "$d" > "$tmp/tape.txt"
+    # Round 1 (gpo first) writes the shapes the twin replays in every round.
+    out=(); [ "$r" -eq 1 ] && out=(--shapes-out "$tmp/shapes.json")
+    if [ $((r % 2)) -eq 1 ]; then
+      first="gpo first"
+      gpo_step "$d" "${out[@]}" > "$tmp/tape.txt"
       gpo_step "$d" --autograd > "$tmp/autograd.txt"
       twin
     else
+      first="twin first"
       twin
       gpo_step "$d" --autograd > "$tmp/autograd.txt"
       gpo_step "$d" > "$tmp/tape.txt"
     fi
     t=$(median_of "$tmp/tape.txt"); a=$(median_of "$tmp/autograd.txt"); p=$(median_of "$tmp/torch.txt")
     tape+=("$t"); auto+=("$a"); ref+=("$p"); ratio+=("$(python3 -c "print(f'{$t / $p:.3f}')")")
-    echo "dim_x $d round $r ($([ $((r % 2)) -eq 1 ] && echo "gpo first" || echo "twin first")): gpo $t s  gpo+autograd $a s  pytorch $p s  ratio ${ratio[-1]}  load $(cut -d' ' -f1 /proc/loadavg)"
+    echo "dim_x $d round $r ($first): gpo $t s  gpo+autograd $a s  pytorch $p s  ratio ${ratio[-1]}  load $(cut -d' ' -f1 /proc/loadavg)"
     grep -E '^(dim_x|official_flops|achieved|gemm_peak|fma_peak|fraction)' "$tmp/tape.txt" | sed 's/^/    gpo: /'
     # gpo's operations per step done in 0.3 of the twin's median step: the speed, as a
     # fraction of the measured GEMM peak, that a ratio of 0.3 takes.
