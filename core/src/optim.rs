@@ -64,10 +64,10 @@ impl Adam {
     /// before the step. A replica keeps both, so that a step the run throws away rolls back
     /// by a swap instead of a copy. Bitwise equal to `step` (the same operations in the
     /// same order).
-    pub fn step_into(
+    pub fn step_into<G: GradValue>(
         &self,
         params: &[f32],
-        grad: &[f32],
+        grad: &[G],
         lr: f64,
         params_out: &mut Vec<f32>,
         out: &mut Adam,
@@ -95,14 +95,14 @@ impl Adam {
                 let (p, g) = (&params[at.clone()], &grad[at.clone()]);
                 let (m, v) = (&m_in[at.clone()], &v_in[at]);
                 for i in 0..p_out.len() {
-                    (p_out[i], m_out[i], v_out[i]) = c.update(p[i], g[i], m[i], v[i]);
+                    (p_out[i], m_out[i], v_out[i]) = c.update(p[i], g[i].f32(), m[i], v[i]);
                 }
             });
     }
 
     /// One update of `params` with gradient `grad` at learning rate `lr`, computed as
     /// PyTorch's `Adam` does (bias corrections, `addcdiv`).
-    pub fn step(&mut self, params: &mut [f32], grad: &[f32], lr: f64) {
+    pub fn step<G: GradValue>(&mut self, params: &mut [f32], grad: &[G], lr: f64) {
         assert_eq!(
             params.len(),
             grad.len(),
@@ -119,7 +119,7 @@ impl Adam {
             .for_each(|(k, ((p, m), v))| {
                 let g = &grad[k * CHUNK..k * CHUNK + p.len()];
                 for i in 0..p.len() {
-                    (p[i], m[i], v[i]) = c.update(p[i], g[i], m[i], v[i]);
+                    (p[i], m[i], v[i]) = c.update(p[i], g[i].f32(), m[i], v[i]);
                 }
             });
     }
@@ -130,6 +130,29 @@ impl Adam {
 /// cut just lets the update of a step's 0.7 M parameters use every core instead of one
 /// while the others wait (issue 16).
 const CHUNK: usize = 1 << 14;
+
+/// A gradient value Adam reads: f32, or the f64 a step's shards are summed and
+/// all-reduced in, rounded to f32 as it is read. Rounding inside the update gives the bits
+/// of rounding the buffer first, without writing and reading a rounded copy, on every
+/// core instead of one (issue 16).
+pub trait GradValue: Copy + Sync {
+    /// The value as Adam uses it.
+    fn f32(self) -> f32;
+}
+
+impl GradValue for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl GradValue for f64 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self as f32
+    }
+}
 
 /// The per-step constants of an Adam update at step `t`.
 #[derive(Clone, Copy)]
@@ -195,6 +218,35 @@ pub fn flat_grads(params: &Params, grads: &GradStore) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_f64_gradient_gives_the_bits_of_rounding_it_first() {
+        // Values whose f32 rounding is not exact, over more than one parallel piece.
+        let n = 3 * CHUNK + 17;
+        let g64: Vec<f64> = (0..n)
+            .map(|i| ((i as f64 * 0.7311).sin() * 1e-3) / 3.0 + 1e-11)
+            .collect();
+        let g32: Vec<f32> = g64.iter().map(|&g| g as f32).collect();
+        assert!(g64.iter().zip(&g32).any(|(a, b)| *a != *b as f64));
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.013).cos()).collect();
+        let (mut a, mut b) = (
+            Adam::new(n, AdamConfig::default()),
+            Adam::new(n, AdamConfig::default()),
+        );
+        let (mut p, mut q) = (p0.clone(), p0.clone());
+        for _ in 0..3 {
+            a.step(&mut p, &g32, 3e-4);
+            b.step(&mut q, &g64, 3e-4);
+        }
+        assert!(p.iter().zip(&q).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!((&a.m, &a.v), (&b.m, &b.v));
+        let (mut p2, mut q2) = (Vec::new(), Vec::new());
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        a.step_into(&p, &g32, 1e-3, &mut p2, &mut a2);
+        b.step_into(&q, &g64, 1e-3, &mut q2, &mut b2);
+        assert!(p2.iter().zip(&q2).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(a2, b2);
+    }
 
     #[test]
     fn adam_matches_hand_computed_pytorch_steps() {

@@ -183,8 +183,7 @@ pub fn step(a: StepArgs) -> Result<()> {
             a.threads > 1,
             &dev,
         )?;
-        // Rounded once to f32, as the trainer does after its all-reduce.
-        let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+        // Adam rounds the summed gradient to f32 as it reads it, as the trainer's does.
         let mut p = model.params.flat()?;
         adam.step(&mut p, &g, 3e-4);
         model.params.set_flat(&p)?;

@@ -17,7 +17,7 @@ use gpo_core::data::Survey;
 use gpo_core::features::PointFeatures;
 use gpo_core::grad::{default_threads, episodes_gradient};
 use gpo_core::model::{Gpo, GpoConfig, OpPath};
-use gpo_core::optim::{cosine_lr, Adam, AdamConfig};
+use gpo_core::optim::{cosine_lr, Adam, AdamConfig, GradValue};
 use gpo_core::sampler::EpisodeSpec;
 use std::sync::Arc;
 use std::time::Instant;
@@ -282,7 +282,7 @@ impl Replica {
     ///
     /// The update is written out of place, so the state before it stays available to
     /// [`Replica::roll_back`] at no extra copy.
-    pub fn apply(&mut self, grad: &[f32], step: u64, total_steps: u64) -> Result<()> {
+    pub fn apply<G: GradValue>(&mut self, grad: &[G], step: u64, total_steps: u64) -> Result<()> {
         let lr = cosine_lr(self.adam.cfg.lr, step, total_steps);
         let flat = self.model.params.flat()?;
         self.adam.step_into(
@@ -317,7 +317,7 @@ impl Replica {
         comm.all_reduce_sum(&mut grad)
             .context("all-reducing the gradient")?;
         let t2 = Instant::now();
-        let grad: Vec<f32> = grad.iter().map(|&g| g as f32).collect();
+        // Adam rounds each summed value to f32 as it reads it (`GradValue`).
         self.apply(&grad, step, total_steps)?;
         Ok(StepOutcome {
             loss_share,
