@@ -486,15 +486,20 @@ mod tests {
         assert_eq!(q.flat().unwrap(), p.flat().unwrap());
     }
 
-    #[test]
-    fn bad_state_dicts_are_rejected_by_name() {
-        let cfg = GpoConfig {
-            dim_x: 4,
+    /// A module of width 8 with `num_layers` layers over x of `dim_x`.
+    fn narrow(dim_x: usize, num_layers: usize) -> GpoConfig {
+        GpoConfig {
+            dim_x,
             d_model: 8,
             dim_feedforward: 8,
-            num_layers: 1,
+            num_layers,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn bad_state_dicts_are_rejected_by_name() {
+        let cfg = narrow(4, 1);
         let p = Params::init(&cfg, 1, &Device::Cpu).unwrap();
         let mut named: std::collections::HashMap<_, _> = p.named_tensors().into_iter().collect();
         named.insert(
@@ -512,13 +517,7 @@ mod tests {
 
     #[test]
     fn set_flat_writes_every_parameter_in_place_and_flat_reads_it_back() {
-        let cfg = GpoConfig {
-            dim_x: 6,
-            d_model: 8,
-            dim_feedforward: 8,
-            num_layers: 2,
-            ..Default::default()
-        };
+        let cfg = narrow(6, 2);
         let p = Params::init(&cfg, 3, &Device::Cpu).unwrap();
         let n = p.count();
         let want: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 7.0).collect();
