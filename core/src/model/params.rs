@@ -368,7 +368,7 @@ impl Params {
     ///
     /// Host f32 parameters are overwritten in place, one copy and no allocation: the
     /// trainer does this after every step, and building a tensor per parameter to copy
-    /// from cost a third of a millisecond a step at the official shape (issue 16).
+    /// from made it 0.53 ms a step against 0.30 ms at the official shape (issue 16).
     pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
         if flat.len() != self.count() {
             candle_core::bail!(
