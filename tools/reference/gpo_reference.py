@@ -9,9 +9,9 @@ any repository. It exists for three jobs:
   padded meta-batch, and write fixtures (weights, batch, expected loss) that the Rust
   test ``tests/reference_loss.rs`` checks ``gpo loss`` against. The expected loss is
   computed in float64; the float32 loss is recorded alongside it.
-* ``bench``: time the official-style training step (forward with the per-question
-  softmax done as a Python loop over segments, backward, Adam step, zero_grad) on
-  OpinionQA-shaped batches, for a side-by-side comparison with ``gpo bench``.
+* ``bench``: time the official-style training step (the official collate, forward with
+  the per-question softmax written in place one question at a time, backward, Adam step,
+  zero_grad) on OpinionQA-shaped batches, for a side-by-side comparison with ``gpo bench``.
 * ``flops``: count the official step's matrix-product operations on gpo's batch shapes
   with PyTorch's FlopCounterMode, the cross-check of ``gpo bench step``'s count of them.
 
@@ -116,19 +116,37 @@ def gpo_loss(model, xc, yc, xt, yt, tarqlen):
     return -masked.sum(-1).mean()
 
 
+def official_segment_softmax(mean, tarqlen):
+    """``segment_softmax`` computed the way the official ``GPO.forward`` is described: a
+    zero tensor of the means' shape, written in place one question's slice at a time, the
+    loop walking each group's row of the option-count tensor itself (its elements, 0-d
+    tensors, are the slice bounds). Autograd then records one in-place copy per question
+    and walks them back in the backward. Equal to ``segment_softmax`` (``cmd_export``
+    asserts it); the benchmark times this form."""
+    out = torch.zeros_like(mean)
+    for b in range(mean.shape[0]):
+        start = 0
+        for n in tarqlen[b]:
+            out[b, start:start + n] = torch.softmax(mean[b, start:start + n], dim=0)
+            start += n
+    return out
+
+
 def official_style_loss(model, xc, yc, xt, yt, tarqlen):
     """The same loss computed step by step the way the official ``GPO.forward`` is
-    described: per-group masking of the first ``real_len`` target slots, the std clamped at
-    1e-6, then ``masked.sum(-1).mean()``. ``cmd_export`` asserts it equals ``gpo_loss``."""
+    described: the per-question softmax written in place (``official_segment_softmax``),
+    per-group masking of the first ``real_len`` target slots (the loop walking the lengths'
+    tensor), the std clamped at 1e-6, then ``masked.sum(-1).mean()``. ``cmd_export`` asserts
+    it equals ``gpo_loss``."""
     out = model.predict(xc, yc, xt)
     mean, raw = torch.chunk(out, 2, dim=-1)
-    mean = segment_softmax(mean, tarqlen)
+    mean = official_segment_softmax(mean, tarqlen)
     std = torch.clamp(torch.exp(raw), min=1e-6)
     log_probs = torch.distributions.Normal(mean, std).log_prob(yt)
     real_len = (xt.sum(-1) != 0).sum(1)
     assert int(real_len.max()) == yt.shape[1], "Nt must be the longest group's target count"
     masked = torch.zeros_like(log_probs)
-    for i, n in enumerate(real_len.tolist()):
+    for i, n in enumerate(real_len):
         masked[i, :n] = log_probs[i, :n]
     return -(masked.sum(-1).mean())
 
@@ -244,16 +262,48 @@ def load_shapes(path, dim_x, groups):
     return replay
 
 
-def replayed_batch(step, dim_x, g):
-    """gpo's own batch shape (`gpo bench step --shapes-out`): the same questions' option
-    counts, new random x and y (the step's cost depends on the shapes only)."""
+def replayed_questions(step, dim_x, g):
+    """gpo's own batch shape (`gpo bench step --shapes-out`) as the official dataset holds
+    it: per group, the step's questions in order (context, then target), each with its
+    options' x (``q_emb``, ``[n, D]``, the same for every group) and the group's
+    distribution over them (``prob_ys``, ``[n, 1]``); new random values (the step's cost
+    depends on the shapes only). Returns (questions per group, context indices, target
+    indices) for ``official_collate``."""
     cc, tc = step["context"], step["target"]
-    xc = torch.randn(sum(cc), dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
-    xt = torch.randn(sum(tc), dim_x).unsqueeze(0).expand(g, -1, -1).contiguous()
-    dist = lambda ns: torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((g,))
-                                 for n in ns], dim=1).unsqueeze(-1)
-    tarqlen = torch.tensor(tc, dtype=torch.int64).expand(g, -1)
-    return xc, dist(cc), xt, dist(tc), tarqlen
+    counts = cc + tc
+    xs = [torch.randn(n, dim_x) for n in counts]
+    per_group = [[dict(q_emb=x, prob_ys=torch.distributions.Dirichlet(torch.ones(n)).sample()
+                       .unsqueeze(-1)) for x, n in zip(xs, counts)] for _ in range(g)]
+    return per_group, list(range(len(cc))), list(range(len(cc), len(counts)))
+
+
+def official_collate(per_group, ctx_idx, tar_idx):
+    """The official OpinionQA collate as described: for each group, its context and target
+    questions' option rows concatenated (x, then y), the target questions' option counts as
+    a tensor, the whole sequence (context then target) as well, then every field stacked
+    over the groups. Part of the timed step, as gpo's own batch assembly is part of its."""
+    fields = {k: [] for k in ("x", "xc", "xt", "y", "yc", "yt", "tarqlen")}
+    for qs in per_group:
+        cq = [qs[i] for i in ctx_idx]
+        tq = [qs[i] for i in tar_idx]
+        xc = torch.cat([q["q_emb"] for q in cq], dim=0)
+        yc = torch.cat([q["prob_ys"] for q in cq], dim=0)
+        xt = torch.cat([q["q_emb"] for q in tq], dim=0)
+        yt = torch.cat([q["prob_ys"] for q in tq], dim=0)
+        fields["x"].append(torch.cat([xc, xt], dim=0))
+        fields["xc"].append(xc)
+        fields["xt"].append(xt)
+        fields["y"].append(torch.cat([yc, yt], dim=0))
+        fields["yc"].append(yc)
+        fields["yt"].append(yt)
+        fields["tarqlen"].append(torch.tensor([len(q["prob_ys"]) for q in tq]))
+    b = {k: torch.stack(v) for k, v in fields.items()}
+    return b["xc"], b["yc"], b["xt"], b["yt"], b["tarqlen"]
+
+
+def replayed_batch(step, dim_x, g):
+    """``replayed_questions`` collated: the batch tensors (xc, yc, xt, yt, tarqlen)."""
+    return official_collate(*replayed_questions(step, dim_x, g))
 
 
 def cmd_flops(a):
@@ -298,25 +348,18 @@ def cmd_bench(a):
     y_pool = torch.cat([torch.distributions.Dirichlet(torch.ones(n)).sample((a.groups,))
                         for n in counts], dim=1)  # [G, P]
     g = a.groups
-
-    def points(qs):
-        idx = torch.cat([torch.arange(starts[q], starts[q] + counts[q]) for q in qs])
-        return idx
+    # The dataset as the official one holds it: per group, every question's option rows.
+    pool = [[dict(q_emb=x_pool[starts[q]:starts[q + 1]],
+                  prob_ys=y_pool[b, starts[q]:starts[q + 1]].unsqueeze(-1))
+             for q in range(a.questions)] for b in range(g)]
 
     def draw_official():
-        # The official OpinionQA collate: one permutation shared by the groups, n_ctx and
-        # n_tgt drawn as collate_fn_gpo draws them.
+        # The official OpinionQA collate's draw: one permutation shared by the groups,
+        # n_ctx and n_tgt drawn as collate_fn_gpo draws them.
         perm = torch.randperm(a.questions).tolist()
         n_ctx = int(torch.randint(10, min(100, a.questions - 10) + 1, ()).item())
         n_tgt = int(torch.randint(10, min(100, a.questions - n_ctx) + 1, ()).item())
-        cq, tq = perm[:n_ctx], perm[n_ctx:n_ctx + n_tgt]
-        ci, ti = points(cq), points(tq)
-        xc = x_pool[ci].unsqueeze(0).expand(g, -1, -1).contiguous()
-        xt = x_pool[ti].unsqueeze(0).expand(g, -1, -1).contiguous()
-        yc = y_pool[:, ci].unsqueeze(-1).contiguous()
-        yt = y_pool[:, ti].unsqueeze(-1).contiguous()
-        tarqlen = torch.tensor([counts[q] for q in tq], dtype=torch.int64).expand(g, -1)
-        return xc, yc, xt, yt, tarqlen
+        return pool, perm[:n_ctx], perm[n_ctx:n_ctx + n_tgt]
 
     replay = None
     if a.shapes:
@@ -325,15 +368,18 @@ def cmd_bench(a):
         a.iters = len(replay["steps"]) - a.warmup
 
     def draw(it):
-        return replayed_batch(replay["steps"][it], a.dim_x, g) if replay else draw_official()
+        if replay:
+            return replayed_questions(replay["steps"][it], a.dim_x, g)
+        return draw_official()
 
     print(f"bench: dim_x={a.dim_x} groups={g} threads={torch.get_num_threads()} "
           f"params={param_count(model)} questions={a.questions} "
           f"mean_options={sum(counts) / len(counts):.3f} torch={torch.__version__}")
     times, pts = [], []
     for it in range(a.warmup + a.iters):
-        batch = draw(it)  # batch assembly is not timed: only the training step itself
+        questions = draw(it)  # the draw is not timed; the collate is, as gpo's assembly is
         t0 = time.perf_counter()
+        batch = official_collate(*questions)
         loss = official_style_loss(model, *batch)
         loss.backward()
         opt.step()
