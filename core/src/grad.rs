@@ -14,9 +14,14 @@
 //! (G × Nt_max, Nt_max the most target points of any episode of the *whole step*). Each
 //! shard divides its summed NLL by that one number ([`StepSize`]), so the shards' losses add
 //! up to the whole step's loss and no shard's graph depends on which others it is with.
+//!
+//! Shards of equal work do not finish together; once fewer run than there are threads,
+//! the ones still running cut their ops for the idle threads
+//! ([`crate::model::balance`]), bit for bit the same values.
 
 use crate::data::Survey;
 use crate::features::{assemble, PointFeatures};
+use crate::model::balance::Balance;
 use crate::model::{tape, Gpo};
 use crate::optim::flat_grads;
 use crate::sampler::EpisodeSpec;
@@ -136,6 +141,9 @@ pub fn step_gradient(
         first = Some(b0);
     }
     let first = std::sync::Mutex::new(first);
+    // Once fewer shards run than there are threads, the last ones cut their ops for the
+    // idle threads ([`balance`]): the same values, sooner.
+    let balance = Balance::new(shards.len(), rayon::current_num_threads());
     let shard = |i: usize, eps: &[EpisodeSpec]| -> Result<(f64, Vec<f32>)> {
         let kept = if i == 0 {
             first
@@ -166,7 +174,7 @@ pub fn step_gradient(
         shards
             .par_iter()
             .enumerate()
-            .map(|(i, e)| shard(i, e))
+            .map(|(i, e)| balance.run(|| shard(i, e)))
             .collect()
     } else {
         shards

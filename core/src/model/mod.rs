@@ -4,6 +4,7 @@
 //! to their composite references ([`composite`]); the training step's hand-written backward
 //! ([`tape`]); what a step costs in operations ([`flops`]).
 
+pub mod balance;
 pub mod batch;
 pub mod composite;
 pub mod flops;

@@ -119,6 +119,19 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// Where [`Heads::backward`] puts its gradients: `dq` and `dkv` as (slice, first row),
+/// each added to rather than written when its flag is set.
+pub struct AttnGrads<'a> {
+    /// Query-row gradients and the first row written.
+    pub dq: (&'a mut [f32], usize),
+    /// Key/value-row gradients (`2d` wide) and the first row written.
+    pub dkv: (&'a mut [f32], usize),
+    /// Add to `dq` instead of writing it.
+    pub acc_q: bool,
+    /// Add to `dkv` instead of writing it.
+    pub acc_kv: bool,
+}
+
 impl Heads {
     /// Attention of query rows `q_row0..q_row0 + nq` over key/value rows
     /// `kv_row0..kv_row0 + nc` with the additive key mask `mask` (`[nc]`): writes the
@@ -168,8 +181,9 @@ impl Heads {
     }
 
     /// The backward of [`Heads::forward`] from the output gradient `dout` (rows as `out`):
-    /// writes (or, when `acc_q`, adds to) the query rows of `dq`, and writes (or, when
-    /// `acc_kv`, adds to) the key/value rows of `dkv`. `ds` is scratch of `nq · nc` values.
+    /// writes (or, when `acc_q`, adds to) `nq` rows of `dq` from row `dq_row0`, and writes
+    /// (or, when `acc_kv`, adds to) `nc` rows of `dkv` from row `dkv_row0`. `ds` is scratch
+    /// of `nq · nc` values.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -177,16 +191,23 @@ impl Heads {
         kv: &[f32],
         probs: &[f32],
         dout: &[f32],
-        (dq, dkv, acc_q, acc_kv): (&mut [f32], &mut [f32], bool, bool),
+        grads: AttnGrads<'_>,
         ds: &mut [f32],
         (q_row0, o_row0, nq): (usize, usize, usize),
         (kv_row0, nc): (usize, usize),
     ) {
+        let AttnGrads {
+            dq: (dq, dq_row0),
+            dkv: (dkv, dkv_row0),
+            acc_q,
+            acc_kv,
+        } = grads;
         let d = self.d;
         let dh = d / self.heads;
         for hi in 0..self.heads {
             let p = &probs[hi * nq * nc..(hi + 1) * nq * nc];
             let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
+            let (dq_off, dk_off) = (dq_row0 * d + hi * dh, dkv_row0 * 2 * d + hi * dh);
             let o_off = o_row0 * d + hi * dh;
             // dP = dO Vᵀ
             gemm_strided(
@@ -204,7 +225,7 @@ impl Heads {
             // dQ = dS K; dK = dSᵀ Q; dV = Pᵀ dO
             gemm_strided(
                 dq,
-                (q_off, d),
+                (dq_off, d),
                 ds,
                 (0, nc, 1),
                 kv,
@@ -214,7 +235,7 @@ impl Heads {
             );
             gemm_strided(
                 dkv,
-                (k_off, 2 * d),
+                (dk_off, 2 * d),
                 ds,
                 (0, 1, nc),
                 q,
@@ -224,7 +245,7 @@ impl Heads {
             );
             gemm_strided(
                 dkv,
-                (k_off + d, 2 * d),
+                (dk_off + d, 2 * d),
                 p,
                 (0, 1, nc),
                 dout,
@@ -349,7 +370,12 @@ impl CustomOp2 for Attention {
             scale: self.scale,
         };
         for (gi, p) in probs.chunks_exact(h * nq * nc).enumerate() {
-            let grads = (&mut dq[..], &mut dkv[..], false, false);
+            let grads = AttnGrads {
+                dq: (&mut dq[..], gi * nq),
+                dkv: (&mut dkv[..], gi * nc),
+                acc_q: false,
+                acc_kv: false,
+            };
             heads.backward(
                 &qv,
                 &kvv,

@@ -2,6 +2,23 @@
 //! `gemm` crate with its bounds checked first, so every op addresses heads and transposes by
 //! strides instead of copies.
 
+/// Whether a product `C (m×n) = A (m×k) · B (k×n)` cut into pieces of at least
+/// `m_piece × n_piece` gives every value of `C` bit for bit as the whole product does.
+///
+/// gemm 0.19 computes each value as one fused multiply-add chain along `k`, in blocks of
+/// `k` whose size depends on `k` alone, except on three paths chosen by the sizes: products
+/// of at most 256 values (horizontal dot products), products with an inner size `k` ≤ 2 or
+/// a side of 1 (vector kernels), and products of at most 64 × 64 whose `k` exceeds 512
+/// (blocks of 512). A piece stays off those paths when it keeps more than 256 values and a
+/// side above 1, and, past `k` = 512, a side above 64; the whole is larger still.
+pub(crate) fn cut_keeps_bits((m_piece, n_piece): (usize, usize), k: usize) -> bool {
+    m_piece * n_piece > 256
+        && m_piece > 1
+        && n_piece > 1
+        && k > 2
+        && (k <= 512 || m_piece.max(n_piece) > 64)
+}
+
 /// A strided single-threaded GEMM: `C (m×n) [+]= A (m×k) · B (k×n)`, each operand given by
 /// a base offset into its slice and row/column strides. Bounds are checked up front.
 #[allow(clippy::too_many_arguments)]
@@ -57,6 +74,91 @@ pub(super) fn gemm_strided(
             false,
             false,
             gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cut_keeps_bits, gemm_strided};
+
+    /// `C = A·B` whole against its rows in two halves, for products on each of gemm's
+    /// paths: equal bit for bit wherever [`cut_keeps_bits`] allows the cut, and a cut it
+    /// refuses is one that does change bits for some shape (the rule is not vacuous).
+    #[test]
+    fn a_product_cut_where_the_rule_allows_keeps_its_bits() {
+        let mut r = 1u64;
+        let mut rnd = || {
+            r = r
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((r >> 33) as f32 / 2f32.powi(31)) - 0.5
+        };
+        let mut refused_and_differs = false;
+        let shapes = [
+            (270, 128, 128),
+            (270, 128, 6),
+            (176, 256, 128),
+            (301, 2, 128),
+            (135, 2, 128),
+            (270, 3, 128),
+            (130, 128, 1500),
+            (130, 40, 1500),
+            (256, 64, 700),
+            (128, 128, 2),
+        ];
+        for (m, n, k) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            // B as a linear layer's weight `[n, k]` (row stride 1, column stride k).
+            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let mut whole = vec![0f32; m * n];
+            gemm_strided(
+                &mut whole,
+                (0, n),
+                &a,
+                (0, k, 1),
+                &b,
+                (0, 1, k),
+                (m, n, k),
+                false,
+            );
+            let h = m / 2;
+            let mut cut = vec![0f32; m * n];
+            let (c0, c1) = cut.split_at_mut(h * n);
+            gemm_strided(
+                c0,
+                (0, n),
+                &a[..h * k],
+                (0, k, 1),
+                &b,
+                (0, 1, k),
+                (h, n, k),
+                false,
+            );
+            let rest = (m - h, n, k);
+            gemm_strided(
+                c1,
+                (0, n),
+                &a[h * k..],
+                (0, k, 1),
+                &b,
+                (0, 1, k),
+                rest,
+                false,
+            );
+            let same = whole
+                .iter()
+                .zip(&cut)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            if cut_keeps_bits((h, n), k) {
+                assert!(same, "{m}×{n}×{k} cut in rows changed bits");
+            } else if !same {
+                refused_and_differs = true;
+            }
+        }
+        assert!(
+            refused_and_differs,
+            "no refused cut changed bits: the shapes test nothing"
         );
     }
 }

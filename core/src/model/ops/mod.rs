@@ -8,6 +8,7 @@
 //! attention ([`attention`]), the loss head ([`nll`]) and the strided GEMM they share
 //! ([`gemm`]) have files of their own.
 
+use super::balance;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Borrows a contiguous f32 slice of a CPU storage.
@@ -42,9 +43,9 @@ pub(crate) fn linear_forward(
     relu: bool,
 ) {
     if relu {
-        linear_then(y, x, w, b, dims, |v, bv, _| (v + bv).max(0.0), None)
+        linear_then(y, x, w, b, dims, &|v, bv, _| (v + bv).max(0.0), None)
     } else {
-        linear_then(y, x, w, b, dims, |v, bv, _| v + bv, None)
+        linear_then(y, x, w, b, dims, &|v, bv, _| v + bv, None)
     }
 }
 
@@ -58,21 +59,44 @@ pub(crate) fn linear_forward_residual(
     r: &[f32],
     dims: (usize, usize, usize),
 ) {
-    linear_then(y, x, w, b, dims, |v, bv, rv| (v + bv) + rv, Some(r))
+    linear_then(y, x, w, b, dims, &|v, bv, rv| (v + bv) + rv, Some(r))
 }
 
+/// Rows a product needs before [`linear_then`] or [`linear_input_grad`] cut it in two for
+/// an idle thread ([`balance`]), and output features before [`linear_param_grads`] does.
+const CUT_ROWS: usize = 128;
+const CUT_FEATURES: usize = 64;
+
 /// The product `x Wᵀ` into `y`, then `y ← f(y, b, r)` element-wise in one pass (`r` is 0
-/// where absent).
+/// where absent). Cut into two halves of rows while another thread is idle: each row is
+/// the same sum either way.
 #[inline(always)]
-fn linear_then(
+fn linear_then<F: Fn(f32, f32, f32) -> f32 + Sync>(
     y: &mut [f32],
     x: &[f32],
     (w, w_rs): (&[f32], usize),
     b: &[f32],
     (m, n, k): (usize, usize, usize),
-    f: impl Fn(f32, f32, f32) -> f32,
+    f: &F,
     r: Option<&[f32]>,
 ) {
+    if m >= CUT_ROWS && cut_keeps_bits((m / 2, n), k) && balance::idle_thread() {
+        let h = m / 2;
+        let (y0, y1) = y[..m * n].split_at_mut(h * n);
+        let (x0, x1) = x[..m * k].split_at(h * k);
+        let (r0, r1) = match r {
+            Some(r) => {
+                let (a, b) = r[..m * n].split_at(h * n);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        balance::split(
+            || linear_then(y0, x0, (w, w_rs), b, (h, n, k), f, r0),
+            || linear_then(y1, x1, (w, w_rs), b, (m - h, n, k), f, r1),
+        );
+        return;
+    }
     gemm_strided(y, (0, n), x, (0, k, 1), w, (0, 1, w_rs), (m, n, k), false);
     let b = &b[..n];
     match r {
@@ -108,24 +132,58 @@ pub(crate) fn relu_mask(g: &mut [f32], y: &[f32]) {
 
 /// A linear layer's parameter gradients from its output gradient `g` (`[m, n]`, ReLU
 /// already applied) and input `x` (`[m, k]`): `dW += gᵀ x` (`[n, k]`, given as `(slice,
-/// row stride)`) and `db += Σ_rows g`.
+/// row stride)`) and `db += Σ_rows g`. Cut into two halves of output features while
+/// another thread is idle: each value is the same sum either way.
 pub(crate) fn linear_param_grads(
     (dw, dw_rs): (&mut [f32], usize),
     db: &mut [f32],
     g: &[f32],
     x: &[f32],
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) {
-    gemm_strided(dw, (0, dw_rs), g, (0, 1, n), x, (0, k, 1), (n, k, m), true);
-    for row in g[..m * n].chunks_exact(n) {
-        for (d, v) in db.iter_mut().zip(row) {
+    param_grads_cols((dw, dw_rs), db, (g, 0), x, dims, dims.1);
+}
+
+/// [`linear_param_grads`] for the output features `j0..j0 + n` of a gradient `g` whose rows
+/// are `g_rs` wide (`db` and `dw` are those features' own).
+fn param_grads_cols(
+    (dw, dw_rs): (&mut [f32], usize),
+    db: &mut [f32],
+    (g, j0): (&[f32], usize),
+    x: &[f32],
+    (m, n, k): (usize, usize, usize),
+    g_rs: usize,
+) {
+    if n >= 2 * CUT_FEATURES && cut_keeps_bits((n / 2, k), m) && balance::idle_thread() {
+        let h = n / 2;
+        let (dw0, dw1) = dw.split_at_mut(h * dw_rs);
+        let (db0, db1) = db[..n].split_at_mut(h);
+        balance::split(
+            || param_grads_cols((dw0, dw_rs), db0, (g, j0), x, (m, h, k), g_rs),
+            || param_grads_cols((dw1, dw_rs), db1, (g, j0 + h), x, (m, n - h, k), g_rs),
+        );
+        return;
+    }
+    gemm_strided(
+        dw,
+        (0, dw_rs),
+        g,
+        (j0, 1, g_rs),
+        x,
+        (0, k, 1),
+        (n, k, m),
+        true,
+    );
+    for row in g[..m * g_rs].chunks_exact(g_rs) {
+        for (d, v) in db[..n].iter_mut().zip(&row[j0..j0 + n]) {
             *d += v;
         }
     }
 }
 
 /// A linear layer's input gradient `dx = g W` (`[m, k]`), added to `dx` when `accumulate`,
-/// else written; `W` as `(slice, row stride)`.
+/// else written; `W` as `(slice, row stride)`. Cut into two halves of rows while another
+/// thread is idle.
 pub(crate) fn linear_input_grad(
     dx: &mut [f32],
     g: &[f32],
@@ -133,6 +191,16 @@ pub(crate) fn linear_input_grad(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
+    if m >= CUT_ROWS && cut_keeps_bits((m / 2, k), n) && balance::idle_thread() {
+        let h = m / 2;
+        let (dx0, dx1) = dx[..m * k].split_at_mut(h * k);
+        let (g0, g1) = g[..m * n].split_at(h * n);
+        balance::split(
+            || linear_input_grad(dx0, g0, (w, w_rs), (h, n, k), accumulate),
+            || linear_input_grad(dx1, g1, (w, w_rs), (m - h, n, k), accumulate),
+        );
+        return;
+    }
     gemm_strided(
         dx,
         (0, k),
@@ -286,10 +354,10 @@ mod norm;
 mod norm512;
 mod softmax512;
 
-use gemm::gemm_strided;
+use gemm::{cut_keeps_bits, gemm_strided};
 
 pub use attention::Attention;
-pub(crate) use attention::Heads;
+pub(crate) use attention::{AttnGrads, Heads};
 pub use nll::SegmentNll;
 pub(crate) use nll::{nll_grad, nll_sum, segment_probs};
 pub use norm::LayerNorm;

@@ -8,9 +8,11 @@
 
 use super::buf::{buf, Buf};
 use super::{two, Rows, W};
+use crate::model::balance;
 use crate::model::ops::{
     layer_norm_affine, layer_norm_backward, layer_norm_forward, linear_forward,
-    linear_forward_residual, linear_input_grad, linear_param_grads, relu_mask, Heads, NormSource,
+    linear_forward_residual, linear_input_grad, linear_param_grads, relu_mask, AttnGrads, Heads,
+    NormSource,
 };
 
 /// A layer's parameters, by their parts of the official names.
@@ -137,24 +139,30 @@ impl Layer<'_> {
         let mut o = buf(nq * d);
         let mut p_ctx = buf(if self.last { 0 } else { g * h * nc * nc });
         let mut p_tgt = buf(g * h * nt * nc);
-        let tq0 = self.target_q0(rows);
-        for (gi, mask) in masks.iter().enumerate() {
-            if !self.last {
-                let pc = &mut p_ctx[gi * h * nc * nc..(gi + 1) * h * nc * nc];
-                let qrows = (gi * nc, gi * nc, nc);
+        // Each group writes its own probabilities and output rows: the groups run in
+        // order, or spread over idle threads at a step's end ([`balance`]).
+        {
+            let (o_ctx, o_tgt) = o.split_at_mut(if self.last { 0 } else { rows.c * d });
+            let o_ctx = per_group(o_ctx, g, if self.last { 0 } else { nc * d });
+            let o_tgt = per_group(o_tgt, g, nt * d);
+            let p_c = per_group(&mut p_ctx, g, if self.last { 0 } else { h * nc * nc });
+            let p_t = per_group(&mut p_tgt, g, h * nt * nc);
+            let tasks: Vec<_> = (o_ctx.into_iter().zip(o_tgt))
+                .zip(p_c.into_iter().zip(p_t))
+                .enumerate()
+                .collect();
+            let (q, kv) = (&q[..], &kv[..]);
+            balance::for_each(tasks, |(gi, ((oc, ot), (pc, pt)))| {
+                let mask = masks[gi];
+                if !self.last {
+                    let qrows = (gi * nc, 0, nc);
+                    self.heads
+                        .forward(q, kv, oc, pc, qrows, (gi * nc, nc), mask);
+                }
+                let qrows = (self.target_q_row(rows, gi), 0, nt);
                 self.heads
-                    .forward(&q, &kv, &mut o, pc, qrows, (gi * nc, nc), mask);
-            }
-            let pt = &mut p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
-            self.heads.forward(
-                &q,
-                &kv,
-                &mut o,
-                pt,
-                (self.target_q_row(rows, gi), tq0 + gi * nt, nt),
-                (gi * nc, nc),
-                mask,
-            );
+                    .forward(q, kv, ot, pt, qrows, (gi * nc, nc), mask);
+            });
         }
         // The attention's output projection plus the residual hq (IEEE addition commutes:
         // the same bits as the composite path's order).
@@ -261,37 +269,58 @@ impl Layer<'_> {
         let nqp = self.projected(rows);
         let mut dq = buf(nqp * d);
         let mut dkv = buf(c * 2 * d);
-        let mut ds = buf(nc.max(nt) * nc);
         let tq0 = self.target_q0(rows);
-        for gi in 0..g {
-            if !self.last {
+        // Each group's context queries, then each group's target queries: per group the
+        // same order as one loop (its keys' and values' gradient written by the first,
+        // added to by the second), and groups spread over idle threads at a step's end
+        // ([`balance`]), except where they add to shared target queries' gradient.
+        {
+            let (dq_ctx, dq_tgt) = dq.split_at_mut(tq0 * d);
+            let mut dkv_g = per_group(&mut dkv, g, nc * 2 * d);
+            let ctx = |gi: usize, dq: &mut [f32], dkv: &mut [f32]| {
                 let pc = &a.p_ctx[gi * h * nc * nc..(gi + 1) * h * nc * nc];
-                let grads = (&mut dq[..], &mut dkv[..], false, false);
-                self.heads.backward(
-                    &a.q,
-                    &a.kv,
-                    pc,
-                    &d_o,
-                    grads,
-                    &mut ds,
-                    (gi * nc, gi * nc, nc),
-                    (gi * nc, nc),
-                );
+                let mut ds = buf(nc * nc);
+                let grads = AttnGrads {
+                    dq: (dq, 0),
+                    dkv: (dkv, 0),
+                    acc_q: false,
+                    acc_kv: false,
+                };
+                let rows_q = (gi * nc, gi * nc, nc);
+                let kvr = (gi * nc, nc);
+                self.heads
+                    .backward(&a.q, &a.kv, pc, &d_o, grads, &mut ds, rows_q, kvr);
+            };
+            let tgt = |gi: usize, dq: &mut [f32], acc_q: bool, dkv: &mut [f32]| {
+                let pt = &a.p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
+                let mut ds = buf(nt * nc);
+                let grads = AttnGrads {
+                    dq: (dq, 0),
+                    dkv: (dkv, 0),
+                    acc_q,
+                    acc_kv: !self.last,
+                };
+                let rows_q = (self.target_q_row(rows, gi), tq0 + gi * nt, nt);
+                let kvr = (gi * nc, nc);
+                self.heads
+                    .backward(&a.q, &a.kv, pt, &d_o, grads, &mut ds, rows_q, kvr);
+            };
+            if !self.last {
+                let dq_c = per_group(dq_ctx, g, nc * d);
+                let tasks: Vec<_> = dq_c.into_iter().zip(dkv_g.iter_mut()).enumerate().collect();
+                balance::for_each(tasks, |(gi, (dq, dkv))| ctx(gi, dq, dkv));
             }
-            let pt = &a.p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
-            // Shared target queries: group 0 writes their gradient, the others add to it.
-            let acc_q = nqp < nq && gi > 0;
-            let grads = (&mut dq[..], &mut dkv[..], acc_q, !self.last);
-            self.heads.backward(
-                &a.q,
-                &a.kv,
-                pt,
-                &d_o,
-                grads,
-                &mut ds,
-                (self.target_q_row(rows, gi), tq0 + gi * nt, nt),
-                (gi * nc, nc),
-            );
+            if self.shares_targets() {
+                // Shared target queries: group 0 writes their gradient, the others add to
+                // it, in group order.
+                for (gi, dkv) in dkv_g.iter_mut().enumerate() {
+                    tgt(gi, &mut dq_tgt[..nt * d], gi > 0, dkv);
+                }
+            } else {
+                let dq_t = per_group(dq_tgt, g, nt * d);
+                let tasks: Vec<_> = dq_t.into_iter().zip(dkv_g.iter_mut()).enumerate().collect();
+                balance::for_each(tasks, |(gi, (dq, dkv))| tgt(gi, dq, false, dkv));
+            }
         }
         // The in-projection: queries (rows 0..d of its weight), keys and values (d..3d).
         let (iw, ib) = (p.in_w.off, p.in_b.off);
@@ -318,4 +347,17 @@ impl Layer<'_> {
         );
         dh
     }
+}
+
+/// `v` cut into `g` consecutive pieces of `n` values each (empty ones when `n` is 0), one a
+/// group.
+fn per_group(v: &mut [f32], g: usize, n: usize) -> Vec<&mut [f32]> {
+    let mut rest = &mut v[..g * n];
+    let mut out = Vec::with_capacity(g);
+    for _ in 0..g {
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(n);
+        out.push(a);
+        rest = b;
+    }
+    out
 }

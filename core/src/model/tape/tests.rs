@@ -194,3 +194,46 @@ fn a_shared_x_part_gives_the_same_bits() {
     let own = random_batch(42, 4, 6, false, false);
     assert!(XPart::of(&m, &own, false).is_err());
 }
+
+/// Ops cut for idle threads ([`crate::model::balance`]) give bitwise the uncut gradient:
+/// every op that can be cut is cut here, on a pool of two threads that take the halves as
+/// they come, for each batch layout.
+#[test]
+fn ops_cut_for_idle_threads_give_the_same_bits() {
+    use crate::model::balance::Balance;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    // The official width (128 features: parameter gradients are cut) and 16 groups (more
+    // than 128 rows: products are cut by rows too).
+    let m = Gpo::new(official_small(6), 11, &Device::Cpu).unwrap();
+    for (i, (shared, pad)) in LAYOUTS.into_iter().enumerate() {
+        let b = random_batch(60 + i as u64, 16, 6, shared, pad);
+        assert!(b.groups * b.nc >= 128, "{} context rows", b.groups * b.nc);
+        let denom = (b.groups * b.nt) as f64;
+        let (l, g) = loss_and_grad(&m, &b, denom).unwrap();
+        for _ in 0..3 {
+            let cut = || Balance::always().run(|| loss_and_grad(&m, &b, denom));
+            let (lc, gc) = pool.install(cut).unwrap();
+            let what = format!("shared {shared} pad {pad}");
+            assert_eq!(l.to_bits(), lc.to_bits(), "{what}: loss");
+            let mut off = 0;
+            for (name, v) in m.params.entries() {
+                let n = v.elem_count();
+                let bad = (off..off + n)
+                    .filter(|&j| g[j].to_bits() != gc[j].to_bits())
+                    .count();
+                if bad > 0 {
+                    println!("{what}: {name} {bad}/{n} differ");
+                }
+                off += n;
+            }
+            let diff = g
+                .iter()
+                .zip(&gc)
+                .filter(|(a, c)| a.to_bits() != c.to_bits());
+            assert_eq!(diff.count(), 0, "{what}: gradients differ");
+        }
+    }
+}
