@@ -19,6 +19,16 @@ pub(crate) fn cut_keeps_bits((m_piece, n_piece): (usize, usize), k: usize) -> bo
         && (k <= 512 || m_piece.max(n_piece) > 64)
 }
 
+/// gemm copies a product's left operand into panels whenever the product is more than 48
+/// columns wide (`8 × NR`), even when the operand is already laid out as its kernels read
+/// it. The step's products reuse that operand too little for the copy to pay: with the
+/// threshold at its maximum (256, so the copy happens only for the layout's sake), a
+/// step took 0.976–0.982 of the time at d_x 384 on 2 threads, 0.975 at d_x 4096 and 0.973
+/// on one thread (BENCHMARKS.md), with the same bits: packing moves values, it does not
+/// change a sum. The knob is gemm's and process-wide, so candle's matmul reads it too
+/// (embedding rates moved within ±2.5 %); it is set on the first product.
+static PACK_LHS_BY_LAYOUT_ONLY: std::sync::Once = std::sync::Once::new();
+
 /// A strided single-threaded GEMM: `C (m×n) [+]= A (m×k) · B (k×n)`, each operand given by
 /// a base offset into its slice and row/column strides. Bounds are checked up front.
 #[allow(clippy::too_many_arguments)]
@@ -52,6 +62,7 @@ pub(super) fn gemm_strided(
             "gemm: B out of bounds"
         );
     }
+    PACK_LHS_BY_LAYOUT_ONLY.call_once(|| gemm::set_lhs_packing_threshold_single_thread(256));
     // SAFETY: the assertions bound every element gemm touches through these strides.
     unsafe {
         gemm::gemm(
@@ -160,5 +171,53 @@ mod tests {
             refused_and_differs,
             "no refused cut changed bits: the shapes test nothing"
         );
+    }
+
+    /// Whether gemm packs the left operand moves values, not sums: a product gives the same
+    /// bits with gemm's default packing threshold and with the one set here.
+    #[test]
+    fn packing_the_left_operand_or_not_gives_the_same_bits() {
+        let (m, n, k) = (300, 200, 128);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 1000) as f32 / 991.0 - 0.5)
+            .collect();
+        // The first product sets the threshold once; then this test sets it for itself.
+        gemm_strided(
+            &mut [0f32],
+            (0, 1),
+            &[1.0],
+            (0, 1, 1),
+            &[1.0],
+            (0, 1, 1),
+            (1, 1, 1),
+            false,
+        );
+        let run = |threshold: usize| {
+            gemm::set_lhs_packing_threshold_single_thread(threshold);
+            let mut c = vec![0f32; m * n];
+            gemm_strided(
+                &mut c,
+                (0, n),
+                &a,
+                (0, k, 1),
+                &b,
+                (0, n, 1),
+                (m, n, k),
+                false,
+            );
+            c
+        };
+        let (packed, unpacked) = (
+            run(gemm::DEFAULT_LHS_PACKING_THRESHOLD_SINGLE_THREAD),
+            run(256),
+        );
+        assert!(packed
+            .iter()
+            .zip(&unpacked)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(packed.iter().any(|&x| x != 0.0));
     }
 }
