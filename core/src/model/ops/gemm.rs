@@ -93,6 +93,30 @@ pub(super) fn gemm_strided(
 mod tests {
     use super::{cut_keeps_bits, gemm_strided};
 
+    /// `A (m×k) · B (k×n)`, `A` row-major, `B` given by its row and column strides.
+    fn product(
+        a: &[f32],
+        (b, b_rs, b_cs): (&[f32], usize, usize),
+        (m, n, k): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        gemm_strided(
+            &mut c,
+            (0, n),
+            a,
+            (0, k, 1),
+            b,
+            (0, b_rs, b_cs),
+            (m, n, k),
+            false,
+        );
+        c
+    }
+
+    fn same_bits(x: &[f32], y: &[f32]) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+    }
+
     /// `C = A·B` whole against its rows in two halves, for products on each of gemm's
     /// paths: equal bit for bit wherever [`cut_keeps_bits`] allows the cut, and a cut it
     /// refuses is one that does change bits for some shape (the rule is not vacuous).
@@ -122,45 +146,12 @@ mod tests {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             // B as a linear layer's weight `[n, k]` (row stride 1, column stride k).
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
-            let mut whole = vec![0f32; m * n];
-            gemm_strided(
-                &mut whole,
-                (0, n),
-                &a,
-                (0, k, 1),
-                &b,
-                (0, 1, k),
-                (m, n, k),
-                false,
-            );
+            let w = (&b[..], 1, k);
+            let whole = product(&a, w, (m, n, k));
             let h = m / 2;
-            let mut cut = vec![0f32; m * n];
-            let (c0, c1) = cut.split_at_mut(h * n);
-            gemm_strided(
-                c0,
-                (0, n),
-                &a[..h * k],
-                (0, k, 1),
-                &b,
-                (0, 1, k),
-                (h, n, k),
-                false,
-            );
-            let rest = (m - h, n, k);
-            gemm_strided(
-                c1,
-                (0, n),
-                &a[h * k..],
-                (0, k, 1),
-                &b,
-                (0, 1, k),
-                rest,
-                false,
-            );
-            let same = whole
-                .iter()
-                .zip(&cut)
-                .all(|(x, y)| x.to_bits() == y.to_bits());
+            let mut cut = product(&a[..h * k], w, (h, n, k));
+            cut.extend(product(&a[h * k..], w, (m - h, n, k)));
+            let same = same_bits(&whole, &cut);
             if cut_keeps_bits((h, n), k) {
                 assert!(same, "{m}×{n}×{k} cut in rows changed bits");
             } else if !same {
@@ -200,18 +191,7 @@ mod tests {
         );
         let run = |threshold: usize| {
             gemm::set_lhs_packing_threshold_single_thread(threshold);
-            let mut c = vec![0f32; m * n];
-            gemm_strided(
-                &mut c,
-                (0, n),
-                &a,
-                (0, k, 1),
-                &b,
-                (0, n, 1),
-                (m, n, k),
-                false,
-            );
-            c
+            product(&a, (&b, n, 1), (m, n, k))
         };
         let (packed, unpacked) = (
             run(gemm::DEFAULT_LHS_PACKING_THRESHOLD_SINGLE_THREAD),
