@@ -1,6 +1,13 @@
 //! Multi-head attention as one fused CPU op with its backward: heads addressed by GEMM
-//! strides, so a step transposes and copies nothing. Split from [`super`] to keep each op
-//! file to one job.
+//! strides. Split from [`super`] to keep each op file to one job.
+//!
+//! One copy is made on purpose: the keys (forward) and the values (backward) transposed,
+//! once a layer ([`transpose_cols`]). `Q Kᵀ` and `dO Vᵀ` read a head's keys or values
+//! down its columns, and gemm copies such an operand into panels one scalar at a time, a
+//! strided gather, for every product: twice per group and head. Read from the transposed
+//! copy, the same panels are a contiguous copy (and none at all where the context's length
+//! is a multiple of 16). The panels hold the same values, so every sum is bit for bit the
+//! same.
 
 use super::gemm::gemm_strided;
 use super::{fast_exp, lanes_sum, slice, values};
@@ -119,6 +126,100 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// Columns `col0..col0 + w` of the `rows` rows of `src` (row stride `rs`), transposed
+/// into `dst` as `w` rows of `rows` values: `dst[j·rows + i] = src[i·rs + col0 + j]`. Done
+/// in 8 × 8 tiles (in AVX2 registers where the build has AVX2, as this project's x86
+/// builds do), whose lines stay in L1 between the reads and the writes.
+pub(crate) fn transpose_cols(
+    dst: &mut [f32],
+    src: &[f32],
+    (rows, rs): (usize, usize),
+    (col0, w): (usize, usize),
+) {
+    const T: usize = 8;
+    assert!(dst.len() >= w * rows, "transpose: destination too short");
+    if rows == 0 || w == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * rs + col0 + w <= src.len(),
+        "transpose: source too short"
+    );
+    for i0 in (0..rows).step_by(T) {
+        let ie = (i0 + T).min(rows);
+        for j0 in (0..w).step_by(T) {
+            let je = (j0 + T).min(w);
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+            if ie - i0 == T && je - j0 == T {
+                // SAFETY: the tile's 8 source rows of 8 values end within `src` (asserted
+                // above: row i0 + 7 < rows, column j0 + 7 < w) and its 8 destination rows
+                // of 8 values within `dst` (j0 + 7 < w, i0 + 7 < rows); AVX2 is enabled
+                // at compile time.
+                unsafe {
+                    transpose8(
+                        src.as_ptr().add(i0 * rs + col0 + j0),
+                        rs,
+                        dst.as_mut_ptr().add(j0 * rows + i0),
+                        rows,
+                    )
+                };
+                continue;
+            }
+            for j in j0..je {
+                let out = &mut dst[j * rows + i0..j * rows + ie];
+                for (o, i) in out.iter_mut().zip(i0..ie) {
+                    *o = src[i * rs + col0 + j];
+                }
+            }
+        }
+    }
+}
+
+/// One 8 × 8 tile: `d[j·dr + i] = s[i·sr + j]`, in the usual unpack, shuffle and lane
+/// permute of eight AVX registers.
+///
+/// # Safety
+/// `s` must be readable at `i·sr + j` and `d` writable at `j·dr + i` for `i, j < 8`.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+unsafe fn transpose8(s: *const f32, sr: usize, d: *mut f32, dr: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract covers every load and store.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * sr)));
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        for j in 0..4 {
+            _mm256_storeu_ps(
+                d.add(j * dr),
+                _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]),
+            );
+            _mm256_storeu_ps(
+                d.add((j + 4) * dr),
+                _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]),
+            );
+        }
+    }
+}
+
 /// Where [`Heads::backward`] puts its gradients: `dq` and `dkv` as (slice, first row),
 /// each added to rather than written when its flag is set.
 pub struct AttnGrads<'a> {
@@ -137,11 +238,14 @@ impl Heads {
     /// `kv_row0..kv_row0 + nc` with the additive key mask `mask` (`[nc]`): writes the
     /// probabilities `probs` (`[heads, nq, nc]`) and rows `o_row0..o_row0 + nq` of `out`
     /// (the same rows as the queries', except where several groups share their queries).
+    /// `kt` is the keys transposed ([`transpose_cols`]) with its row length: `kt.0[c·kt.1 +
+    /// r]` is column `c` of the key in `kv`'s row `r`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         q: &[f32],
         kv: &[f32],
+        kt: (&[f32], usize),
         out: &mut [f32],
         probs: &mut [f32],
         (q_row0, o_row0, nq): (usize, usize, usize),
@@ -154,14 +258,14 @@ impl Heads {
             let p_off = hi * nq * nc;
             let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
             let o_off = o_row0 * d + hi * dh;
-            // S = Q Kᵀ
+            // S = Q Kᵀ, Kᵀ read from the transposed keys.
             gemm_strided(
                 probs,
                 (p_off, nc),
                 q,
                 (q_off, d, 1),
-                kv,
-                (k_off, 1, 2 * d),
+                kt.0,
+                (hi * dh * kt.1 + kv_row0, kt.1, 1),
                 (nq, nc, dh),
                 false,
             );
@@ -183,12 +287,14 @@ impl Heads {
     /// The backward of [`Heads::forward`] from the output gradient `dout` (rows as `out`):
     /// writes (or, when `acc_q`, adds to) `nq` rows of `dq` from row `dq_row0`, and writes
     /// (or, when `acc_kv`, adds to) `nc` rows of `dkv` from row `dkv_row0`. `ds` is scratch
-    /// of `nq · nc` values.
+    /// of `nq · nc` values. `vt` is the values transposed, as `kt` is the keys in
+    /// [`Heads::forward`].
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         q: &[f32],
         kv: &[f32],
+        vt: (&[f32], usize),
         probs: &[f32],
         dout: &[f32],
         grads: AttnGrads<'_>,
@@ -209,14 +315,14 @@ impl Heads {
             let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
             let (dq_off, dk_off) = (dq_row0 * d + hi * dh, dkv_row0 * 2 * d + hi * dh);
             let o_off = o_row0 * d + hi * dh;
-            // dP = dO Vᵀ
+            // dP = dO Vᵀ, Vᵀ read from the transposed values.
             gemm_strided(
                 ds,
                 (0, nc),
                 dout,
                 (o_off, d, 1),
-                kv,
-                (k_off + d, 1, 2 * d),
+                vt.0,
+                (hi * dh * vt.1 + kv_row0, vt.1, 1),
                 (nq, nc, dh),
                 false,
             );
@@ -317,6 +423,8 @@ impl CustomOp2 for Attention {
         let mut probs = vec![0f32; g * h * nq * nc];
         let mut out = vec![0f32; g * nq * d];
         let zeros = vec![0f32; nc];
+        let mut kt = vec![0f32; d * g * nc];
+        transpose_cols(&mut kt, kv, (g * nc, 2 * d), (0, d));
         for (gi, p) in probs.chunks_exact_mut(h * nq * nc).enumerate() {
             let mask: &[f32] = match &self.key_mask {
                 Some(m) => &m[gi * nc..(gi + 1) * nc],
@@ -330,6 +438,7 @@ impl CustomOp2 for Attention {
             heads.forward(
                 q,
                 kv,
+                (&kt, g * nc),
                 &mut out,
                 p,
                 (gi * nq, gi * nq, nq),
@@ -364,6 +473,8 @@ impl CustomOp2 for Attention {
         let mut dq = vec![0f32; g * nq * d];
         let mut dkv = vec![0f32; g * nc * 2 * d];
         let mut ds = vec![0f32; nq * nc];
+        let mut vt = vec![0f32; d * g * nc];
+        transpose_cols(&mut vt, &kvv, (g * nc, 2 * d), (d, d));
         let heads = Heads {
             d,
             heads: h,
@@ -379,6 +490,7 @@ impl CustomOp2 for Attention {
             heads.backward(
                 &qv,
                 &kvv,
+                (&vt, g * nc),
                 p,
                 &dout,
                 grads,
@@ -392,5 +504,104 @@ impl CustomOp2 for Attention {
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
             Some(Tensor::from_vec(dkv, kv.shape(), dev)?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gemm_strided, transpose_cols};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = seed;
+        (0..n)
+            .map(|_| {
+                r = r
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((r >> 33) as f32 / 2f32.powi(31)) - 0.5
+            })
+            .collect()
+    }
+
+    /// Every element lands where the plain definition puts it, for full 8 × 8 tiles and
+    /// for ragged edges in both directions, from a column offset within wider rows; nothing
+    /// past the `w · rows` values is written.
+    #[test]
+    fn transpose_cols_matches_its_definition() {
+        for rows in [1, 7, 8, 9, 16, 23, 158] {
+            for (col0, w, rs) in [
+                (0, 1, 1),
+                (0, 8, 8),
+                (3, 13, 20),
+                (0, 128, 256),
+                (128, 128, 256),
+            ] {
+                let src = values(rows * rs, (rows * 31 + w) as u64);
+                let mut dst = vec![f32::NAN; w * rows + 5];
+                transpose_cols(&mut dst, &src, (rows, rs), (col0, w));
+                for j in 0..w {
+                    for i in 0..rows {
+                        assert_eq!(
+                            dst[j * rows + i].to_bits(),
+                            src[i * rs + col0 + j].to_bits(),
+                            "rows {rows}, columns {col0}..{}: ({i}, {j})",
+                            col0 + w
+                        );
+                    }
+                }
+                assert!(
+                    dst[w * rows..].iter().all(|v| v.is_nan()),
+                    "wrote past the end"
+                );
+            }
+        }
+    }
+
+    /// `Q Kᵀ` with `Kᵀ` read from the transposed keys equals, bit for bit, the product read
+    /// down the keys' columns in place, whether or not the context's length is a multiple
+    /// of gemm's 16 lanes (gemm then copies no panel at all), and so does `dO Vᵀ`.
+    #[test]
+    fn scores_from_the_transposed_keys_keep_their_bits() {
+        let (d, dh) = (128, 32);
+        for (nq, nc, row0) in [(37, 16, 0), (290, 158, 5), (64, 48, 3), (158, 158, 0)] {
+            let c = row0 + nc + 2;
+            let q = values(nq * d, 1);
+            let kv = values(c * 2 * d, 2);
+            for half in [0, d] {
+                let mut kt = vec![0f32; d * c];
+                transpose_cols(&mut kt, &kv, (c, 2 * d), (half, d));
+                for hi in [0, 3] {
+                    let (mut a, mut b) = (vec![0f32; nq * nc], vec![0f32; nq * nc]);
+                    let k_off = row0 * 2 * d + half + hi * dh;
+                    let q_part = (hi * dh, d, 1);
+                    gemm_strided(
+                        &mut a,
+                        (0, nc),
+                        &q,
+                        q_part,
+                        &kv,
+                        (k_off, 1, 2 * d),
+                        (nq, nc, dh),
+                        false,
+                    );
+                    let t_part = (hi * dh * c + row0, c, 1);
+                    gemm_strided(
+                        &mut b,
+                        (0, nc),
+                        &q,
+                        q_part,
+                        &kt,
+                        t_part,
+                        (nq, nc, dh),
+                        false,
+                    );
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "nq {nq}, nc {nc}, head {hi}, {}",
+                        if half == 0 { "keys" } else { "values" }
+                    );
+                }
+            }
+        }
     }
 }

@@ -357,7 +357,7 @@ mod softmax512;
 use gemm::{cut_keeps_bits, gemm_strided};
 
 pub use attention::Attention;
-pub(crate) use attention::{AttnGrads, Heads};
+pub(crate) use attention::{transpose_cols, AttnGrads, Heads};
 pub use nll::SegmentNll;
 pub(crate) use nll::{nll_grad, nll_sum, segment_probs};
 pub use norm::LayerNorm;

@@ -11,8 +11,8 @@ use super::{two, Rows, W};
 use crate::model::balance;
 use crate::model::ops::{
     layer_norm_affine, layer_norm_backward, layer_norm_forward, linear_forward,
-    linear_forward_residual, linear_input_grad, linear_param_grads, relu_mask, AttnGrads, Heads,
-    NormSource,
+    linear_forward_residual, linear_input_grad, linear_param_grads, relu_mask, transpose_cols,
+    AttnGrads, Heads, NormSource,
 };
 
 /// A layer's parameters, by their parts of the official names.
@@ -136,6 +136,10 @@ impl Layer<'_> {
             (nqp, d, d),
             false,
         );
+        // The keys transposed, for every group's `Q Kᵀ` (scratch: dropped with the layer's
+        // attention).
+        let mut kt = buf(d * rows.c);
+        transpose_cols(&mut kt, &kv, (rows.c, 2 * d), (0, d));
         let mut o = buf(nq * d);
         let mut p_ctx = buf(if self.last { 0 } else { g * h * nc * nc });
         let mut p_tgt = buf(g * h * nt * nc);
@@ -151,17 +155,17 @@ impl Layer<'_> {
                 .zip(p_c.into_iter().zip(p_t))
                 .enumerate()
                 .collect();
-            let (q, kv) = (&q[..], &kv[..]);
+            let (q, kv, kt) = (&q[..], &kv[..], (&kt[..], rows.c));
             balance::for_each(tasks, |(gi, ((oc, ot), (pc, pt)))| {
                 let mask = masks[gi];
                 if !self.last {
                     let qrows = (gi * nc, 0, nc);
                     self.heads
-                        .forward(q, kv, oc, pc, qrows, (gi * nc, nc), mask);
+                        .forward(q, kv, kt, oc, pc, qrows, (gi * nc, nc), mask);
                 }
                 let qrows = (self.target_q_row(rows, gi), 0, nt);
                 self.heads
-                    .forward(q, kv, ot, pt, qrows, (gi * nc, nc), mask);
+                    .forward(q, kv, kt, ot, pt, qrows, (gi * nc, nc), mask);
             });
         }
         // The attention's output projection plus the residual hq (IEEE addition commutes:
@@ -270,6 +274,10 @@ impl Layer<'_> {
         let mut dq = buf(nqp * d);
         let mut dkv = buf(c * 2 * d);
         let tq0 = self.target_q0(rows);
+        // The values transposed, for every group's `dO Vᵀ`.
+        let mut vt = buf(d * c);
+        transpose_cols(&mut vt, &a.kv, (c, 2 * d), (d, d));
+        let vt = (&vt[..], c);
         // Each group's context queries, then each group's target queries: per group the
         // same order as one loop (its keys' and values' gradient written by the first,
         // added to by the second), and groups spread over idle threads at a step's end
@@ -289,7 +297,7 @@ impl Layer<'_> {
                 let rows_q = (gi * nc, gi * nc, nc);
                 let kvr = (gi * nc, nc);
                 self.heads
-                    .backward(&a.q, &a.kv, pc, &d_o, grads, &mut ds, rows_q, kvr);
+                    .backward(&a.q, &a.kv, vt, pc, &d_o, grads, &mut ds, rows_q, kvr);
             };
             let tgt = |gi: usize, dq: &mut [f32], acc_q: bool, dkv: &mut [f32]| {
                 let pt = &a.p_tgt[gi * h * nt * nc..(gi + 1) * h * nt * nc];
@@ -303,7 +311,7 @@ impl Layer<'_> {
                 let rows_q = (self.target_q_row(rows, gi), tq0 + gi * nt, nt);
                 let kvr = (gi * nc, nc);
                 self.heads
-                    .backward(&a.q, &a.kv, pt, &d_o, grads, &mut ds, rows_q, kvr);
+                    .backward(&a.q, &a.kv, vt, pt, &d_o, grads, &mut ds, rows_q, kvr);
             };
             if !self.last {
                 let dq_c = per_group(dq_ctx, g, nc * d);
