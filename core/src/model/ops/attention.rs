@@ -366,7 +366,8 @@ impl Heads {
 /// Multi-head attention of query rows over context keys, in one op with its backward.
 /// Inputs: `q` `[G, Nq, d]` and `kv` `[G, Nc, 2d]` (keys then values, as the in-projection
 /// lays them out); output `[G, Nq, d]` with heads side by side, like PyTorch's MHA before
-/// its out-projection. Heads are addressed by strides, so nothing is transposed or copied.
+/// its out-projection. Heads are addressed by strides; only the keys (forward) and values
+/// (backward) are copied, transposed, so that gemm reads them without a strided gather.
 /// The attention probabilities are kept for the backward.
 pub struct Attention {
     /// Heads (must divide d).
