@@ -136,8 +136,8 @@ impl Layer<'_> {
             (nqp, d, d),
             false,
         );
-        // The keys transposed, for every group's `Q Kᵀ` (scratch: dropped with the layer's
-        // attention).
+        // The keys transposed, for every group's `Q Kᵀ` (scratch, back in the free list
+        // when the forward returns).
         let mut kt = buf(d * rows.c);
         transpose_cols(&mut kt, &kv, (rows.c, 2 * d), (0, d));
         let mut o = buf(nq * d);
