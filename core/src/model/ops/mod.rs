@@ -353,15 +353,17 @@ mod nll;
 mod norm;
 mod norm512;
 mod softmax512;
+mod transpose;
 
 use gemm::{cut_keeps_bits, gemm_strided};
 
 pub use attention::Attention;
-pub(crate) use attention::{transpose_cols, AttnGrads, Heads};
+pub(crate) use attention::{AttnGrads, Heads};
 pub use nll::SegmentNll;
 pub(crate) use nll::{nll_grad, nll_sum, segment_probs};
 pub use norm::LayerNorm;
 pub(crate) use norm::{layer_norm_affine, layer_norm_backward, layer_norm_forward, NormSource};
+pub(crate) use transpose::transpose_cols;
 
 #[cfg(test)]
 mod tests {
