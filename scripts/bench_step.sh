@@ -8,8 +8,12 @@
 # favour one side. Each round's ratio is printed, then the median of the rounds. The batch
 # shapes depend on the seed alone, so the first round's serve every round.
 # Usage: PY=/path/to/python-with-torch scripts/bench_step.sh [DIM_X ...]   (default 384 4096)
-# Environment: ITERS (timed steps per run, 20), ROUNDS (3), THREADS (2), NGROUPS (8).
+# Environment: ITERS (timed steps per run, 20), ROUNDS (3), THREADS (2), NGROUPS (8);
+# GPO_BIN, a gpo binary to time as it is (another build, say), instead of building this
+# checkout's release binary under CARGO_TARGET_DIR (default target).
 set -euo pipefail
+# GPO_BIN as given from the caller's directory, before the script moves to the checkout.
+[ -z "${GPO_BIN:-}" ] || GPO_BIN=$(realpath -m "$GPO_BIN")
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 ITERS=${ITERS:-20}
@@ -17,14 +21,21 @@ ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 NGROUPS=${NGROUPS:-8}
 dims=("$@"); [ ${#dims[@]} -gt 0 ] || dims=(384 4096)
-cargo build --release -q --bin gpo
+if [ -n "${GPO_BIN:-}" ]; then
+  gpo=$GPO_BIN
+  [ -x "$gpo" ] || { echo "bench_step: GPO_BIN=$gpo is not an executable file" >&2; exit 1; }
+else
+  cargo build --release -q --bin gpo
+  gpo=${CARGO_TARGET_DIR:-target}/release/gpo
+fi
 "$PY" -c 'import torch' 2>/dev/null || { echo "bench_step: $PY has no torch (set PY=...)" >&2; exit 1; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+echo "binary: $gpo"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1 /proc/loadavg)"
 median_of() { grep '^median_step_s=' "$1" | cut -d= -f2; }
 med() { python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.4f}')" "$@"; }
 gpo_step() {
-  target/release/gpo bench step --dim-x "$1" --groups "$NGROUPS" --iters "$ITERS" --threads "$THREADS" "${@:2}"
+  "$gpo" bench step --dim-x "$1" --groups "$NGROUPS" --iters "$ITERS" --threads "$THREADS" "${@:2}"
 }
 for d in "${dims[@]}"; do
   tape=(); auto=(); ref=(); ratio=()
