@@ -152,3 +152,60 @@ fn bench_step_prints_its_roofline() {
     let official = value("official_flops_per_step");
     assert!(official > flops, "{stdout}");
 }
+
+/// `gpo bench step --scaling` times every step on one thread and on several in the same
+/// process, and refuses to report a ratio unless both gradients are bitwise equal; a single
+/// thread has nothing to compare with and is refused with a clear error.
+#[test]
+fn bench_step_scaling_pairs_each_step_on_one_and_several_threads() {
+    let out = gpo()
+        .args([
+            "bench",
+            "step",
+            "--dim-x",
+            "32",
+            "--groups",
+            "4",
+            "--shard-groups",
+            "1",
+            "--iters",
+            "3",
+            "--threads",
+            "2",
+            "--scaling",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let timed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("step ") && !l.ends_with("warm-up"))
+        .collect();
+    assert_eq!(timed.len(), 3, "{stdout}");
+    assert!(timed.iter().all(|l| l.contains("on 1 thread")), "{stdout}");
+    for key in ["scaling_median", "scaling_total"] {
+        let v: f64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in:\n{stdout}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(v > 0.0 && v.is_finite(), "{key}={v}\n{stdout}");
+    }
+
+    let out = gpo()
+        .args(["bench", "step", "--threads", "1", "--scaling"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--threads 2 or more"), "{stderr}");
+}

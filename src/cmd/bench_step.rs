@@ -55,6 +55,13 @@ pub struct StepArgs {
     /// operations and its measured speed.
     #[arg(long)]
     pub per_shape: bool,
+    /// Also compute every step's gradient on one thread, next to the parallel one, in
+    /// alternating order, and print how much faster the parallel step is (the median of the
+    /// per-step ratios and the ratio of the totals). The two gradients must be bitwise
+    /// equal. Pairing each step in one process keeps a shared host's drift, which moves
+    /// separate runs by a third, out of the ratio. Needs `--threads` of 2 or more.
+    #[arg(long)]
+    pub scaling: bool,
 }
 
 /// A random survey at OpinionQA's scale: 684 questions, options drawn 2–5 with mean 3.6.
@@ -137,6 +144,10 @@ pub fn step(a: StepArgs) -> Result<()> {
     ensure!(a.iters >= 1, "--iters must be at least 1");
     ensure!(a.threads >= 1, "--threads must be at least 1");
     ensure!(a.shard_groups >= 1, "--shard-groups must be at least 1");
+    ensure!(
+        !a.scaling || a.threads > 1,
+        "--scaling compares one thread with several: give --threads 2 or more"
+    );
     let dev = Device::Cpu;
     let (survey, features) = random_survey(a.groups, a.dim_x, a.seed);
     let groups: Vec<usize> = (0..a.groups).collect();
@@ -157,6 +168,8 @@ pub fn step(a: StepArgs) -> Result<()> {
     let mut official = Vec::new();
     let shard = a.shard_groups.max(1);
     let mut shapes = Vec::new();
+    // With --scaling, per timed step: (one thread's seconds, the parallel step's seconds).
+    let mut paired: Vec<(f64, f64)> = Vec::new();
     for it in 0..a.iters + 2 {
         let eps = step_episodes(
             &survey,
@@ -172,22 +185,48 @@ pub fn step(a: StepArgs) -> Result<()> {
             "context": counts(&eps[0].context),
             "target": counts(&eps[0].target),
         }));
+        let gradient = |parallel: bool| -> Result<(Vec<f64>, f64)> {
+            let t = Instant::now();
+            let (_, g) = episodes_gradient(
+                &model,
+                &survey,
+                &features,
+                &eps,
+                eps.len(),
+                shard,
+                parallel,
+                &dev,
+            )?;
+            Ok((g, t.elapsed().as_secs_f64()))
+        };
+        let (g, grad_s, serial_s) = if a.scaling {
+            // Alternate which runs first, so that neither always finds the caches warm.
+            let first = gradient(it % 2 == 1)?;
+            let second = gradient(it % 2 == 0)?;
+            let ((gp, tp), (gs, ts)) = if it % 2 == 1 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            ensure!(
+                gp.len() == gs.len() && gp.iter().zip(&gs).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "step {it}: the gradient on one thread differs from the parallel one"
+            );
+            (gp, tp, Some(ts))
+        } else {
+            let (g, t) = gradient(a.threads > 1)?;
+            (g, t, None)
+        };
         let t = Instant::now();
-        let (_, g) = episodes_gradient(
-            &model,
-            &survey,
-            &features,
-            &eps,
-            eps.len(),
-            shard,
-            a.threads > 1,
-            &dev,
-        )?;
         // Adam rounds the summed gradient to f32 as it reads it, as the trainer's does.
         let mut p = model.params.flat()?;
         adam.step(&mut p, &g, 3e-4);
         model.params.set_flat(&p)?;
-        let s = t.elapsed().as_secs_f64();
+        let adam_s = t.elapsed().as_secs_f64();
+        let s = grad_s + adam_s;
+        if let (Some(ts), true) = (serial_s, it >= 2) {
+            paired.push((ts + adam_s, s));
+        }
         let (nc, nt) = (
             features.points(&eps[0].context),
             features.points(&eps[0].target),
@@ -209,7 +248,11 @@ pub fn step(a: StepArgs) -> Result<()> {
             official.push(of);
         }
         println!(
-            "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}",
+            "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}{}",
+            serial_s.map_or(String::new(), |ts| format!(
+                ", on 1 thread {:.4}s",
+                ts + adam_s
+            )),
             if it < 2 { " warm-up" } else { "" }
         );
     }
@@ -303,6 +346,24 @@ pub fn step(a: StepArgs) -> Result<()> {
         peak / fma
     );
     println!("fraction_of_fma_peak={:.3}", achieved / fma);
+    if !paired.is_empty() {
+        let mut ratios: Vec<f64> = paired.iter().map(|(one, par)| one / par).collect();
+        ratios.sort_by(f64::total_cmp);
+        let (one, par) = paired
+            .iter()
+            .fold((0.0, 0.0), |(o, p), (x, y)| (o + x, p + y));
+        println!(
+            "scaling_median={:.3} (each step on 1 thread over the same step on {} threads, in one process, alternating which ran first; gradients bitwise equal)",
+            ratios[ratios.len() / 2],
+            rayon::current_num_threads()
+        );
+        println!(
+            "scaling_total={:.3} (the {} steps' seconds on 1 thread over on {} threads)",
+            one / par,
+            paired.len(),
+            rayon::current_num_threads()
+        );
+    }
     println!("median_step_s={:.4}", times[times.len() / 2]);
     Ok(())
 }
