@@ -94,36 +94,35 @@ fn bench_dispatch_drives_simulated_workers() {
     assert!(kv[1].1 > 0.0 && kv[2].1.is_finite(), "{kv:?}");
 }
 
+/// Runs `gpo bench step <args>`, asserts success, and returns its stdout.
+fn bench_step(args: &[&str]) -> String {
+    let out = gpo().args(["bench", "step"]).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "gpo bench step {args:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The number after `key=` on the line of `stdout` that starts with it.
+fn value_of(stdout: &str, key: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in:\n{stdout}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
 /// `gpo bench step` states its roofline: the operations it counted (and the official
 /// module's on the same batches), the speed it reached, the measured GEMM peak on the same
 /// shapes, and their ratio (a fraction in (0, 1.5]:
 /// above 1 would mean the count or the peak is wrong; a little slack for a noisy machine).
 #[test]
 fn bench_step_prints_its_roofline() {
-    let out = gpo()
-        .args([
-            "bench", "step", "--dim-x", "32", "--groups", "2", "--iters", "2",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let value = |key: &str| -> f64 {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key}= in:\n{stdout}"));
-        line[key.len() + 1..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let stdout = bench_step(&["--dim-x", "32", "--groups", "2", "--iters", "2"]);
+    let value = |key: &str| value_of(&stdout, key);
     let (flops, achieved, peak, frac) = (
         value("flops_per_step"),
         value("achieved_gflops"),
@@ -158,30 +157,19 @@ fn bench_step_prints_its_roofline() {
 /// thread has nothing to compare with and is refused with a clear error.
 #[test]
 fn bench_step_scaling_pairs_each_step_on_one_and_several_threads() {
-    let out = gpo()
-        .args([
-            "bench",
-            "step",
-            "--dim-x",
-            "32",
-            "--groups",
-            "4",
-            "--shard-groups",
-            "1",
-            "--iters",
-            "3",
-            "--threads",
-            "2",
-            "--scaling",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench_step(&[
+        "--dim-x",
+        "32",
+        "--groups",
+        "4",
+        "--shard-groups",
+        "1",
+        "--iters",
+        "3",
+        "--threads",
+        "2",
+        "--scaling",
+    ]);
     let timed: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("step ") && !l.ends_with("warm-up"))
@@ -189,15 +177,7 @@ fn bench_step_scaling_pairs_each_step_on_one_and_several_threads() {
     assert_eq!(timed.len(), 3, "{stdout}");
     assert!(timed.iter().all(|l| l.contains("on 1 thread")), "{stdout}");
     for key in ["scaling_median", "scaling_total"] {
-        let v: f64 = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key}= in:\n{stdout}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let v = value_of(&stdout, key);
         assert!(v > 0.0 && v.is_finite(), "{key}={v}\n{stdout}");
     }
 
