@@ -8,11 +8,24 @@
 //! copy, the same panels are a contiguous copy (and none at all where the context's length
 //! is a multiple of 16). The panels hold the same values, so every sum is bit for bit the
 //! same.
+//!
+//! The forward's scores are computed in a per-thread scratch, where the softmax and `P V`
+//! find them in cache, and only then streamed to the kept probabilities
+//! ([`super::stream::stream_copy`]): the same values, without reading the kept buffer's
+//! lines from memory before overwriting them.
 
 use super::gemm::gemm_strided;
+use super::stream::stream_copy;
 use super::transpose::transpose_cols;
 use super::{fast_exp, lanes_sum, slice, values};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
+
+thread_local! {
+    /// One head's scores, `[nq, nc]`, for [`Heads::forward`]: reused by every head and
+    /// group this thread computes, so it stays in cache (grown to the largest seen).
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The attention of one group's query rows over its context rows, as plain slice kernels
 /// (the custom op below and the training tape, [`crate::model::tape`], both call them).
@@ -161,34 +174,42 @@ impl Heads {
     ) {
         let d = self.d;
         let dh = d / self.heads;
-        for hi in 0..self.heads {
-            let p_off = hi * nq * nc;
-            let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
-            let o_off = o_row0 * d + hi * dh;
-            // S = Q Kᵀ, Kᵀ read from the transposed keys.
-            gemm_strided(
-                probs,
-                (p_off, nc),
-                q,
-                (q_off, d, 1),
-                kt.0,
-                (hi * dh * kt.1 + kv_row0, kt.1, 1),
-                (nq, nc, dh),
-                false,
-            );
-            softmax_block(&mut probs[p_off..p_off + nq * nc], nc, self.scale, mask);
-            // O = P V
-            gemm_strided(
-                out,
-                (o_off, d),
-                probs,
-                (p_off, nc, 1),
-                kv,
-                (k_off + d, 2 * d, 1),
-                (nq, dh, nc),
-                false,
-            );
-        }
+        SCORES.with_borrow_mut(|s| {
+            if s.len() < nq * nc {
+                s.resize(nq * nc, 0.0);
+            }
+            let s = &mut s[..nq * nc];
+            for hi in 0..self.heads {
+                let p_off = hi * nq * nc;
+                let (q_off, k_off) = (q_row0 * d + hi * dh, kv_row0 * 2 * d + hi * dh);
+                let o_off = o_row0 * d + hi * dh;
+                // S = Q Kᵀ, Kᵀ read from the transposed keys.
+                gemm_strided(
+                    s,
+                    (0, nc),
+                    q,
+                    (q_off, d, 1),
+                    kt.0,
+                    (hi * dh * kt.1 + kv_row0, kt.1, 1),
+                    (nq, nc, dh),
+                    false,
+                );
+                softmax_block(s, nc, self.scale, mask);
+                // O = P V
+                gemm_strided(
+                    out,
+                    (o_off, d),
+                    s,
+                    (0, nc, 1),
+                    kv,
+                    (k_off + d, 2 * d, 1),
+                    (nq, dh, nc),
+                    false,
+                );
+                // Kept for the backward.
+                stream_copy(&mut probs[p_off..p_off + nq * nc], s);
+            }
+        });
     }
 
     /// The backward of [`Heads::forward`] from the output gradient `dout` (rows as `out`):

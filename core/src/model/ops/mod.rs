@@ -353,6 +353,7 @@ mod nll;
 mod norm;
 mod norm512;
 mod softmax512;
+mod stream;
 mod transpose;
 
 use gemm::{cut_keeps_bits, gemm_strided};
