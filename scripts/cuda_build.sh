@@ -3,7 +3,8 @@
 # and no CUDA installed, as CI does, so that code no CPU test runs cannot rot.
 #
 #   scripts/cuda_build.sh            # CI: `cargo build --features cuda --bin gpo` (dev
-#                                    # profile, in target/, sharing the CPU build's deps)
+#                                    # profile, in target/, sharing the CPU build's deps;
+#                                    # the crates it recompiles at opt-level 0)
 #   scripts/cuda_build.sh --release  # the carriable binary: target/cuda/release/gpo
 #                                    # (own target dir; what scripts/gpu_check.sh runs)
 #   scripts/cuda_build.sh --env      # only prints the environment (eval "$(...)"), e.g.
@@ -82,6 +83,9 @@ env_lines="export PATH=\"$cu/bin:\$PATH\" CUDA_HOME=\"$cu\" CUDA_PATH=\"$cu\" CU
 # RUSTFLAGS: that would replace .cargo/config.toml's flags and change every crate's
 # fingerprint, so nothing of the CPU build could be shared.
 eval "$env_lines"
+# candle-kernels' build script compiles its CUDA kernels on cudaforge's pool, which takes
+# half the cores by default; when it runs, the rest of the build mostly waits for it.
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 
 case "$mode" in
   --env)
@@ -90,7 +94,17 @@ case "$mode" in
   ci)
     nvcc --version | tail -2 >&2
     t0=$(date +%s)
-    cargo build --locked --features cuda --bin gpo
+    # What CI asks of this step is that the feature compiles and links, not fast code, so
+    # the crates the feature recompiles anyway (the candle chain and the workspace's own)
+    # are built at opt-level 0 without line tables; every other crate keeps the profile it
+    # has in `cargo test`, so it is shared, not rebuilt. The carriable binary (--release)
+    # is optimised as usual.
+    cargo build --locked --features cuda --bin gpo \
+      --config 'profile.dev.opt-level=0' --config 'profile.dev.debug=false' \
+      --config 'profile.dev.package.gpo-core.opt-level=0' \
+      --config 'profile.dev.package.candle-core.opt-level=0' \
+      --config 'profile.dev.package.candle-nn.opt-level=0' \
+      --config 'profile.dev.package.cudarc.opt-level=0'
     echo "cuda_build: cargo build --features cuda took $(($(date +%s) - t0)) s" >&2
     ;;
   --release)
