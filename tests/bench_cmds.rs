@@ -152,9 +152,10 @@ fn bench_step_prints_its_roofline() {
     assert!(official > flops, "{stdout}");
 }
 
-/// `gpo bench step --scaling` times every step on one thread and on several in the same
-/// process, and refuses to report a ratio unless both gradients are bitwise equal; a single
-/// thread has nothing to compare with and is refused with a clear error.
+/// `gpo bench step --scaling` times every step on one thread, on several, and as one
+/// independent one-thread copy per thread at once, in the same process, and refuses to
+/// report a ratio unless every gradient is bitwise equal; a single thread has nothing to
+/// compare with and is refused with a clear error.
 #[test]
 fn bench_step_scaling_pairs_each_step_on_one_and_several_threads() {
     let stdout = bench_step(&[
@@ -175,8 +176,18 @@ fn bench_step_scaling_pairs_each_step_on_one_and_several_threads() {
         .filter(|l| l.starts_with("step ") && !l.ends_with("warm-up"))
         .collect();
     assert_eq!(timed.len(), 3, "{stdout}");
-    assert!(timed.iter().all(|l| l.contains("on 1 thread")), "{stdout}");
-    for key in ["scaling_median", "scaling_total"] {
+    assert!(
+        timed
+            .iter()
+            .all(|l| l.contains("on 1 thread") && l.contains("2 one-thread copies at once")),
+        "{stdout}"
+    );
+    for key in [
+        "scaling_median",
+        "scaling_total",
+        "copies_scaling_median",
+        "scaling_over_copies_median",
+    ] {
         let v = value_of(&stdout, key);
         assert!(v > 0.0 && v.is_finite(), "{key}={v}\n{stdout}");
     }

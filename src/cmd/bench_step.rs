@@ -17,6 +17,23 @@ use gpo_core::rng::Rng;
 use gpo_core::sampler::{step_episodes, SamplerConfig};
 use std::time::Instant;
 
+/// Runs `gradient(false)` (one thread's step) on every thread of rayon's pool at once, as
+/// independent copies of the same work, and returns their gradients and the seconds until
+/// the last finished. The pool's threads, not new ones, so each copy finds the per-thread
+/// scratch the parallel step left there, as the one-thread step finds its own.
+fn independent_copies(
+    gradient: &(dyn Fn(bool) -> Result<(Vec<f64>, f64)> + Sync),
+) -> Result<(Vec<Vec<f64>>, f64)> {
+    let t = Instant::now();
+    let outs = rayon::broadcast(|_| gradient(false));
+    let s = t.elapsed().as_secs_f64();
+    let grads = outs
+        .into_iter()
+        .map(|r| r.map(|(g, _)| g))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((grads, s))
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StepArgs {
     /// Embedding width.
@@ -59,7 +76,10 @@ pub struct StepArgs {
     /// alternating order, and print how much faster the parallel step is (the median of the
     /// per-step ratios and the ratio of the totals). The two gradients must be bitwise
     /// equal. Pairing each step in one process keeps a shared host's drift, which moves
-    /// separate runs by a third, out of the ratio. Needs `--threads` of 2 or more.
+    /// separate runs by a third, out of the ratio. Each step's gradient also runs as
+    /// independent one-thread copies, one on every pool thread at once: what the host gives
+    /// N separate programs (a shared host's cores give less than N), the yardstick for the
+    /// parallel step's scaling. Needs `--threads` of 2 or more.
     #[arg(long)]
     pub scaling: bool,
 }
@@ -168,8 +188,9 @@ pub fn step(a: StepArgs) -> Result<()> {
     let mut official = Vec::new();
     let shard = a.shard_groups.max(1);
     let mut shapes = Vec::new();
-    // With --scaling, per timed step: (one thread's seconds, the parallel step's seconds).
-    let mut paired: Vec<(f64, f64)> = Vec::new();
+    // With --scaling, per timed step, the gradient's seconds on one thread, on the pool,
+    // and until every pool thread's independent one-thread copy had finished; then Adam's.
+    let mut paired: Vec<[f64; 4]> = Vec::new();
     for it in 0..a.iters + 2 {
         let eps = step_episodes(
             &survey,
@@ -200,19 +221,31 @@ pub fn step(a: StepArgs) -> Result<()> {
             Ok((g, t.elapsed().as_secs_f64()))
         };
         let (g, grad_s, serial_s) = if a.scaling {
-            // Alternate which runs first, so that neither always finds the caches warm.
-            let first = gradient(it % 2 == 1)?;
-            let second = gradient(it % 2 == 0)?;
-            let ((gp, tp), (gs, ts)) = if it % 2 == 1 {
-                (first, second)
-            } else {
-                (second, first)
+            // The one-thread step, the parallel one and the copies, in an order that
+            // rotates, so that none always finds the caches warm.
+            let (mut one, mut par, mut copies) = (None, None, None);
+            for k in 0..3 {
+                match (k + it as usize) % 3 {
+                    0 => one = Some(gradient(false)?),
+                    1 => par = Some(gradient(true)?),
+                    _ => copies = Some(independent_copies(&gradient)?),
+                }
+            }
+            let (Some((gs, ts)), Some((gp, tp)), Some((gc, tc))) = (one, par, copies) else {
+                unreachable!("each of the three runs once")
+            };
+            let same = |x: &[f64]| {
+                x.len() == gs.len() && x.iter().zip(&gs).all(|(x, y)| x.to_bits() == y.to_bits())
             };
             ensure!(
-                gp.len() == gs.len() && gp.iter().zip(&gs).all(|(x, y)| x.to_bits() == y.to_bits()),
+                same(&gp),
                 "step {it}: the gradient on one thread differs from the parallel one"
             );
-            (gp, tp, Some(ts))
+            ensure!(
+                gc.iter().all(|g| same(g)),
+                "step {it}: an independent one-thread copy's gradient differs from the one-thread step's"
+            );
+            (gp, tp, Some((ts, tc)))
         } else {
             let (g, t) = gradient(a.threads > 1)?;
             (g, t, None)
@@ -224,8 +257,8 @@ pub fn step(a: StepArgs) -> Result<()> {
         model.params.set_flat(&p)?;
         let adam_s = t.elapsed().as_secs_f64();
         let s = grad_s + adam_s;
-        if let (Some(ts), true) = (serial_s, it >= 2) {
-            paired.push((ts + adam_s, s));
+        if let (Some((ts, tc)), true) = (serial_s, it >= 2) {
+            paired.push([ts, grad_s, tc, adam_s]);
         }
         let (nc, nt) = (
             features.points(&eps[0].context),
@@ -249,9 +282,11 @@ pub fn step(a: StepArgs) -> Result<()> {
         }
         println!(
             "step {it}: {s:.4}s ({nc} context + {nt} target points per group){}{}",
-            serial_s.map_or(String::new(), |ts| format!(
-                ", on 1 thread {:.4}s",
-                ts + adam_s
+            serial_s.map_or(String::new(), |(ts, tc)| format!(
+                ", on 1 thread {:.4}s; its gradient as {} one-thread copies at once {:.4}s",
+                ts + adam_s,
+                rayon::current_num_threads(),
+                tc
             )),
             if it < 2 { " warm-up" } else { "" }
         );
@@ -347,21 +382,31 @@ pub fn step(a: StepArgs) -> Result<()> {
     );
     println!("fraction_of_fma_peak={:.3}", achieved / fma);
     if !paired.is_empty() {
-        let mut ratios: Vec<f64> = paired.iter().map(|(one, par)| one / par).collect();
-        ratios.sort_by(f64::total_cmp);
-        let (one, par) = paired
-            .iter()
-            .fold((0.0, 0.0), |(o, p), (x, y)| (o + x, p + y));
+        let n = rayon::current_num_threads() as f64;
+        let median = |f: &dyn Fn(&[f64; 4]) -> f64| {
+            let mut v: Vec<f64> = paired.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (one, par) = paired.iter().fold((0.0, 0.0), |(o, p), [ts, tp, _, adam]| {
+            (o + ts + adam, p + tp + adam)
+        });
         println!(
-            "scaling_median={:.3} (each step on 1 thread over the same step on {} threads, in one process, alternating which ran first; gradients bitwise equal)",
-            ratios[ratios.len() / 2],
-            rayon::current_num_threads()
+            "scaling_median={:.3} (each step on 1 thread over the same step on {n} threads, in one process, in rotating order; gradients bitwise equal)",
+            median(&|[ts, tp, _, adam]| (ts + adam) / (tp + adam)),
         );
         println!(
-            "scaling_total={:.3} (the {} steps' seconds on 1 thread over on {} threads)",
+            "scaling_total={:.3} (the {} steps' seconds on 1 thread over on {n} threads)",
             one / par,
             paired.len(),
-            rayon::current_num_threads()
+        );
+        println!(
+            "copies_scaling_median={:.3} (what the host gives {n} separate programs: {n} independent one-thread copies of each step's gradient at once, one per pool thread, against one alone, scaled by {n})",
+            median(&|[ts, _, tc, _]| n * ts / tc),
+        );
+        println!(
+            "scaling_over_copies_median={:.3} (each step's gradient scaling over what its {n} independent copies got: above 1, the parallel step gets more from the cores than {n} separate programs would)",
+            median(&|[_, tp, tc, _]| tc / (n * tp)),
         );
     }
     println!("median_step_s={:.4}", times[times.len() / 2]);
