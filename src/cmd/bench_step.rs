@@ -73,9 +73,9 @@ pub struct StepArgs {
     #[arg(long)]
     pub per_shape: bool,
     /// Also compute every step's gradient on one thread, next to the parallel one, in
-    /// alternating order, and print how much faster the parallel step is (the median of the
-    /// per-step ratios and the ratio of the totals). The two gradients must be bitwise
-    /// equal. Pairing each step in one process keeps a shared host's drift, which moves
+    /// rotating order, and print how much faster the parallel step is (the median of the
+    /// per-step ratios and the ratio of the totals). The gradients must be bitwise equal.
+    /// Pairing each step in one process keeps a shared host's drift, which moves
     /// separate runs by a third, out of the ratio. Each step's gradient also runs as
     /// independent one-thread copies, one on every pool thread at once: what the host gives
     /// N separate programs (a shared host's cores give less than N), the yardstick for the
