@@ -78,14 +78,14 @@ for p in m["packages"]:
   mv "$lib.tmp" "$lib"
 fi
 
-env_lines="export PATH=\"$cu/bin:\$PATH\" CUDA_HOME=\"$cu\" CUDA_PATH=\"$cu\" CUDA_ROOT=\"$cu\" NCCL_HOME=\"$nccl_dir\" CUDA_COMPUTE_CAP=90 LIBRARY_PATH=\"$lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}\""
+# CUDAFORGE_THREADS: candle-kernels' build script compiles its CUDA kernels on cudaforge's
+# pool, which takes half the cores by default; while it runs, the rest of the build mostly
+# waits for it. In the environment, so `--env` users (clippy with the feature) get it too.
+env_lines="export PATH=\"$cu/bin:\$PATH\" CUDA_HOME=\"$cu\" CUDA_PATH=\"$cu\" CUDA_ROOT=\"$cu\" NCCL_HOME=\"$nccl_dir\" CUDA_COMPUTE_CAP=90 LIBRARY_PATH=\"$lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}\" CUDAFORGE_THREADS=\"${CUDAFORGE_THREADS:-$(nproc)}\""
 # The linker (cc) finds the unversioned names and the stub through LIBRARY_PATH. Not
 # RUSTFLAGS: that would replace .cargo/config.toml's flags and change every crate's
 # fingerprint, so nothing of the CPU build could be shared.
 eval "$env_lines"
-# candle-kernels' build script compiles its CUDA kernels on cudaforge's pool, which takes
-# half the cores by default; when it runs, the rest of the build mostly waits for it.
-export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 
 case "$mode" in
   --env)
