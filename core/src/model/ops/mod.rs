@@ -6,7 +6,8 @@
 //! through `CustomOp*::bwd`. Each has a composite twin in [`super::composite`]; tests check
 //! that both paths agree on values and gradients. Linear lives here; LayerNorm ([`norm`]),
 //! attention ([`attention`]), the loss head ([`nll`]) and the strided GEMM they share
-//! ([`gemm`]) have files of their own.
+//! ([`gemm`], with its kernel for products one head wide, [`gemm512`]) have files of their
+//! own.
 
 use super::balance;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -349,6 +350,7 @@ fn lanes_sum(v: &[f32]) -> f32 {
 
 mod attention;
 mod gemm;
+mod gemm512;
 mod nll;
 mod norm;
 mod norm512;
