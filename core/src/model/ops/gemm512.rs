@@ -177,27 +177,23 @@ unsafe fn rows<const V: usize>(
     mask: __mmask16,
     acc: bool,
 ) {
-    let mut i = 0;
-    while i + 12 <= m {
-        let t = (
+    // The sweep from row `i` on.
+    let from = |i: usize| -> Sweep {
+        (
             c.add(i * c_rs),
             c_rs,
             a.add(i * a_rs),
             (a_rs, a_cs),
             b,
             b_rs,
-        );
-        tile::<12, V>(t, k, mask, acc);
+        )
+    };
+    let mut i = 0;
+    while i + 12 <= m {
+        tile::<12, V>(from(i), k, mask, acc);
         i += 12;
     }
-    let t = (
-        c.add(i * c_rs),
-        c_rs,
-        a.add(i * a_rs),
-        (a_rs, a_cs),
-        b,
-        b_rs,
-    );
+    let t = from(i);
     macro_rules! rest {
         ($($r:literal)*) => {
             match m - i {
@@ -258,6 +254,7 @@ unsafe fn tile<const R: usize, const V: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::transpose::tests::values;
     use super::{applies, gemm};
 
     /// gemm 0.19 itself on the same strides (the path [`super::super::gemm::gemm_strided`]
@@ -297,18 +294,6 @@ mod tests {
                 ::gemm::Parallelism::None,
             )
         };
-    }
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut r = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                r = r
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((r >> 33) as f32 / 2f32.powi(31)) - 0.5
-            })
-            .collect()
     }
 
     /// Every product this kernel takes, in every layout the step uses, gives gemm's bits
