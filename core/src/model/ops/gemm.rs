@@ -64,9 +64,10 @@ pub(super) fn gemm_strided(
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && super::gemm512::applies(m, n, k) && super::gemm512::available() {
-        // SAFETY: the assertions bound every element it touches; the CPU has AVX-512F;
-        // `applies` keeps `n` to a head's width.
+    if super::gemm512::applies(m, n, k) && super::gemm512::available() {
+        // SAFETY: the assertions bound every element it touches (`applies` asks `k` ≥ 3,
+        // so A and B were checked); the CPU has AVX-512F; `applies` keeps `n` to a head's
+        // width.
         return unsafe {
             super::gemm512::gemm(
                 c,

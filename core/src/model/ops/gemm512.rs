@@ -9,8 +9,9 @@
 //! of the right operand's row), and the right operand, a head's 32 columns of a 128- or
 //! 256-wide row, is first copied into a contiguous per-thread scratch ([`pack`]), so its
 //! rows do not fall on a power-of-two stride that crowds a few cache sets. In the step, on
-//! the Intel Xeon of BENCHMARKS.md, that took 0.96–0.99 of the time (d_x 384 and 4096,
-//! 8 and 64 groups, one thread and two), every gradient bitwise equal. Sent every
+//! the Intel Xeon of BENCHMARKS.md, that took a median 0.978 of the time at d_x 384 (five
+//! runs, 0.964–1.008), 0.988 at d_x 4096, 0.979 on one thread and 0.967 at 64 groups,
+//! every gradient bitwise equal. Sent every
 //! product, kernels like these took 1.030× the step: on the wide products gemm's own
 //! packing pays (BENCHMARKS.md, issue 16).
 //!
@@ -28,7 +29,7 @@ use std::cell::RefCell;
 const L: usize = 16;
 
 /// The widest product sent here: one head of the official module (128 / 4).
-pub(super) const MAX_N: usize = 2 * L;
+const MAX_N: usize = 2 * L;
 
 thread_local! {
     /// The right operand's rows, contiguous ([`pack`]); grown to the largest seen.
